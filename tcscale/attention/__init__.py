@@ -1,0 +1,1 @@
+"""Cross-attention processors that expose grounding losses, and mask resizing."""

@@ -1,0 +1,33 @@
+"""Phrase masks brought to a cross-attention layer's resolution (DESIGN §3 rule)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def masks_to_layer(
+    phrase_masks: torch.Tensor,
+    size: tuple[int, int],
+    *,
+    mode: str = "bilinear",
+    threshold: float = 0.0,
+) -> torch.Tensor:
+    """Resize full-resolution phrase masks to a layer's (h, w) and binarise.
+
+    Args:
+        phrase_masks: (..., H, W) masks of the (cropped) image, any numeric dtype.
+        size: (h, w) of the layer's latent grid.
+        mode: F.interpolate mode; bilinear without antialias as in the official code.
+        threshold: binarise with `> threshold` (official: > 0).
+
+    Returns:
+        (..., h * w) float32 masks in {0, 1}, flattened row-major like the attention's query positions.
+    """
+    lead = phrase_masks.shape[:-2]
+    H, W = phrase_masks.shape[-2:]
+    x = phrase_masks.reshape(-1, 1, H, W).float()
+    if (H, W) != tuple(size):
+        kwargs = {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
+        x = F.interpolate(x, size=tuple(size), mode=mode, **kwargs)
+    return (x > threshold).float().reshape(*lead, size[0] * size[1])

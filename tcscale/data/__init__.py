@@ -1,0 +1,1 @@
+"""Grounded data: synthetic shapes world, WebDataset streaming loader, transforms, phrase alignment."""
