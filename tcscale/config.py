@@ -181,14 +181,20 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         if _get(cfg, key) < 0:
             raise ConfigError(f"{key} must be >= 0, got {_get(cfg, key)}")
     if cfg.data.resolution % 8:
-        raise ConfigError(f"data.resolution must be a multiple of 8 (the VAE downsamples 8x), got {cfg.data.resolution}")
+        raise ConfigError(
+            f"data.resolution must be a multiple of 8 (the VAE downsamples 8x), got {cfg.data.resolution}"
+        )
     if cfg.objective.sepen.objects_per_prompt < 2:
-        raise ConfigError(f"objective.sepen.objects_per_prompt must be >= 2, got {cfg.objective.sepen.objects_per_prompt}")
+        raise ConfigError(
+            f"objective.sepen.objects_per_prompt must be >= 2, got {cfg.objective.sepen.objects_per_prompt}"
+        )
     if not 0.0 < cfg.ema.decay < 1.0:
         raise ConfigError(f"ema.decay must be in (0, 1), got {cfg.ema.decay}")
     if cfg.objective.name == "tokencompose" and cfg.attention.backend == "sdpa":
-        raise ConfigError("attention.backend=sdpa computes no attention maps: objective.name=tokencompose needs "
-                          "'reference' or 'fused' (use objective.name=ldm for an LDM-only run)")
+        raise ConfigError(
+            "attention.backend=sdpa computes no attention maps: objective.name=tokencompose needs "
+            "'reference' or 'fused' (use objective.name=ldm for an LDM-only run)"
+        )
     if cfg.attention.backend == "fused" and cfg.attention.token_loss_heads != "mean_map":
         raise ConfigError("attention.backend=fused supports attention.token_loss_heads=mean_map only")
     ds = cfg.deepspeed
@@ -199,8 +205,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         if key not in ds:
             raise ConfigError(f"deepspeed.{key} must be set explicitly")
     if "train_batch_size" in ds:
-        raise ConfigError("deepspeed.train_batch_size: leave it out; it is derived as "
-                          "train_micro_batch_size_per_gpu x gradient_accumulation_steps x world size")
+        raise ConfigError(
+            "deepspeed.train_batch_size: leave it out; it is derived as "
+            "train_micro_batch_size_per_gpu x gradient_accumulation_steps x world size"
+        )
     stage = ds.get("zero_optimization", {}).get("stage", 0)
     if stage not in (0, 1, 2, 3):
         raise ConfigError(f"deepspeed.zero_optimization.stage must be 0..3, got {stage!r}")

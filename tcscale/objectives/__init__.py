@@ -1,0 +1,1 @@
+"""Training objectives: TokenCompose (LDM + grounding), LDM-only, Separate-and-Enhance."""

@@ -1,0 +1,119 @@
+"""MLflow tracking on global rank 0: params, per-step metrics, tags, images.
+
+The default tracking URI is a sqlite database in the run directory; MLFLOW_TRACKING_URI or
+`tracking.uri` overrides it (an `mlflow server` for clusters). A resumed run passes the run id
+stored in its checkpoint and continues the same MLflow run.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from tcscale.config import TrainConfig, config_to_dict, flatten
+
+MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
+
+
+def resolve_tracking_uri(cfg: TrainConfig) -> str:
+    if cfg.tracking.uri:
+        return cfg.tracking.uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    return f"sqlite:///{Path(cfg.output_dir).resolve() / 'mlflow.db'}"
+
+
+def git_commit() -> str:
+    try:
+        root = Path(__file__).resolve().parents[2]
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def versions() -> dict[str, str]:
+    import deepspeed
+    import diffusers
+    import torch
+    import transformers
+
+    return {
+        "version.python": platform.python_version(),
+        "version.torch": torch.__version__,
+        "version.deepspeed": deepspeed.__version__,
+        "version.diffusers": diffusers.__version__,
+        "version.transformers": transformers.__version__,
+    }
+
+
+class NullTracker:
+    """Tracker of non-zero ranks and of runs with tracking disabled: does nothing."""
+
+    run_id: str | None = None
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def log_image(self, image: Any, artifact_file: str) -> None:
+        pass
+
+    def log_dict(self, data: dict, artifact_file: str) -> None:
+        pass
+
+    def end(self, status: str = "FINISHED") -> None:
+        pass
+
+
+class Tracker(NullTracker):
+    """An MLflow run: created, or continued when `run_id` is given (resume)."""
+
+    def __init__(self, cfg: TrainConfig, world_size: int, run_id: str | None = None):
+        import mlflow
+
+        self.mlflow = mlflow
+        self.client = mlflow.MlflowClient(tracking_uri=resolve_tracking_uri(cfg))
+        if run_id is None:
+            exp = self.client.get_experiment_by_name(cfg.tracking.experiment)
+            exp_id = exp.experiment_id if exp is not None else self.client.create_experiment(cfg.tracking.experiment)
+            tags = {"mlflow.runName": cfg.run_name, "git_commit": git_commit(), "world_size": str(world_size)}
+            tags.update(versions())
+            run = self.client.create_run(exp_id, run_name=cfg.run_name, tags=tags)
+            self.run_id = run.info.run_id
+            params = {k: str(v)[:MAX_PARAM_CHARS] for k, v in flatten(config_to_dict(cfg)).items()}
+            items = list(params.items())
+            from mlflow.entities import Param
+
+            for i in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
+                self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in items[i : i + 100]])
+        else:
+            self.run_id = run_id
+            self.client.update_run(run_id, status="RUNNING")
+            self.client.set_tag(run_id, "resumed_world_size", str(world_size))
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        self.client.log_batch(self.run_id, metrics=batch)
+
+    def log_image(self, image: Any, artifact_file: str) -> None:
+        self.client.log_image(self.run_id, image, artifact_file=artifact_file)
+
+    def log_dict(self, data: dict, artifact_file: str) -> None:
+        self.client.log_dict(self.run_id, data, artifact_file)
+
+    def end(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status=status)
+
+
+def build_tracker(cfg: TrainConfig, is_rank0: bool, world_size: int, run_id: str | None) -> NullTracker:
+    if not (cfg.tracking.enabled and is_rank0):
+        return NullTracker()
+    return Tracker(cfg, world_size, run_id)

@@ -1,0 +1,1 @@
+"""Training: distributed set-up, DeepSpeed engine, checkpoints, the training loop, export."""
