@@ -5,11 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+class DataConfigError(ValueError):
+    """The data section is unusable; the message names the key (e.g. `data.shards`)."""
+
+
 @dataclass
 class SyntheticDataConfig:
     num_samples: int = 64  # distinct samples in the synthetic shapes world (the stream cycles over them)
-    max_objects: int = 3  # objects per image, 1..max_objects
+    max_objects: int = 3  # objects per image, 1..max_objects (at most 6, shapes are distinct per image)
     seed: int = 1234  # world seed: same seed, same images, captions and masks
+    phrase: str = "colour_shape"  # grounded phrase per object: "colour_shape" ("red circle") | "shape" ("circle")
 
 
 @dataclass
@@ -20,7 +25,11 @@ class DataConfig:
     center_crop: bool = True  # resize shorter side then center crop (paper); False: random crop
     random_flip: bool = False  # horizontal flip of image and masks together
     max_phrases: int = 16  # phrases kept per sample (extra ones are dropped and counted)
-    shuffle_buffer: int = 256  # samples in the shuffle buffer of the streaming loader
+    min_phrases: int = 0  # samples with fewer aligned phrases are skipped and counted (0: keep all; LDM loss only)
+    shuffle_buffer: int = 256  # samples in the shuffle buffer of the streaming loader (per worker)
+    resampled: bool = True  # webdataset: draw shards with replacement per worker (False: each pass splits the
+    # shards exactly over ranks x workers, so no sample is lost or duplicated within a pass)
     num_workers: int = 0  # DataLoader worker processes per rank
+    prefetch_factor: int = 2  # batches prefetched per worker (num_workers > 0)
     steps_per_epoch: int = 1000  # fixed number of batches per epoch on every rank
     synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)

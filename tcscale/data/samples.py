@@ -1,0 +1,200 @@
+"""Decode a shard sample, check it against the data contract, and turn it into a training sample.
+
+Every check failure raises `SkipSample(reason)`; the loader counts the reason and goes on.
+Reasons: ``missing_part`` (no image / json / masks in the tar group), ``decode_json``,
+``decode_image`` (corrupt or truncated JPEG), ``decode_masks``, ``mask_count`` (json's mask
+indices do not match the masks in the npz), ``mask_size`` (a mask's H x W differs from the image's),
+``too_few_phrases`` (fewer aligned phrases than data.min_phrases).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from tcscale.attention.masks import masks_to_layer
+from tcscale.data.align import PhraseAligner
+from tcscale.data.transforms import crop_params, transform_image_and_masks
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+SKIP_REASONS = (
+    "missing_part",
+    "decode_json",
+    "decode_image",
+    "decode_masks",
+    "mask_count",
+    "mask_size",
+    "too_few_phrases",
+    "tar_read",
+)
+
+
+class SkipSample(Exception):
+    """A sample is unusable; `reason` is one of SKIP_REASONS."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+class Counters(Counter):
+    """Integer counters (samples seen, skipped by reason, phrases dropped by reason)."""
+
+    def take(self) -> dict[str, int]:
+        """Return the counts so far and reset (for shipping deltas out of a worker)."""
+        out = dict(self)
+        self.clear()
+        return out
+
+
+def decode_masks(data: bytes) -> np.ndarray:
+    """KEY.masks.npz -> K x H x W uint8 in {0, 1} (accepts `masks` uint8 or `masks_packed` + `shape`)."""
+    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+        if "masks_packed" in npz:
+            shape = tuple(int(v) for v in npz["shape"])
+            packed = npz["masks_packed"]
+            return np.unpackbits(packed, axis=-1, count=shape[-1]).reshape(shape)
+        if "masks" in npz:
+            return (npz["masks"] != 0).astype(np.uint8)
+    raise ValueError("npz holds neither 'masks' nor 'masks_packed'")
+
+
+@dataclass
+class RawSample:
+    key: str
+    image: np.ndarray  # H x W x 3 uint8
+    caption: str
+    phrases: list[str]  # phrases that have a mask, in json order
+    masks: np.ndarray  # len(phrases) x H x W uint8, row p grounds phrases[p]
+    num_null: int  # phrases of the json without a mask
+
+
+def decode_shard_sample(sample: dict) -> RawSample:
+    """A WebDataset tar group {"__key__", "jpg", "json", "masks.npz"} -> RawSample, or SkipSample."""
+    key = sample.get("__key__", "?")
+    img_bytes = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
+    if img_bytes is None or "json" not in sample or "masks.npz" not in sample:
+        have = sorted(k for k in sample if not k.startswith("__"))
+        raise SkipSample("missing_part", f"sample {key} has {have}")
+    try:
+        meta = json.loads(sample["json"])
+        caption = str(meta["caption"])
+        entries = [(str(p["text"]), p.get("mask")) for p in meta["phrases"]]
+    except Exception as exc:  # noqa: BLE001
+        raise SkipSample("decode_json", f"sample {key}: {exc}") from None
+    try:
+        with Image.open(io.BytesIO(img_bytes)) as im:
+            image = np.asarray(im.convert("RGB"))
+    except Exception as exc:  # noqa: BLE001 - PIL raises several types for corrupt data
+        raise SkipSample("decode_image", f"sample {key}: {exc}") from None
+    try:
+        all_masks = decode_masks(sample["masks.npz"])
+    except Exception as exc:  # noqa: BLE001
+        raise SkipSample("decode_masks", f"sample {key}: {exc}") from None
+    indices = [m for _, m in entries if m is not None]
+    if sorted(indices) != list(range(all_masks.shape[0])) or all_masks.ndim != 3:
+        raise SkipSample(
+            "mask_count", f"sample {key}: json names mask indices {indices}, npz holds {all_masks.shape[0]} masks"
+        )
+    if all_masks.shape[1:] != image.shape[:2]:
+        raise SkipSample("mask_size", f"sample {key}: masks are {all_masks.shape[1:]}, image is {image.shape[:2]}")
+    texts = [t for t, m in entries if m is not None]
+    masks = all_masks[indices] if indices else all_masks[:0]
+    return RawSample(key, image, caption, texts, masks, num_null=len(entries) - len(indices))
+
+
+@dataclass
+class ProcessSettings:
+    resolution: int
+    center_crop: bool = True
+    random_flip: bool = False
+    max_phrases: int = 16
+    min_phrases: int = 0
+    layer_sizes: tuple[tuple[int, int], ...] = ()
+    layer_mask_mode: str = "bilinear"
+    layer_mask_threshold: float = 0.0
+
+
+class SampleProcessor:
+    """RawSample -> training sample: aligned phrases, transformed image + masks, layer masks."""
+
+    def __init__(self, tokenizer, settings: ProcessSettings):
+        self.aligner = PhraseAligner(tokenizer, max_length=77)
+        self.settings = settings
+
+    def __call__(self, raw: RawSample, rng: np.random.Generator, counters: Counters) -> dict:
+        st = self.settings
+        al = self.aligner.align(raw.caption, raw.phrases)
+        keep, positions = [], []
+        for p, (pos, reason) in enumerate(zip(al.positions, al.reasons)):
+            if pos is None:
+                counters[f"phrases_dropped/{reason}"] += 1
+                continue
+            if len(keep) >= st.max_phrases:
+                counters["phrases_dropped/max_phrases"] += 1
+                continue
+            keep.append(p)
+            positions.append(pos)
+        if raw.num_null:
+            counters["phrases_null"] += raw.num_null
+        if len(keep) < st.min_phrases:
+            raise SkipSample("too_few_phrases", f"sample {raw.key}: {len(keep)} aligned phrases < {st.min_phrases}")
+        h, w = raw.image.shape[:2]
+        params = crop_params(h, w, center_crop=st.center_crop, random_flip=st.random_flip, rng=rng)
+        pixel_values, phrase_masks = transform_image_and_masks(raw.image, raw.masks[keep], st.resolution, params)
+        token_phrase = torch.full((len(al.input_ids),), -1, dtype=torch.int64)
+        for slot, pos in enumerate(positions):
+            token_phrase[pos] = slot
+        layer_masks = {}
+        for size in st.layer_sizes:
+            size = (int(size[0]), int(size[1]))
+            if phrase_masks.shape[0]:
+                layer_masks[size] = masks_to_layer(
+                    phrase_masks, size, mode=st.layer_mask_mode, threshold=st.layer_mask_threshold
+                )
+            else:
+                layer_masks[size] = torch.zeros(0, size[0] * size[1])
+        counters["phrases_kept"] += len(keep)
+        counters["samples_seen"] += 1
+        return {
+            "key": raw.key,
+            "caption": raw.caption,
+            "pixel_values": pixel_values,
+            "input_ids": torch.tensor(al.input_ids, dtype=torch.int64),
+            "phrase_masks": phrase_masks,
+            "token_phrase": token_phrase,
+            "layer_masks": layer_masks,
+        }
+
+
+def collate(samples: list[dict]) -> dict:
+    """Stack samples; pad the phrase axis to P = max phrases in the batch (at least 1) with zero masks."""
+    b = len(samples)
+    p_max = max(1, max(s["phrase_masks"].shape[0] for s in samples))
+    r = samples[0]["pixel_values"].shape[-1]
+    phrase_masks = torch.zeros(b, p_max, r, r)
+    for i, s in enumerate(samples):
+        phrase_masks[i, : s["phrase_masks"].shape[0]] = s["phrase_masks"]
+    layer_masks = {}
+    for size in samples[0]["layer_masks"]:
+        lm = torch.zeros(b, p_max, size[0] * size[1])
+        for i, s in enumerate(samples):
+            m = s["layer_masks"][size]
+            lm[i, : m.shape[0]] = m
+        layer_masks[size] = lm
+    return {
+        "pixel_values": torch.stack([s["pixel_values"] for s in samples]),
+        "input_ids": torch.stack([s["input_ids"] for s in samples]),
+        "phrase_masks": phrase_masks,
+        "token_phrase": torch.stack([s["token_phrase"] for s in samples]),
+        "layer_masks": layer_masks,
+        "captions": [s["caption"] for s in samples],
+        "keys": [s["key"] for s in samples],
+    }
