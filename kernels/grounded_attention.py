@@ -1,0 +1,676 @@
+"""Fused cross-attention + TokenCompose grounding losses (DESIGN §3, §4; issue #5).
+
+``cross_attention_with_grounding(q, k, v, phrase_masks, token_phrase)`` returns ``softmax(q kᵀ·scale) v`` together
+with the token and pixel losses of ``tcscale.losses.grounding_losses`` (token_loss_heads="mean_map") on the same
+probabilities, without ever storing a (B, H, Lq, Lk) tensor. Notation as in DESIGN §3: sample b, head h, query
+(latent) position u < Lq, text token i/j < Lk (Lk ≤ 256, so a whole softmax row is one tile), phrase slot p < P.
+
+File layout (STYLE.md "kernel files in four layers"):
+  1. ``@triton.jit`` kernels: forward (attention + loss partials), finalize (per-sample losses and the per-token
+     backward coefficients), batch mean, backward (softmax backward with the loss gradient folded in);
+  2. launchers ``grounded_attention_forward`` / ``grounded_attention_backward`` (checks, block sizes, allocation);
+  3. ``GroundedAttentionFunction`` (torch.autograd.Function) saving only the row log-sum-exp and small reductions;
+  4. the public ``cross_attention_with_grounding``.
+
+Reductions across query blocks are **deterministic**: every forward program writes its per-column / per-phrase
+partial sums into its own slot of a (B, num_q_blocks, ·) buffer and a second kernel sums them in a fixed order;
+the backward accumulates dK/dV of one (b, h) in registers over its query blocks and, when the query axis is split
+over several programs for parallelism, sums the per-split fp32 partials in a fixed order. No atomics anywhere, so
+repeated calls give bit-identical results.
+
+Saved for backward (extra memory O(B·H·Lq + B·P·Lq + B·Lk)): LSE (B, H, Lq) fp32, the phrase maps S (B, P, Lq)
+fp32, the fp32 phrase masks (B, P, Lq), token_phrase (B, Lk) int32, r_i and a per-token coefficient (B, Lk) fp32,
+a per-phrase coefficient (B, P) fp32 and 1/B_eff. q, k, v are the inputs themselves.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_LK = 256
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+BCE_EPS = 1e-12  # torch's binary_cross_entropy backward clamps S(1 - S) at this value
+BCE_LOG_MIN = -100.0  # torch's BCELoss clamps log at -100
+
+
+def interpreter_enabled() -> bool:
+    """True when Triton kernels run on the CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_available() -> bool:
+    """True when the fused kernel can run here: a CUDA GPU, or the Triton CPU interpreter (TRITON_INTERPRET=1)."""
+    return torch.cuda.is_available() or interpreter_enabled()
+
+
+# ======================================================================================================================
+# 1. Triton kernels
+# ======================================================================================================================
+
+
+@triton.jit
+def _grounded_attention_fwd_kernel(
+    Q, K, V, Out, LSE,  # q (B,H,Lq,D), k/v (B,H,Lk,D), out like q, LSE (B,H,Lq) fp32
+    Masks, TokPhrase, PhraseMaps,  # masks (B,P,Lq) fp32, token_phrase (B,Lk) int32, S (B,P,Lq) fp32 (written)
+    PartA, PartS, PartBCE,  # (B, NUM_MB, BLOCK_N), (B, NUM_MB, BLOCK_N), (B, NUM_MB, BLOCK_P) fp32 partials
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    H, Lq, Lk, P, D, NUM_MB,
+    scale, inv_H,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
+    HAS_PHRASES: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """One program = one sample b and one block of BLOCK_M query rows, looping over all heads.
+
+    Looping the heads inside the program lets it build the head-averaged map Ā = (1/H) Σ_h P_h for its rows in
+    registers, which the (non-linear) pixel loss needs before anything can be reduced over u.
+    """
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < Lq
+    col_ok = offs_n < Lk
+    d_ok = offs_d < D  # head dim padded to a power of two: padded columns load as 0 and change no dot product
+
+    abar = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # Σ_h P_h for this block (scaled by 1/H below)
+    for h in range(H):
+        # (1) load Q_h block (BLOCK_M, D) and the whole K_h, V_h (Lk ≤ BLOCK_N ≤ 256 rows)
+        q = tl.load(
+            Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+            mask=row_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )
+        k = tl.load(
+            K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+            mask=col_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )
+        v = tl.load(
+            V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+            mask=col_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )
+        # (2) scores and the exact softmax of the whole row (one tile holds all Lk columns)
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale  # (BLOCK_M, BLOCK_N) fp32
+        scores = tl.where(col_ok[None, :], scores, float("-inf"))
+        row_max = tl.max(scores, axis=1)
+        p = tl.exp(scores - row_max[:, None])
+        row_sum = tl.sum(p, axis=1)
+        p = p / row_sum[:, None]  # P_h[u, j]
+        # (3) out = P_h V_h (probabilities rounded to the input dtype for the tensor-core dot, as flash attention)
+        out = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        tl.store(
+            Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+            out.to(Out.dtype.element_ty),
+            mask=row_ok[:, None] & d_ok[None, :],
+        )
+        # (4) LSE_h[u] = max_j s[u,j] + log Σ_j exp(s[u,j] - max): the backward recomputes P_h = exp(s - LSE)
+        tl.store(LSE + (b * H + h) * Lq + offs_m, row_max + tl.log(row_sum), mask=row_ok)
+        if HAS_PHRASES:
+            abar += p
+
+    if HAS_PHRASES:
+        # (5) Ā[u, i] for the valid rows of this block
+        abar = tl.where(row_ok[:, None], abar * inv_H, 0.0)
+        offs_p = tl.arange(0, BLOCK_P)
+        p_ok = offs_p < P
+        tok_phrase = tl.load(TokPhrase + b * Lk + offs_n, mask=col_ok, other=-1)
+        # onehot[i, p] = 1 if token i belongs to phrase p  (BLOCK_N, BLOCK_P)
+        onehot = ((tok_phrase[:, None] == offs_p[None, :]) & p_ok[None, :]).to(tl.float32)
+        mask_up = tl.load(
+            Masks + b * P * Lq + offs_p[None, :] * Lq + offs_m[:, None],
+            mask=row_ok[:, None] & p_ok[None, :],
+            other=0.0,
+        )  # M_p[u] as (BLOCK_M, BLOCK_P)
+        # (6) phrase maps S_p[u] = Σ_{i∈T_p} Ā[u,i] = (Ā · onehot)[u, p]; saved for the backward's pixel gradient
+        phrase_maps = tl.dot(abar, onehot, input_precision="ieee")  # (BLOCK_M, BLOCK_P)
+        tl.store(
+            PhraseMaps + b * P * Lq + offs_p[None, :] * Lq + offs_m[:, None],
+            phrase_maps,
+            mask=row_ok[:, None] & p_ok[None, :],
+        )
+        # (7) token-loss partials over this block's rows: a_i = Σ_u M_{p(i)}[u] Ā[u,i],  s_i = Σ_u Ā[u,i]
+        token_masks = tl.dot(mask_up, tl.trans(onehot), input_precision="ieee")  # M_{p(i)}[u]: (BLOCK_M, BLOCK_N)
+        part_off = (b * NUM_MB + pid_m) * BLOCK_N + offs_n
+        tl.store(PartA + part_off, tl.sum(abar * token_masks, axis=0))
+        tl.store(PartS + part_off, tl.sum(abar, axis=0))
+        # (8) pixel-loss partials: Σ_u BCE(clamp(S_p[u], 0, 1), M_p[u]) with both logs clamped at -100 (BCELoss)
+        s_clamped = tl.minimum(tl.maximum(phrase_maps, 0.0), 1.0)
+        # (log of max(x, 1e-44) is exact wherever log x > -100, and ≤ -100 below: no log(0) needed)
+        log_s = tl.maximum(tl.log(tl.maximum(s_clamped, 1e-44)), BCE_LOG_MIN)
+        log_1ms = tl.maximum(tl.log(tl.maximum(1.0 - s_clamped, 1e-44)), BCE_LOG_MIN)
+        bce = -(mask_up * log_s + (1.0 - mask_up) * log_1ms)
+        bce = tl.where(row_ok[:, None] & p_ok[None, :], bce, 0.0)
+        tl.store(PartBCE + (b * NUM_MB + pid_m) * BLOCK_P + offs_p, tl.sum(bce, axis=0))
+
+
+@triton.jit
+def _grounding_finalize_kernel(
+    PartA, PartS, PartBCE, TokPhrase,
+    Ratio, TokCoef, PixCoef, SampleStats,  # (B, BLOCK_N), (B, BLOCK_N), (B, BLOCK_P), (B, 3) fp32 outputs
+    Lq, Lk, P, NUM_MB,
+    BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_MB: tl.constexpr,
+):  # fmt: skip
+    """One program per sample: reduce the forward partials (fixed order) and compute the per-sample losses and the
+    coefficients of the loss gradient. Phrases of the sample = phrase slots that some token points at."""
+    b = tl.program_id(0)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_p = tl.arange(0, BLOCK_P)
+    col_ok = offs_n < Lk
+    p_ok = offs_p < P
+
+    # (1) a_i, s_i and Σ_u BCE_p summed over the query blocks in block order (deterministic)
+    a = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    s = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    bce = tl.zeros((BLOCK_P,), dtype=tl.float32)
+    for mb0 in range(0, NUM_MB, BLOCK_MB):
+        offs_mb = mb0 + tl.arange(0, BLOCK_MB)
+        mb_ok = offs_mb < NUM_MB
+        row = (b * NUM_MB + offs_mb)[:, None]
+        a += tl.sum(tl.load(PartA + row * BLOCK_N + offs_n[None, :], mask=mb_ok[:, None], other=0.0), axis=0)
+        s += tl.sum(tl.load(PartS + row * BLOCK_N + offs_n[None, :], mask=mb_ok[:, None], other=0.0), axis=0)
+        bce += tl.sum(tl.load(PartBCE + row * BLOCK_P + offs_p[None, :], mask=mb_ok[:, None], other=0.0), axis=0)
+
+    # (2) phrase membership: |T_p| = count_p, the sample's phrases are those with count_p > 0, n_b of them
+    tok_phrase = tl.load(TokPhrase + b * Lk + offs_n, mask=col_ok, other=-1)
+    onehot = ((tok_phrase[:, None] == offs_p[None, :]) & p_ok[None, :]).to(tl.float32)  # (BLOCK_N, BLOCK_P)
+    is_token = tl.sum(onehot, axis=1) > 0.0
+    count = tl.sum(onehot, axis=0)  # |T_p|
+    present = count > 0.0
+    n_phrases = tl.sum(present.to(tl.float32), axis=0)
+    inv_n = 1.0 / tl.maximum(n_phrases, 1.0)
+
+    # (3) token loss: r_i = a_i / s_i;  L_tok,b = (1/n_b) Σ_p (1/|T_p|) Σ_{i∈T_p} (1 - r_i)²
+    s_safe = tl.where(is_token, s, 1.0)
+    ratio = tl.where(is_token, a / s_safe, 0.0)
+    err = tl.where(is_token, (1.0 - ratio) * (1.0 - ratio), 0.0)
+    per_phrase_tok = tl.sum(onehot * err[:, None], axis=0) / tl.maximum(count, 1.0)
+    token_loss = tl.sum(per_phrase_tok, axis=0) * inv_n
+    # (4) pixel loss: L_pix,b = (1/n_b) Σ_p (1/Lq) Σ_u BCE(S_p[u], M_p[u])
+    pixel_loss = tl.sum(tl.where(present, bce, 0.0), axis=0) * inv_n / Lq
+
+    # (5) backward coefficients (without the 1/B_eff batch factor and the upstream gradients, applied later):
+    #     ∂L_tok,b/∂Ā[u,i] = -2 (1 - r_i)(M_p[u] - r_i) / (n_b |T_p| s_i) = tok_coef_i · (M_p[u] - r_i)
+    #     ∂L_pix,b/∂Ā[u,i] = pix_coef_p · (S_p[u] - M_p[u]) / max(S_p[u](1 - S_p[u]), 1e-12),  pix_coef_p = 1/(n_b Lq)
+    count_of_token = tl.sum(onehot * count[None, :], axis=1)  # |T_{p(i)}|
+    tok_coef = tl.where(is_token, -2.0 * (1.0 - ratio) * inv_n / (s_safe * tl.maximum(count_of_token, 1.0)), 0.0)
+    pix_coef = tl.where(present, inv_n / Lq, 0.0)
+    tl.store(Ratio + b * BLOCK_N + offs_n, ratio)
+    tl.store(TokCoef + b * BLOCK_N + offs_n, tok_coef)
+    tl.store(PixCoef + b * BLOCK_P + offs_p, pix_coef)
+    tl.store(SampleStats + b * 3 + 0, token_loss)
+    tl.store(SampleStats + b * 3 + 1, pixel_loss)
+    tl.store(SampleStats + b * 3 + 2, (n_phrases > 0.0).to(tl.float32))
+
+
+@triton.jit
+def _grounding_batch_mean_kernel(
+    SampleStats, TokenLoss, PixelLoss, InvBatch, B,
+    BLOCK_B: tl.constexpr,
+):  # fmt: skip
+    """Batch mean over the B_eff samples with ≥ 1 phrase; 0 when B_eff = 0 (a per-sample loss is 0 without phrases)."""
+    offs_b = tl.arange(0, BLOCK_B)
+    b_ok = offs_b < B
+    token = tl.load(SampleStats + offs_b * 3 + 0, mask=b_ok, other=0.0)
+    pixel = tl.load(SampleStats + offs_b * 3 + 1, mask=b_ok, other=0.0)
+    has_phrase = tl.load(SampleStats + offs_b * 3 + 2, mask=b_ok, other=0.0)
+    inv_batch = 1.0 / tl.maximum(tl.sum(has_phrase, axis=0), 1.0)  # 1 / B_eff
+    tl.store(TokenLoss, tl.sum(token, axis=0) * inv_batch)
+    tl.store(PixelLoss, tl.sum(pixel, axis=0) * inv_batch)
+    tl.store(InvBatch, inv_batch)
+
+
+@triton.jit
+def _grounded_attention_bwd_kernel(
+    Q, K, V, dOut, LSE,
+    Masks, TokPhrase, PhraseMaps, Ratio, TokCoef, PixCoef, InvBatch, UpstreamLossGrad,
+    dQ, dK, dV,  # dQ like q; dK/dV like k/v, or fp32 partials (NUM_SPLITS, B, H, Lk, D) when SPLIT
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    stride_dks, stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvs, stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    B, H, Lq, Lk, P, D, NUM_MB, MB_PER_SPLIT,
+    scale, inv_H,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DC: tl.constexpr,
+    BLOCK_P: tl.constexpr, HAS_PHRASES: tl.constexpr, D_CHUNKED: tl.constexpr, KV_IN_LOOP: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """One program = one (b, h), one range of query blocks (split s) and one chunk c of the head dim.
+
+    The full K_h, V_h tile (all Lk rows) is resident, so each query block's dS row is complete: dQ of the block is
+    written directly, and dK, dV (for head-dim columns of chunk c) are accumulated in registers over the blocks.
+    The chunking of the head dim only bounds the dK/dV accumulators for large heads (d=160); with D_CHUNKED False
+    (d ≤ 128) there is one chunk and nothing is recomputed.
+    """
+    pid_bh = tl.program_id(0)
+    split = tl.program_id(1)
+    chunk = tl.program_id(2)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dc = chunk * BLOCK_DC + tl.arange(0, BLOCK_DC)
+    col_ok = offs_n < Lk
+    d_ok = offs_d < D
+    dc_ok = offs_dc < D
+
+    k_ptrs = K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn
+    v_ptrs = V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn
+    kv_mask = col_ok[:, None] & d_ok[None, :]
+    if not KV_IN_LOOP:  # K_h, V_h stay resident for the whole loop (small heads)
+        k = tl.load(k_ptrs + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+        v = tl.load(v_ptrs + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+
+    if HAS_PHRASES:
+        # (0) per-token / per-phrase gradient coefficients of this sample, times the upstream loss gradients
+        #     g_tok = ∂ℓ/∂L_token, g_pix = ∂ℓ/∂L_pixel and the batch mean's 1/B_eff:
+        #     G[u,i] = c1_i · M_{p(i)}[u] + c0_i + Σ_p onehot[i,p] · gpix[u,p]
+        #       c1_i = g_tok/B_eff · (-2 (1 - r_i) / (n_b |T_p| s_i)),  c0_i = -c1_i · r_i
+        #       gpix[u,p] = g_pix/B_eff · (S_p[u] - M_p[u]) / (n_b Lq · max(S_p[u](1 - S_p[u]), 1e-12)) · [0 ≤ S ≤ 1]
+        offs_p = tl.arange(0, BLOCK_P)
+        p_ok = offs_p < P
+        tok_phrase = tl.load(TokPhrase + b * Lk + offs_n, mask=col_ok, other=-1)
+        onehot = ((tok_phrase[:, None] == offs_p[None, :]) & p_ok[None, :]).to(tl.float32)  # (BLOCK_N, BLOCK_P)
+        inv_batch = tl.load(InvBatch)
+        grad_token = tl.load(UpstreamLossGrad + 0) * inv_batch
+        grad_pixel = tl.load(UpstreamLossGrad + 1) * inv_batch
+        c1 = tl.load(TokCoef + b * BLOCK_N + offs_n) * grad_token
+        c0 = -c1 * tl.load(Ratio + b * BLOCK_N + offs_n)
+        pix_w = tl.load(PixCoef + b * BLOCK_P + offs_p) * grad_pixel
+
+    dk_acc = tl.zeros((BLOCK_N, BLOCK_DC), dtype=tl.float32)
+    dv_acc = tl.zeros((BLOCK_N, BLOCK_DC), dtype=tl.float32)
+    mb_start = split * MB_PER_SPLIT
+    mb_end = tl.minimum(mb_start + MB_PER_SPLIT, NUM_MB)
+    for mb in range(mb_start, mb_end):
+        offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < Lq
+        q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm
+        do_ptrs = dOut + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom
+        q = tl.load(q_ptrs + offs_d[None, :] * stride_qd, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        do = tl.load(do_ptrs + offs_d[None, :] * stride_dod, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        if D_CHUNKED:
+            q_c = tl.load(q_ptrs + offs_dc[None, :] * stride_qd, mask=row_ok[:, None] & dc_ok[None, :], other=0.0)
+            do_c = tl.load(do_ptrs + offs_dc[None, :] * stride_dod, mask=row_ok[:, None] & dc_ok[None, :], other=0.0)
+        else:
+            q_c = q
+            do_c = do
+        lse = tl.load(LSE + (b * H + h) * Lq + offs_m, mask=row_ok, other=0.0)
+        if KV_IN_LOOP:  # large heads (d=160 → 256): reload the L2-resident K_h, V_h instead of pinning registers
+            k = tl.load(k_ptrs + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+            v = tl.load(v_ptrs + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        if D_CHUNKED:
+            k_c = tl.load(k_ptrs + offs_dc[None, :] * stride_kd, mask=col_ok[:, None] & dc_ok[None, :], other=0.0)
+        else:
+            k_c = k
+
+        # (1) recompute P_h = exp(q kᵀ·scale - LSE); rows past Lq and columns past Lk are exactly 0
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale
+        p = tl.exp(scores - lse[:, None])
+        p = tl.where(row_ok[:, None] & col_ok[None, :], p, 0.0)
+        # (2) dP_h = dO_h V_hᵀ
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        if HAS_PHRASES:
+            # (3) loss gradient w.r.t. Ā on this block, G (BLOCK_M, BLOCK_N); ∂ℓ/∂P_h = G / H
+            mask_up = tl.load(
+                Masks + b * P * Lq + offs_p[None, :] * Lq + offs_m[:, None],
+                mask=row_ok[:, None] & p_ok[None, :],
+                other=0.0,
+            )
+            s_map = tl.load(
+                PhraseMaps + b * P * Lq + offs_p[None, :] * Lq + offs_m[:, None],
+                mask=row_ok[:, None] & p_ok[None, :],
+                other=0.0,
+            )
+            # BCE backward as torch: (S - M) / max(S (1 - S), eps); clamp(S, 0, 1) passes gradient for 0 ≤ S ≤ 1
+            gpix = (s_map - mask_up) / tl.maximum(s_map * (1.0 - s_map), BCE_EPS)
+            gpix = tl.where((s_map >= 0.0) & (s_map <= 1.0) & row_ok[:, None], gpix * pix_w[None, :], 0.0)
+            token_masks = tl.dot(mask_up, tl.trans(onehot), input_precision="ieee")  # M_{p(i)}[u]
+            grad_abar = c1[None, :] * token_masks + c0[None, :]
+            grad_abar += tl.dot(gpix, tl.trans(onehot), input_precision="ieee")
+            dp += grad_abar * inv_H
+        # (4) softmax backward over the full row: dS = P ⊙ (dP - Σ_j P[u,j] dP[u,j]), with dP already holding G/H
+        delta = tl.sum(p * dp, axis=1)
+        ds = p * (dp - delta[:, None])
+        # (5) dQ = dS K · scale (complete for this block: all Lk columns are here)
+        dq = tl.dot(ds.to(k_c.dtype), k_c, input_precision=DOT_PRECISION) * scale
+        tl.store(
+            dQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_dc[None, :] * stride_dqd,
+            dq.to(dQ.dtype.element_ty),
+            mask=row_ok[:, None] & dc_ok[None, :],
+        )
+        # (6) dV += P_hᵀ dO,  dK += dSᵀ Q (· scale at the end)
+        dv_acc += tl.dot(tl.trans(p.to(do_c.dtype)), do_c, input_precision=DOT_PRECISION)
+        dk_acc += tl.dot(tl.trans(ds.to(q_c.dtype)), q_c, input_precision=DOT_PRECISION)
+
+    # (7) store dK, dV (this split's partial when the query axis is split over programs)
+    out_mask = col_ok[:, None] & dc_ok[None, :]
+    dk_ptrs = dK + split * stride_dks + b * stride_dkb + h * stride_dkh
+    dv_ptrs = dV + split * stride_dvs + b * stride_dvb + h * stride_dvh
+    dk_ptrs += offs_n[:, None] * stride_dkn + offs_dc[None, :] * stride_dkd
+    dv_ptrs += offs_n[:, None] * stride_dvn + offs_dc[None, :] * stride_dvd
+    tl.store(dk_ptrs, (dk_acc * scale).to(dK.dtype.element_ty), mask=out_mask)
+    tl.store(dv_ptrs, dv_acc.to(dV.dtype.element_ty), mask=out_mask)
+
+
+# ======================================================================================================================
+# 2. Launchers
+# ======================================================================================================================
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Block sizes; None picks a heuristic. Tests set small blocks to exercise partial tiles and splits."""
+
+    block_m_fwd: int | None = None  # query rows per forward program (power of 2, ≥ 16)
+    block_m_bwd: int | None = None  # query rows per backward loop step (power of 2, ≥ 16)
+    num_splits: int | None = None  # backward programs per (b, h) along the query axis (fp32 dK/dV partials if > 1)
+    block_d_chunk: int | None = None  # head-dim columns of dK/dV per backward program (power of 2)
+    kv_in_loop: bool | None = None  # backward reloads K_h, V_h every query block (default: for d > 128)
+    num_warps_fwd: int | None = None
+    num_warps_bwd: int | None = None
+
+
+def _pow2(n: int, minimum: int = 16) -> int:
+    return max(minimum, triton.next_power_of_2(n))
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # interpreter: few programs keep CPU tests fast
+
+
+def _check_pow2(name: str, value: int) -> None:
+    if value < 16 or value & (value - 1):
+        raise ValueError(f"{name} must be a power of two ≥ 16, got {value}")
+
+
+def _check_inputs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    phrase_masks: torch.Tensor,
+    token_phrase: torch.Tensor,
+    validate_values: bool,
+) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a 4-D tensor (B, H, L, d), got {getattr(t, 'shape', type(t))}")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k, v must share a dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"q, k, v must be on one device, got q {q.device}, k {k.device}, v {v.device}")
+    B, H, Lq, D = q.shape
+    if k.shape[0] != B or k.shape[1] != H or k.shape[3] != D:
+        raise ValueError(f"k must be (B={B}, H={H}, Lk, d={D}) like q {tuple(q.shape)}, got {tuple(k.shape)}")
+    if v.shape != k.shape:
+        raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
+    Lk = k.shape[2]
+    if not 1 <= Lk <= MAX_LK:
+        raise ValueError(f"k/v sequence length Lk must be in [1, {MAX_LK}] (one softmax tile), got {Lk}")
+    if Lq < 1 or D < 1:
+        raise ValueError(f"q must have Lq ≥ 1 and d ≥ 1, got {tuple(q.shape)}")
+    if D > 256:
+        raise ValueError(f"head dim d must be ≤ 256, got {D}")
+    if phrase_masks.dim() != 3 or phrase_masks.shape[0] != B or phrase_masks.shape[2] != Lq:
+        raise ValueError(f"phrase_masks must be (B={B}, P, Lq={Lq}), got shape {tuple(phrase_masks.shape)}")
+    if phrase_masks.shape[1] > 128:
+        raise ValueError(f"phrase_masks may hold at most 128 phrase slots, got {phrase_masks.shape[1]}")
+    if tuple(token_phrase.shape) != (B, Lk):
+        raise ValueError(f"token_phrase must be (B={B}, Lk={Lk}), got shape {tuple(token_phrase.shape)}")
+    if token_phrase.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"token_phrase must be an integer tensor (int64 phrase index or -1), got {token_phrase.dtype}")
+    for name, t in (("phrase_masks", phrase_masks), ("token_phrase", token_phrase)):
+        if t.device != q.device:
+            raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
+    if q.device.type != "cuda" and not interpreter_enabled():
+        raise RuntimeError(f"fused grounded attention needs CUDA tensors (or TRITON_INTERPRET=1), got {q.device}")
+    if interpreter_enabled() and q.dtype == torch.bfloat16:
+        raise TypeError("bfloat16 is not supported under TRITON_INTERPRET=1 (the interpreter's bf16 tl.dot is wrong)")
+    if validate_values and token_phrase.numel():
+        lo, hi = int(token_phrase.min()), int(token_phrase.max())  # one host sync, like the PyTorch reference
+        if lo < -1 or hi >= phrase_masks.shape[1]:
+            raise ValueError(
+                f"token_phrase values must be -1 or a phrase index < P={phrase_masks.shape[1]}, got range [{lo}, {hi}]"
+            )
+
+
+def _dense_last_dim(t: torch.Tensor) -> torch.Tensor:
+    """Any strides are passed to the kernels; only a non-unit innermost stride is copied (coalesced loads)."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def grounded_attention_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    phrase_masks: torch.Tensor,
+    token_phrase: torch.Tensor,
+    scale: float | None = None,
+    config: KernelConfig | None = None,
+    validate_values: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor | float | int]]:
+    """Launch the forward kernels. Returns (out, token_loss, pixel_loss, saved) with ``saved`` the small tensors
+    (and ints) the backward needs."""
+    _check_inputs(q, k, v, phrase_masks, token_phrase, validate_values)
+    config = config or KernelConfig()
+    q, k, v = _dense_last_dim(q), _dense_last_dim(k), _dense_last_dim(v)
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    P = phrase_masks.shape[1]
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    device = q.device
+
+    # block sizes: the whole key axis and the (padded) head dim are single tiles
+    BLOCK_N = _pow2(Lk)
+    BLOCK_D = _pow2(D)
+    BLOCK_P = _pow2(P)
+    if config.block_m_fwd is None:
+        block_m = 64 if BLOCK_N * BLOCK_D <= 128 * 128 else 32
+        while block_m > 16 and B * triton.cdiv(Lq, block_m) < _num_sms(device):  # keep the SMs busy at small Lq
+            block_m //= 2
+    else:
+        block_m = config.block_m_fwd
+    _check_pow2("block_m_fwd", block_m)
+    num_mb = triton.cdiv(Lq, block_m)
+    has_phrases = P > 0
+
+    masks_f32 = phrase_masks.to(torch.float32).contiguous()  # (B, P, Lq)
+    tok_phrase_i32 = token_phrase.to(torch.int32).contiguous()  # (B, Lk)
+    out = torch.empty_like(q)  # keeps q's layout (e.g. a transposed diffusers view stays cheap to transpose back)
+    lse = torch.empty((B, H, Lq), device=device, dtype=torch.float32)
+    f32 = dict(device=device, dtype=torch.float32)
+    phrase_maps = torch.empty((B, P, Lq), **f32)
+    part_a = torch.empty((B, num_mb, BLOCK_N), **f32)
+    part_s = torch.empty((B, num_mb, BLOCK_N), **f32)
+    part_bce = torch.empty((B, num_mb, BLOCK_P), **f32)
+    dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"  # tf32 is ignored for fp16/bf16 operands
+    num_warps = config.num_warps_fwd or (4 if block_m * BLOCK_D <= 64 * 64 else 8)
+
+    _grounded_attention_fwd_kernel[(num_mb, B)](
+        q, k, v, out, lse,
+        masks_f32, tok_phrase_i32, phrase_maps,
+        part_a, part_s, part_bce,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        H, Lq, Lk, P, D, num_mb,
+        scale, 1.0 / H,
+        BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_P=BLOCK_P,
+        HAS_PHRASES=has_phrases, DOT_PRECISION=dot_precision,
+        num_warps=num_warps,
+    )  # fmt: skip
+
+    ratio = torch.zeros((B, BLOCK_N), **f32)
+    tok_coef = torch.zeros((B, BLOCK_N), **f32)
+    pix_coef = torch.zeros((B, BLOCK_P), **f32)
+    sample_stats = torch.zeros((B, 3), **f32)
+    if has_phrases:
+        _grounding_finalize_kernel[(B,)](
+            part_a, part_s, part_bce, tok_phrase_i32,
+            ratio, tok_coef, pix_coef, sample_stats,
+            Lq, Lk, P, num_mb,
+            BLOCK_N=BLOCK_N, BLOCK_P=BLOCK_P, BLOCK_MB=min(16, triton.next_power_of_2(num_mb)),
+        )  # fmt: skip
+    token_loss = torch.empty((), **f32)
+    pixel_loss = torch.empty((), **f32)
+    inv_batch = torch.empty((1,), **f32)
+    _grounding_batch_mean_kernel[(1,)](sample_stats, token_loss, pixel_loss, inv_batch, B, BLOCK_B=_pow2(B, 2))
+
+    saved = dict(
+        lse=lse, masks=masks_f32, token_phrase=tok_phrase_i32, phrase_maps=phrase_maps,
+        ratio=ratio, tok_coef=tok_coef, pix_coef=pix_coef, inv_batch=inv_batch, scale=scale,
+    )  # fmt: skip
+    return out, token_loss, pixel_loss, saved
+
+
+def grounded_attention_backward(
+    grad_out: torch.Tensor,
+    grad_token: torch.Tensor,
+    grad_pixel: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    saved: dict[str, torch.Tensor | float | int],
+    config: KernelConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the backward kernel: (dq, dk, dv) for upstream gradients on out and on the two scalar losses."""
+    config = config or KernelConfig()
+    q, k, v = _dense_last_dim(q), _dense_last_dim(k), _dense_last_dim(v)
+    grad_out = _dense_last_dim(grad_out)
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    masks = saved["masks"]
+    P = masks.shape[1]
+    device = q.device
+    BLOCK_N = _pow2(Lk)
+    BLOCK_D = _pow2(D)
+    BLOCK_P = _pow2(P)
+    block_dc = config.block_d_chunk or min(BLOCK_D, 128)  # d=160 → two chunks of 128 bound the dK/dV registers
+    _check_pow2("block_d_chunk", block_dc)
+    block_dc = min(block_dc, BLOCK_D)
+    kv_in_loop = config.kv_in_loop if config.kv_in_loop is not None else BLOCK_D > 128
+    num_dc = triton.cdiv(D, block_dc)
+    if config.block_m_bwd is None:
+        block_m = 64 if BLOCK_N * BLOCK_D <= 128 * 64 else 32
+    else:
+        block_m = config.block_m_bwd
+    _check_pow2("block_m_bwd", block_m)
+    num_mb = triton.cdiv(Lq, block_m)
+    if config.num_splits is None:  # split the query axis until there are ~2 programs per SM
+        num_splits = min(num_mb, max(1, triton.cdiv(2 * _num_sms(device), B * H * num_dc)))
+    else:
+        num_splits = max(1, min(config.num_splits, num_mb))
+    mb_per_split = triton.cdiv(num_mb, num_splits)
+    num_splits = triton.cdiv(num_mb, mb_per_split)
+
+    dq = torch.empty_like(q)
+    if num_splits == 1:
+        dk, dv = torch.empty_like(k), torch.empty_like(v)
+        dk_buf, dv_buf = dk, dv
+        dk_strides, dv_strides = (0, *dk.stride()), (0, *dv.stride())
+    else:  # fp32 partials, summed below in split order (deterministic)
+        dk_buf = torch.empty((num_splits, B, H, Lk, D), device=device, dtype=torch.float32)
+        dv_buf = torch.empty((num_splits, B, H, Lk, D), device=device, dtype=torch.float32)
+        dk_strides, dv_strides = dk_buf.stride(), dv_buf.stride()
+    upstream = torch.stack([grad_token.reshape(()), grad_pixel.reshape(())]).to(device=device, dtype=torch.float32)
+    dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    num_warps = config.num_warps_bwd or (4 if block_m * BLOCK_D <= 64 * 64 else 8)
+
+    _grounded_attention_bwd_kernel[(B * H, num_splits, num_dc)](
+        q, k, v, grad_out, saved["lse"],
+        masks, saved["token_phrase"], saved["phrase_maps"], saved["ratio"], saved["tok_coef"], saved["pix_coef"],
+        saved["inv_batch"], upstream,
+        dq, dk_buf, dv_buf,
+        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(), *dk_strides, *dv_strides,
+        B, H, Lq, Lk, P, D, num_mb, mb_per_split,
+        saved["scale"], 1.0 / H,
+        BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DC=block_dc, BLOCK_P=BLOCK_P,
+        HAS_PHRASES=P > 0, D_CHUNKED=num_dc > 1, KV_IN_LOOP=kv_in_loop, DOT_PRECISION=dot_precision,
+        num_warps=num_warps,
+    )  # fmt: skip
+    if num_splits > 1:
+        dk = dk_buf.sum(0).to(k.dtype)
+        dv = dv_buf.sum(0).to(v.dtype)
+    return dq, dk, dv
+
+
+# ======================================================================================================================
+# 3. Autograd
+# ======================================================================================================================
+
+
+class GroundedAttentionFunction(torch.autograd.Function):
+    """(q, k, v) → (out, token_loss, pixel_loss); saves q, k, v, the row LSE and O(B·P·Lq + B·Lk) reductions."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, phrase_masks, token_phrase, scale, config, validate_values):
+        out, token_loss, pixel_loss, saved = grounded_attention_forward(
+            q, k, v, phrase_masks, token_phrase, scale, config, validate_values
+        )
+        tensor_keys = [key for key, value in saved.items() if isinstance(value, torch.Tensor)]
+        ctx.save_for_backward(q, k, v, *(saved[key] for key in tensor_keys))
+        ctx.tensor_keys = tensor_keys
+        ctx.scale = saved["scale"]
+        ctx.config = config
+        return out, token_loss, pixel_loss
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_token, grad_pixel):
+        q, k, v, *tensors = ctx.saved_tensors
+        saved = dict(zip(ctx.tensor_keys, tensors))
+        saved["scale"] = ctx.scale
+        dq, dk, dv = grounded_attention_backward(grad_out, grad_token, grad_pixel, q, k, v, saved, ctx.config)
+        return dq, dk, dv, None, None, None, None, None
+
+
+# ======================================================================================================================
+# 4. Public function
+# ======================================================================================================================
+
+
+def cross_attention_with_grounding(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    phrase_masks: torch.Tensor,
+    token_phrase: torch.Tensor,
+    scale: float | None = None,
+    *,
+    config: KernelConfig | None = None,
+    validate_values: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cross-attention fused with the TokenCompose token and pixel losses (DESIGN §3, §4).
+
+    Args:
+        q: (B, H, Lq, d) queries; k, v: (B, H, Lk, d) keys/values, Lk ≤ 256; any strides (views are fine).
+        phrase_masks: (B, P, Lq) phrase masks at this layer's resolution, values in {0, 1}.
+        token_phrase: (B, Lk) int64 phrase index of each token, or -1.
+        scale: softmax scale, default 1/√d.
+        config: optional block sizes (tests, tuning).
+        validate_values: check token_phrase ∈ [-1, P) (one host sync), as the PyTorch reference does.
+
+    Returns:
+        (out (B, H, Lq, d) in q's dtype, token_loss fp32 scalar, pixel_loss fp32 scalar); all three differentiable
+        in q, k, v. The losses equal ``grounding_losses(softmax(q kᵀ·scale), phrase_masks, token_phrase)``.
+    """
+    if not triton_available():
+        raise RuntimeError(
+            "kernels.cross_attention_with_grounding (attention.backend: fused) needs a CUDA GPU or the Triton CPU "
+            "interpreter (set TRITON_INTERPRET=1 before importing kernels); use attention.backend: sdpa otherwise"
+        )
+    return GroundedAttentionFunction.apply(q, k, v, phrase_masks, token_phrase, scale, config, validate_values)
