@@ -7,7 +7,8 @@ reason, never asserted:
 
 * ``not_found``  the phrase's tokens do not occur in the caption's tokens;
 * ``truncated``  they occur only beyond the tokenizer's max_length (cut away by truncation);
-* ``overlap``    its first occurrence shares tokens with an earlier phrase (a token carries one phrase);
+* ``overlap``    every occurrence shares tokens with another phrase (a token carries one phrase: longer
+                 phrases claim first, and a phrase whose first occurrence is taken uses its next free one);
 * ``empty``      the phrase tokenizes to nothing.
 """
 
@@ -87,38 +88,39 @@ class PhraseAligner:
         offset = 1 if has_bos else 0
         n_kept = min(len(full), self.max_length - offset - 1)
         claimed: set[int] = set()
-        positions: list[list[int] | None] = []
-        reasons: list[str | None] = []
-        for phrase in phrases:
-            pid = self.phrase_ids(phrase)
+        positions: list[list[int] | None] = [None] * len(phrases)
+        reasons: list[str | None] = [None] * len(phrases)
+        pids = [self.phrase_ids(p) for p in phrases]
+        # longer phrases claim their tokens first ("microwave oven" before "oven"); a phrase whose first
+        # occurrence is already claimed takes its next unclaimed occurrence ("Dog ... the dog")
+        for i in sorted(range(len(phrases)), key=lambda k: -len(pids[k])):
+            pid = pids[i]
             if not pid:
-                positions.append(None)
-                reasons.append("empty")
+                reasons[i] = "empty"
                 continue
-            start = self._find(full, tokens, pid, word_marks)
-            if start is None:
-                positions.append(None)
-                reasons.append("not_found")
-                continue
-            if start + len(pid) > n_kept:
-                positions.append(None)
-                reasons.append("truncated")
-                continue
-            pos = [offset + start + k for k in range(len(pid))]
-            if claimed.intersection(pos):
-                positions.append(None)
-                reasons.append("overlap")
-                continue
-            claimed.update(pos)
-            positions.append(pos)
-            reasons.append(None)
+            start, reason = -1, "not_found"
+            while True:
+                start = self._find(full, tokens, pid, word_marks, start + 1)
+                if start is None:
+                    break
+                if start + len(pid) > n_kept:
+                    reason = "truncated" if reason == "not_found" else reason
+                    break
+                pos = [offset + start + k for k in range(len(pid))]
+                if claimed.intersection(pos):
+                    reason = "overlap"
+                    continue
+                claimed.update(pos)
+                positions[i], reason = pos, None
+                break
+            reasons[i] = reason
         return Alignment(input_ids=list(ids), positions=positions, reasons=reasons)
 
     @staticmethod
-    def _find(full: list[int], tokens: list[str], pid: list[int], word_marks: bool) -> int | None:
+    def _find(full: list[int], tokens: list[str], pid: list[int], word_marks: bool, begin: int = 0) -> int | None:
         n, m = len(full), len(pid)
         first = pid[0]
-        for s in range(n - m + 1):
+        for s in range(begin, n - m + 1):
             if full[s] != first or full[s : s + m] != pid:
                 continue
             if word_marks and s > 0 and not tokens[s - 1].endswith("</w>"):

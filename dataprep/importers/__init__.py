@@ -1,0 +1,1 @@
+"""Importers: existing grounded datasets -> `GroundedRecord`s -> shards (dataprep.writer)."""

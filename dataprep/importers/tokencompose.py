@@ -1,0 +1,179 @@
+"""Import the official TokenCompose training data (metadata.jsonl + images + seg/ masks) into shards.
+
+The official format, one JSON object per line:
+
+    {"file_name": "000000000142.jpg", "text": "Plate with a piece of bread, ...",
+     "attn_list": [["piece", "seg/000000000142/mask_000000000142_piece.png"], ["camera", null], ...]}
+
+`file_name` is relative to the image folder and the mask paths to the mask root (both default to
+the folder holding metadata.jsonl, as in the official release). Masks are PNGs at the image's
+size; a pixel is foreground when it is > 127 (masks saved 0/255) or > 0 (masks saved 0/1).
+A phrase whose mask file is missing or unreadable, or whose size differs from the image, becomes a
+null phrase (counted); an item whose image is missing or unreadable produces no record (counted).
+
+    python -m dataprep.importers.tokencompose --metadata train/metadata.jsonl --out data/tc \
+        [--images DIR] [--masks DIR] [--samples-per-shard 1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import re
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from dataprep.record import GroundedRecord
+from dataprep.writer import write_shards
+
+PROVENANCE = {
+    "importer": "tokencompose_official",
+    "detector": "Grounding DINO (official TokenCompose release)",
+    "segmenter": "SAM (official TokenCompose release)",
+    "noun_parser": "official TokenCompose release",
+}
+
+
+def read_metadata(path: str | Path) -> list[dict]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                row["file_name"], row["text"] = str(row["file_name"]), str(row["text"])
+                row["attn_list"] = [(str(p), m) for p, m in row["attn_list"]]
+            except (ValueError, KeyError, TypeError) as exc:
+                raise ValueError(f"{path}:{lineno}: not a TokenCompose metadata line: {exc}") from exc
+            row["_line"] = lineno
+            rows.append(row)
+    return rows
+
+
+def sample_key(file_name: str) -> str:
+    """'000000000142.jpg' -> '000000000142' (dots and slashes become '_': webdataset keys have no dots)."""
+    stem = file_name.rsplit(".", 1)[0] if "." in Path(file_name).name else file_name
+    return re.sub(r"[^A-Za-z0-9_\-]", "_", stem)
+
+
+def load_binary_mask(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        arr = np.asarray(im.convert("L"))
+    return (arr > (127 if arr.max() > 1 else 0)).astype(np.uint8)
+
+
+class TokenComposeImporter:
+    """Callable for `write_shards`: a shard's metadata rows -> records. `counts` tallies problems."""
+
+    def __init__(self, image_root: str | Path, mask_root: str | Path, provenance: dict | None = None):
+        self.image_root = Path(image_root)
+        self.mask_root = Path(mask_root)
+        self.provenance = {**PROVENANCE, **(provenance or {})}
+        self.counts: Counter = Counter()
+
+    def record(self, row: dict) -> GroundedRecord | None:
+        img_path = self.image_root / row["file_name"]
+        try:
+            data = img_path.read_bytes()
+            with Image.open(io.BytesIO(data)) as im:
+                im.load()  # full decode: a truncated file fails here, not in the loader
+                hw = (im.height, im.width)
+        except (OSError, ValueError) as exc:
+            self.counts["image_unreadable"] += 1
+            print(f"tokencompose import: {img_path} skipped: {exc}")
+            return None
+        phrases, masks = [], []
+        for text, rel in row["attn_list"]:
+            mask = None
+            if rel is not None:
+                try:
+                    mask = load_binary_mask(self.mask_root / rel)
+                except (OSError, ValueError):
+                    self.counts["mask_unreadable"] += 1
+                    mask = None
+                if mask is not None and mask.shape != hw:
+                    self.counts["mask_size_mismatch"] += 1
+                    mask = None
+            phrases.append(text)
+            masks.append(mask)
+        stem = Path(row["file_name"]).stem
+        return GroundedRecord(
+            key=sample_key(row["file_name"]),
+            image=data,
+            caption=row["text"],
+            phrases=phrases,
+            masks=masks,
+            source={
+                "dataset": "tokencompose_coco",
+                "file_name": row["file_name"],
+                "image_id": int(stem) if stem.isdigit() else stem,
+                "metadata_line": row["_line"],
+            },
+            provenance=self.provenance,
+        )
+
+    def __call__(self, rows: Sequence[dict]) -> Iterator[GroundedRecord | None]:
+        for row in rows:
+            yield self.record(row)
+
+
+def import_tokencompose(
+    metadata: str | Path,
+    out: str | Path,
+    *,
+    image_root: str | Path | None = None,
+    mask_root: str | Path | None = None,
+    samples_per_shard: int = 1000,
+    prefix: str = "tokencompose",
+    shard_ids=None,
+    progress: bool = True,
+) -> dict:
+    metadata = Path(metadata)
+    rows = read_metadata(metadata)
+    keys = Counter(sample_key(r["file_name"]) for r in rows)
+    dup = [k for k, n in keys.items() if n > 1]
+    if dup:
+        raise ValueError(f"{metadata}: {len(dup)} file names map to the same sample key (first: {dup[0]})")
+    importer = TokenComposeImporter(image_root or metadata.parent, mask_root or metadata.parent)
+    summary = write_shards(
+        rows,
+        importer,
+        out,
+        prefix=prefix,
+        samples_per_shard=samples_per_shard,
+        shard_ids=shard_ids,
+        progress=progress,
+        run_info={"importer": "tokencompose", "metadata": str(metadata), "problems": dict(importer.counts)},
+    )
+    summary["import_problems"] = dict(importer.counts)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--metadata", required=True, help="TokenCompose metadata.jsonl")
+    ap.add_argument("--out", required=True, help="output shard folder")
+    ap.add_argument("--images", default=None, help="image folder (default: the metadata's folder)")
+    ap.add_argument("--masks", default=None, help="root of the mask paths (default: the metadata's folder)")
+    ap.add_argument("--samples-per-shard", type=int, default=1000)
+    ap.add_argument("--prefix", default="tokencompose")
+    args = ap.parse_args(argv)
+    s = import_tokencompose(
+        args.metadata,
+        args.out,
+        image_root=args.images,
+        mask_root=args.masks,
+        samples_per_shard=args.samples_per_shard,
+        prefix=args.prefix,
+    )
+    print(f"{s['samples']} samples, null rate {s['null_rate']:.3f}, problems {s['import_problems']}: {s['shards']}")
+
+
+if __name__ == "__main__":
+    main()
