@@ -24,6 +24,7 @@ Batches (B = micro_batch_size, P = max phrases in the batch, at least 1):
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import random
 import warnings
@@ -47,6 +48,7 @@ from tcscale.data.samples import (
 )
 from tcscale.data.synthetic import SyntheticWorld
 
+log = logging.getLogger("tcscale.data")
 _RENDER_CACHE_BYTES = 256 << 20  # synthetic samples are cached once rendered while the world fits in this
 
 
@@ -183,7 +185,7 @@ class ShardStream(IterableDataset):
 
         def handler(exn: Exception) -> bool:
             counters["skipped/tar_read"] += 1
-            warnings.warn(f"data.shards: tar read error, rest of the shard skipped: {exn!r}", stacklevel=2)
+            _warn(f"data.shards: tar read error, rest of the shard skipped: {exn!r}")
             return True
 
         slot, nslots = self.rank * num_workers + worker, self.world_size * num_workers
@@ -243,7 +245,7 @@ class ShardStream(IterableDataset):
                 pending.append(self.processor(decoded, aug, counters))
             except SkipSample as skip:
                 counters[f"skipped/{skip.reason}"] += 1
-                warnings.warn(f"data: sample skipped ({sample.get('__url__', '?')}): {skip}", stacklevel=2)
+                _warn(f"data: sample skipped ({sample.get('__url__', '?')}): {skip}")
                 continue
             if len(pending) == self.batch:
                 batch = collate(pending)
@@ -254,6 +256,16 @@ class ShardStream(IterableDataset):
             batch = collate(pending)
             batch["_counters"] = counters.take()
             yield batch
+
+
+_warned = itertools.count(1)
+
+
+def _warn(message: str) -> None:
+    """Log the first 20 data problems of a process, then every 1000th (the counters keep the totals)."""
+    n = next(_warned)
+    if n <= 20 or n % 1000 == 0:
+        log.warning("%s%s", message, " (further data warnings are sampled)" if n == 20 else "")
 
 
 class _StepsFrom(torch.utils.data.Sampler):

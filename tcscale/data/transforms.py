@@ -66,8 +66,8 @@ def transform_image_and_masks(
     if masks.shape[1:] != (h, w):
         raise ValueError(f"masks are {tuple(masks.shape[1:])}, image is {(h, w)}")
     t, left, s = params.top, params.left, params.size
-    img = torch.from_numpy(np.ascontiguousarray(image[t : t + s, left : left + s])).permute(2, 0, 1)  # 3,S,S uint8
-    msk = torch.from_numpy(np.ascontiguousarray(masks[:, t : t + s, left : left + s]))  # P,S,S
+    img = torch.from_numpy(np.array(image[t : t + s, left : left + s])).permute(2, 0, 1)  # 3,S,S uint8
+    msk = torch.from_numpy(np.array(masks[:, t : t + s, left : left + s]))  # P,S,S
     p = msk.shape[0]
     x = torch.cat([img.float(), msk.float() * 255.0], dim=0)  # (3 + P), S, S in one tensor: one resampling
     if s != resolution:
