@@ -1,0 +1,249 @@
+"""A throw-away single-node Slurm cluster for tests (munged + slurmctld + slurmd on 127.0.0.1).
+
+Installs nothing: it needs the Debian ``slurm-wlm`` and ``munge`` packages already installed (CI runs
+``.ci/install_slurm.sh``). Everything the daemons write lives in a temporary directory: the munge key and
+socket, ``slurm.conf`` (``SLURM_CONF`` points at it for the client commands), state, spool, logs. Ports are
+picked free, so several clusters (and a system one) can coexist on one machine. The daemons run in the
+foreground as children of the test process, in their own sessions, and are stopped by their pids.
+
+Use ``slurm_cluster`` (module-scoped fixture) or ``start_cluster(path)`` / ``cluster.stop()`` directly.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+SBIN_FALLBACK = ("/usr/sbin", "/usr/local/sbin", "/sbin")  # daemons live in sbin, not always on a user's PATH
+NODE_CPUS = 2
+
+
+def find_program(name: str) -> str | None:
+    """``name`` on PATH, else in the usual sbin directories."""
+    found = shutil.which(name)
+    if found:
+        return found
+    for d in SBIN_FALLBACK:
+        cand = Path(d) / name
+        if cand.is_file() and os.access(cand, os.X_OK):
+            return str(cand)
+    return None
+
+
+def missing_programs() -> list[str]:
+    return [
+        p for p in ("munged", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "scancel") if not find_program(p)
+    ]
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class SlurmCluster:
+    """A running test cluster; ``env`` is os.environ plus SLURM_CONF for client commands."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.conf = root / "slurm.conf"
+        self.node = socket.gethostname().split(".")[0]
+        self.partition = "debug"
+        self.env = dict(os.environ, SLURM_CONF=str(self.conf))
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    # -- client helpers ----------------------------------------------------------------------------------
+    def run(self, *args: str, timeout: float = 30, check: bool = True, **kw) -> subprocess.CompletedProcess:
+        """Run a Slurm client command (sbatch, scontrol, ...) against this cluster."""
+        prog = find_program(args[0]) or args[0]
+        return subprocess.run(
+            [prog, *args[1:]], env=kw.pop("env", self.env), capture_output=True, text=True, timeout=timeout,
+            check=check, **kw,
+        )  # fmt: skip
+
+    def job_info(self, job_id: str | int) -> dict[str, str]:
+        """``scontrol show job -o`` as a dict (JobState, Restarts, ExitCode, ...); {} once the job is purged."""
+        out = self.run("scontrol", "show", "job", "-o", str(job_id), check=False)
+        if out.returncode != 0:
+            return {}
+        info = {}
+        for tok in out.stdout.split():
+            key, _, value = tok.partition("=")
+            info.setdefault(key, value)
+        return info
+
+    def logs(self) -> str:
+        """Tails of the daemons' logs (for assertion messages)."""
+        parts = []
+        for name in ("slurmctld.log", "slurmd.log", "munged.log"):
+            p = self.root / name
+            if p.is_file():
+                parts.append(f"--- {name}\n" + "\n".join(p.read_text(errors="replace").splitlines()[-30:]))
+        return "\n".join(parts)
+
+    # -- lifecycle ---------------------------------------------------------------------------------------
+    def _spawn(self, name: str, cmd: list[str]) -> None:
+        log = open(self.root / f"{name}.stdout", "w")  # noqa: SIM115 - closed with the process
+        self.procs[name] = subprocess.Popen(
+            cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+        )
+        log.close()
+
+    def _wait_until(self, what: str, ok, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for name, proc in self.procs.items():
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{name} exited with {proc.returncode} while waiting for {what}\n{self.logs()}")
+            if ok():
+                return
+            time.sleep(0.1)
+        raise TimeoutError(f"test cluster: {what} not ready after {timeout} s\n{self.logs()}")
+
+    def start(self, timeout: float = 20.0) -> None:
+        root = self.root
+        for d in ("state", "spool"):
+            (root / d).mkdir(parents=True, exist_ok=True)
+        key = root / "munge.key"
+        key.write_bytes(secrets.token_bytes(1024))
+        key.chmod(0o400)
+        munge_socket = root / "munge.socket"
+        ctld_port, slurmd_port = _free_port(), _free_port()
+        while slurmd_port == ctld_port:
+            slurmd_port = _free_port()
+        user = _current_user()
+        self.conf.write_text(
+            "\n".join(
+                [
+                    "ClusterName=tcscaletest",
+                    f"SlurmctldHost={self.node}(127.0.0.1)",
+                    f"SlurmctldPort={ctld_port}",
+                    f"SlurmdPort={slurmd_port}",
+                    f"SlurmUser={user}",
+                    f"SlurmdUser={user}",
+                    "AuthType=auth/munge",
+                    "CredType=cred/munge",
+                    f"AuthInfo=socket={munge_socket}",
+                    f"StateSaveLocation={root / 'state'}",
+                    f"SlurmdSpoolDir={root / 'spool'}",
+                    f"SlurmctldPidFile={root / 'slurmctld.pid'}",
+                    f"SlurmdPidFile={root / 'slurmd.pid'}",
+                    f"SlurmctldLogFile={root / 'slurmctld.log'}",
+                    f"SlurmdLogFile={root / 'slurmd.log'}",
+                    "SlurmctldDebug=info",
+                    "SlurmdDebug=info",
+                    "ProctrackType=proctrack/linuxproc",
+                    "TaskPlugin=task/none",
+                    "SwitchType=switch/none",
+                    "MpiDefault=none",
+                    "SchedulerType=sched/backfill",
+                    "SelectType=select/cons_tres",
+                    "SelectTypeParameters=CR_CPU",
+                    "JobAcctGatherType=jobacct_gather/none",
+                    "AccountingStorageType=accounting_storage/none",
+                    "JobCompType=jobcomp/none",
+                    "ReturnToService=2",
+                    "JobRequeue=1",
+                    "MinJobAge=10",  # sbatch --wait sleeps 2 s, then x4 while < MinJobAge/2: polls at 2, 10, 18, ... s
+                    "KillWait=5",
+                    "InactiveLimit=0",
+                    "SlurmctldTimeout=30",
+                    "SlurmdTimeout=30",
+                    f"NodeName={self.node} NodeAddr=127.0.0.1 CPUs={NODE_CPUS} State=UNKNOWN",
+                    f"PartitionName={self.partition} Nodes={self.node} Default=YES MaxTime=INFINITE State=UP",
+                    "",
+                ]
+            )
+        )
+        self._spawn(
+            "munged",
+            [
+                find_program("munged"), "--foreground", "--force", f"--key-file={key}", f"--socket={munge_socket}",
+                f"--pid-file={root / 'munged.pid'}", f"--log-file={root / 'munged.log'}",
+                f"--seed-file={root / 'munged.seed'}",
+            ],
+        )  # fmt: skip
+        self._wait_until("munged", munge_socket.exists, timeout)
+        self._spawn("slurmctld", [find_program("slurmctld"), "-D", "-i", "-f", str(self.conf)])
+        self._wait_until("slurmctld", lambda: self.run("scontrol", "ping", check=False).returncode == 0, timeout)
+        self._spawn("slurmd", [find_program("slurmd"), "-D", "-N", self.node, "-f", str(self.conf)])
+
+        def node_up() -> bool:
+            out = self.run("sinfo", "-h", "-N", "-o", "%t", check=False).stdout.split()
+            return bool(out) and out[0].rstrip("*") in ("idle", "mix", "alloc")
+
+        self._wait_until("slurmd (node idle)", node_up, timeout)
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """Cancel every job of this cluster, then stop slurmd, slurmctld and munged (SIGTERM, then SIGKILL)."""
+        if self.procs.get("slurmctld") and self.procs["slurmctld"].poll() is None:
+            self.run("scancel", "--full", f"--partition={self.partition}", check=False)
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                out = self.run("squeue", "-h", "-o", "%i", check=False)
+                if out.returncode != 0 or not out.stdout.strip():
+                    break
+                time.sleep(0.2)
+        for name in ("slurmd", "slurmctld", "munged"):
+            proc = self.procs.get(name)
+            if proc is None or proc.poll() is not None:
+                continue
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+
+
+def _current_user() -> str:
+    import pwd
+
+    return pwd.getpwuid(os.getuid()).pw_name
+
+
+def start_cluster(root: str | os.PathLike) -> SlurmCluster:
+    """Start a cluster whose files live under ``root`` (must be private: munged checks permissions)."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    root.chmod(0o700)
+    cluster = SlurmCluster(root)
+    try:
+        cluster.start()
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster
+
+
+def running_cluster() -> Iterator[SlurmCluster]:
+    """Generator behind the fixture: skip if Slurm is missing, start, yield, stop and clean up."""
+    missing = missing_programs()
+    if missing:
+        pytest.skip(f"Slurm not installed (missing {', '.join(missing)}); run .ci/install_slurm.sh as root")
+    if os.getuid() != 0:
+        pytest.skip("the test cluster runs slurmd, which must run as root to launch jobs")
+    root = Path(tempfile.mkdtemp(prefix="tcscale-slurm-"))
+    cluster = start_cluster(root)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster() -> Iterator[SlurmCluster]:
+    """A running single-node cluster; skips when Slurm/munge are not installed (see .ci/install_slurm.sh)."""
+    yield from running_cluster()

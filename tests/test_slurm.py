@@ -1,0 +1,217 @@
+"""launchers/slurm/train.sbatch: static checks, and runs against a real single-node Slurm cluster.
+
+The cluster tests (marked ``slow``) start munged + slurmctld + slurmd from a temporary config
+(tests/slurm.py) and skip when Slurm is not installed (.ci/install_slurm.sh installs it).
+Instead of the trainer they run a tiny stand-in script (TCSCALE_TRAIN_ENTRY) that joins a gloo process
+group from the RANK/WORLD_SIZE/MASTER_* variables the batch script exports and records what it saw.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from slurm_cluster import SlurmCluster, running_cluster  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SBATCH = REPO / "launchers" / "slurm" / "train.sbatch"
+ENV_SH = REPO / "launchers" / "slurm" / "env.sh"
+WAIT_S = 60  # every wait on the cluster is bounded by this
+
+
+@pytest.fixture(scope="module")
+def slurm() -> Iterator[SlurmCluster]:
+    yield from running_cluster()
+
+
+STANDIN = textwrap.dedent(
+    """
+    # Stand-in for launchers/train.py: proves the env wiring and the signal path of train.sbatch.
+    import json, os, signal, sys, time
+    from pathlib import Path
+
+    import torch
+    import torch.distributed as dist
+
+    out = Path(os.environ["STANDIN_OUT"])
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    restart = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+    tag = f"{restart}.rank{rank}"
+    got = []
+    signal.signal(signal.SIGUSR1, lambda *_: got.append(time.time()))
+
+    dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=world)
+    t = torch.tensor([float(rank + 1)])
+    dist.all_reduce(t)
+    keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT",
+            "SLURM_PROCID", "SLURM_JOB_ID", "OMP_NUM_THREADS")
+    record = {"env": {k: os.environ.get(k) for k in keys}, "argv": sys.argv[1:], "all_reduce": t.item()}
+    (out / f"started.{tag}.json").write_text(json.dumps(record))
+
+    if os.environ.get("STANDIN_MODE") == "wait_signal" and restart == 0:
+        deadline = time.time() + 90
+        while not got and time.time() < deadline:
+            time.sleep(0.1)
+        if not got:
+            sys.exit(3)
+        # The trainer's protocol: all ranks agree, checkpoint, marker, exit 0.
+        flag = torch.tensor([1.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        (out / f"usr1.{tag}").write_text("SIGUSR1\\n")
+        if rank == 0:
+            (out / "PREEMPTED").write_text("step 0\\n")
+    dist.barrier()
+    dist.destroy_process_group()
+    (out / f"done.{tag}").write_text("ok\\n")
+    """
+)
+
+
+def sbatch_header(path: Path) -> list[str]:
+    """The #SBATCH options, read as sbatch does: up to the first command line."""
+    opts = []
+    for line in path.read_text().splitlines()[1:]:
+        s = line.strip()
+        if not s or s.startswith("#"):
+            if s.startswith("#SBATCH"):
+                opts.extend(s.split()[1:2])
+            continue
+        break
+    return opts
+
+
+def test_sbatch_template_parses_and_header():
+    for script in (SBATCH, ENV_SH):
+        res = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr
+    opts = sbatch_header(SBATCH)
+    assert any(re.fullmatch(r"--signal=B:USR1@\d+", o) for o in opts), opts
+    assert "--requeue" in opts and "--open-mode=append" in opts
+    assert SBATCH.read_text().startswith("#!/bin/bash\n")
+
+
+def test_sbatch_usage_without_config(tmp_path):
+    res = subprocess.run(["bash", str(SBATCH)], capture_output=True, text=True, cwd=tmp_path, timeout=10)
+    assert res.returncode == 2 and "usage" in res.stderr
+
+
+# -------------------------------------------------------------------------------------------------------
+# On a real cluster
+# -------------------------------------------------------------------------------------------------------
+def wait_for(what: str, ok, timeout: float = WAIT_S, cluster: SlurmCluster | None = None, log: Path | None = None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if ok():
+            return
+        time.sleep(0.2)
+    detail = log.read_text(errors="replace")[-3000:] if log and log.is_file() else ""
+    raise AssertionError(
+        f"timed out after {timeout} s waiting for {what}\n{detail}\n{cluster.logs() if cluster else ''}"
+    )
+
+
+def job_env(cluster: SlurmCluster, tmp_path: Path, entry: Path | None, **extra: str) -> dict[str, str]:
+    env = dict(cluster.env)
+    env.update(
+        TCSCALE_ROOT=str(REPO),
+        TCSCALE_PYTHON=sys.executable,
+        OMP_NUM_THREADS="1",
+        STANDIN_OUT=str(tmp_path),
+        **extra,
+    )
+    if entry is not None:
+        env["TCSCALE_TRAIN_ENTRY"] = str(entry)
+    for k in ("MASTER_ADDR", "MASTER_PORT", "GPUS_PER_NODE", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(k, None)  # the batch script must derive these itself
+    return env
+
+
+def sbatch_args(tmp_path: Path, *extra: str) -> list[str]:
+    return [
+        "sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--time=10",
+        f"--output={tmp_path / 'slurm-%j.out'}", *extra, str(SBATCH),
+    ]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_sbatch_wait_two_tasks_all_reduce(slurm, tmp_path):
+    entry = tmp_path / "standin.py"
+    entry.write_text(STANDIN)
+    env = job_env(slurm, tmp_path, entry)
+    t0 = time.monotonic()
+    res = slurm.run(
+        *sbatch_args(tmp_path, "--wait"), "configs/some.yaml", "a.b=1", "name=two words",
+        env=env, timeout=WAIT_S, check=False,
+    )  # fmt: skip
+    job_id = res.stdout.strip().split(";")[0]
+    log = tmp_path / f"slurm-{job_id}.out"
+    assert res.returncode == 0, f"{res.stdout}\n{res.stderr}\n{log.read_text() if log.is_file() else ''}"
+    records = [json.loads((tmp_path / f"started.0.rank{r}.json").read_text()) for r in range(2)]
+    for r, rec in enumerate(records):
+        e = rec["env"]
+        assert (e["RANK"], e["WORLD_SIZE"], e["LOCAL_RANK"], e["SLURM_PROCID"]) == (str(r), "2", str(r), str(r))
+        assert (e["LOCAL_WORLD_SIZE"], e["NODE_RANK"], e["SLURM_JOB_ID"]) == ("2", "0", job_id)
+        assert e["MASTER_ADDR"] == slurm.node and int(e["MASTER_PORT"]) == 20000 + int(job_id) % 20000
+        assert e["OMP_NUM_THREADS"] == "1"
+        assert rec["all_reduce"] == 3.0  # 1 + 2 across the two tasks
+        assert rec["argv"] == ["--config", "configs/some.yaml", "a.b=1", "name=two words"]  # no resume on 1st run
+        assert (tmp_path / f"done.0.rank{r}").is_file()
+    assert "restart 0: 1 node(s) x 2 task(s)" in log.read_text()
+    print(f"sbatch --wait round trip: {time.monotonic() - t0:.1f} s")
+
+
+@pytest.mark.slow
+def test_usr1_forwarded_then_requeued_with_resume(slurm, tmp_path):
+    entry = tmp_path / "standin.py"
+    entry.write_text(STANDIN)
+    env = job_env(slurm, tmp_path, entry, STANDIN_MODE="wait_signal")
+    t0 = time.monotonic()
+    job_id = slurm.run(*sbatch_args(tmp_path), "configs/some.yaml", "x=1", env=env).stdout.strip()
+    job_id = job_id.split(";")[0]
+    log = tmp_path / f"slurm-{job_id}.out"
+    try:
+        started = [tmp_path / f"started.0.rank{r}.json" for r in range(2)]
+        wait_for("both tasks to start", lambda: all(p.is_file() for p in started), cluster=slurm, log=log)
+        # What --signal=B:USR1@N does at the time limit, now: signal the batch shell only.
+        slurm.run("scancel", "--signal=USR1", "--batch", job_id)
+        usr1 = [tmp_path / f"usr1.0.rank{r}" for r in range(2)]
+        wait_for("SIGUSR1 to reach both tasks", lambda: all(p.is_file() for p in usr1), cluster=slurm, log=log)
+        assert (tmp_path / "PREEMPTED").is_file()
+
+        # The batch script requeued the job: pending again with one restart. Slurm holds a requeued job ~2 min
+        # (Reason=BeginTime) before it is eligible; make it eligible now so the test stays short.
+        def requeued() -> bool:
+            info = slurm.job_info(job_id)
+            return info.get("Restarts") == "1" and info.get("JobState") in ("PENDING", "RUNNING", "COMPLETED")
+
+        wait_for("the job to be requeued (Restarts=1)", requeued, cluster=slurm, log=log)
+        slurm.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", check=False)
+
+        resumed = [tmp_path / f"started.1.rank{r}.json" for r in range(2)]
+        wait_for("the requeued job to run again", lambda: all(p.is_file() for p in resumed), cluster=slurm,
+                 log=log)  # fmt: skip
+        for p in resumed:
+            assert json.loads(p.read_text())["argv"] == ["--config", "configs/some.yaml", "x=1", "resume=latest"]
+
+        last: dict[str, str] = {}
+
+        def finished() -> bool:
+            last.update(slurm.job_info(job_id))
+            return last.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")
+
+        wait_for("the restarted job to finish", finished, cluster=slurm, log=log)
+        assert last["JobState"] == "COMPLETED" and last["Restarts"] == "1", last
+        text = log.read_text()  # --open-mode=append: both runs in one log
+        assert "SIGUSR1: forwarding" in text and "requeueing job" in text and "restart 1:" in text
+        print(f"submit -> signal -> requeue -> completed: {time.monotonic() - t0:.1f} s")
+    finally:
+        slurm.run("scancel", job_id, check=False)
