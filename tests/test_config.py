@@ -15,8 +15,14 @@ TRAIN_CONFIGS = [p for p in CONFIGS if not p.name.startswith("dataprep")]
 
 def test_shipped_configs_exist():
     names = {p.stem for p in TRAIN_CONFIGS}
-    for required in ("tiny_cpu", "sd14_tokencompose", "sd21_tokencompose", "sd14_ldm", "sd14_sepen_pairs",
-                     "sd14_sepen_large"):
+    for required in (
+        "tiny_cpu",
+        "sd14_tokencompose",
+        "sd21_tokencompose",
+        "sd14_ldm",
+        "sd14_sepen_pairs",
+        "sd14_sepen_large",
+    ):
         assert required in names
 
 

@@ -1,28 +1,27 @@
 """Cross-attention processors that compute the TokenCompose grounding losses per layer.
 
-A `GroundingCollector` is shared by the processors of the selected attn2 layers. The objective
-opens it for one U-Net forward (`with collector.forward(layer_masks, token_phrase):`); each
-processor computes its layer's token/pixel losses from the phrase masks at its own resolution and
-records them. Records are taken only while the collector is open, so a non-reentrant activation
-checkpoint that re-runs the forward during backward does not record twice.
+The objective passes a `GroundingContext` to one U-Net forward as
+`cross_attention_kwargs={"grounding": ctx}`; each grounding processor computes its layer's
+token/pixel losses from the phrase masks at its own resolution and records them into the context.
+Because the context travels as a forward argument, a non-reentrant activation checkpoint re-runs
+exactly the same computation during backward; the objective clears `ctx.recording` after the
+forward, so the recompute records nothing twice.
 
 Backends: "reference" computes the probabilities explicitly and calls
 `tcscale.losses.grounding_losses`; "fused" calls the Triton kernel
-`kernels.cross_attention_with_grounding` (no B x H x Lq x Lk tensor kept). When the collector is
-closed (validation, frozen copies) the processors run plain SDPA, unless maps are being captured.
+`kernels.cross_attention_with_grounding` (no B x H x Lq x Lk tensor kept). Without a context
+(validation, frozen copies) the processors run plain SDPA.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.attention_processor import Attention
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 from tcscale.attention.masks import masks_to_layer
 from tcscale.losses.grounding import grounding_losses
@@ -34,55 +33,30 @@ _BLOCK_RE = re.compile(r"^(down_blocks|mid_block|up_blocks)")
 class LayerRecord:
     name: str
     size: tuple[int, int]
-    token: torch.Tensor
-    pixel: torch.Tensor
+    token: torch.Tensor | None = None  # this layer's token loss (mode "grounding")
+    pixel: torch.Tensor | None = None  # this layer's pixel loss (mode "grounding")
+    probs: torch.Tensor | None = None  # (B, H, Lq, Lk) probabilities kept in the graph (mode "probs", SepEn)
 
 
 @dataclass
-class GroundingCollector:
-    """Per-forward context shared by the grounding processors of one U-Net."""
+class GroundingContext:
+    """What one U-Net forward needs to ground its attention; passed as `cross_attention_kwargs["grounding"]`.
 
-    latent_size: tuple[int, int] = (0, 0)  # (h, w) of the U-Net input latent
+    Modes: "grounding" records each layer's token/pixel losses; "probs" records the probabilities
+    (SepEn); "capture" sums detached head-averaged maps per layer (validation heatmaps).
+    """
+
+    latent_size: tuple[int, int]  # (h, w) of the U-Net input latent
+    mode: str = "grounding"
+    token_phrase: torch.Tensor | None = None  # (B, Lk) phrase slot of each token, or -1
+    phrase_masks: torch.Tensor | None = None  # (B, P, H, W) full-resolution masks (resized per layer on use)
+    layer_masks: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)  # {(h, w): (B, P, h*w)}
     token_loss_heads: str = "mean_map"
     mask_interpolation: str = "bilinear"
     mask_threshold: float = 0.0
     records: list[LayerRecord] = field(default_factory=list)
-    capture: dict[str, torch.Tensor] | None = None  # layer name -> running sum of head-averaged maps (B, Lq, Lk)
-    _open: bool = False
-    _full_masks: torch.Tensor | None = None
-    _layer_masks: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
-    _token_phrase: torch.Tensor | None = None
-
-    @contextmanager
-    def forward(
-        self,
-        latent_size: tuple[int, int],
-        token_phrase: torch.Tensor,
-        phrase_masks: torch.Tensor | None = None,
-        layer_masks: dict[tuple[int, int], torch.Tensor] | None = None,
-    ) -> Iterator[list[LayerRecord]]:
-        """Open the collector for one U-Net forward; yields the list the layers' records go into.
-
-        phrase_masks: (B, P, H, W) full-resolution masks, resized per layer on first use;
-        layer_masks: {(h, w): (B, P, h*w)} already at layer resolution (the loader precomputes them).
-        """
-        self.latent_size = tuple(latent_size)
-        self.records = []
-        self._full_masks = phrase_masks
-        self._layer_masks = dict(layer_masks or {})
-        self._token_phrase = token_phrase
-        self._open = True
-        try:
-            yield self.records
-        finally:
-            self._open = False
-            self._full_masks = None
-            self._layer_masks = {}
-            self._token_phrase = None
-
-    @property
-    def is_open(self) -> bool:
-        return self._open
+    captured: dict[str, torch.Tensor] = field(default_factory=dict)  # layer -> running sum (B, Lq, Lk)
+    recording: bool = True  # the caller clears it after the forward: a checkpoint's recompute records nothing
 
     def layer_size(self, seq_len: int) -> tuple[int, int]:
         """(h, w) of a layer from its number of query positions and the input latent size."""
@@ -94,28 +68,42 @@ class GroundingCollector:
         return h, w
 
     def masks_for(self, size: tuple[int, int], device: torch.device) -> torch.Tensor:
-        masks = self._layer_masks.get(size)
+        masks = self.layer_masks.get(size)
         if masks is None:
-            if self._full_masks is None:
+            if self.phrase_masks is None:
                 raise KeyError(f"no phrase masks for layer resolution {size[0]}x{size[1]} and no full-resolution masks")
-            masks = masks_to_layer(self._full_masks, size, mode=self.mask_interpolation, threshold=self.mask_threshold)
-            self._layer_masks[size] = masks
+            masks = masks_to_layer(self.phrase_masks, size, mode=self.mask_interpolation, threshold=self.mask_threshold)
+            self.layer_masks[size] = masks
         return masks.to(device)
 
-    @property
-    def token_phrase(self) -> torch.Tensor:
-        assert self._token_phrase is not None
-        return self._token_phrase
+    def record(self, rec: LayerRecord) -> None:
+        if self.recording:
+            self.records.append(rec)
+
+
+class PlainAttnProcessor(AttnProcessor2_0):
+    """SDPA for the layers that are not grounded; accepts (and ignores) the grounding context."""
+
+    def __call__(
+        self,
+        attn,
+        hidden_states,
+        encoder_hidden_states=None,
+        attention_mask=None,
+        temb=None,
+        grounding: GroundingContext | None = None,
+        **kwargs,
+    ):
+        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
 
 
 class GroundingAttnProcessor:
-    """attn2 processor: SDPA output + this layer's token/pixel losses recorded into the collector."""
+    """attn2 processor: SDPA output + this layer's token/pixel losses recorded into the grounding context."""
 
-    def __init__(self, name: str, collector: GroundingCollector, backend: str = "reference"):
+    def __init__(self, name: str, backend: str = "reference"):
         if backend not in ("reference", "fused"):
             raise ValueError(f"attention.backend={backend!r}: grounding processors support 'reference' or 'fused'")
         self.name = name
-        self.collector = collector
         self.backend = backend
 
     def __call__(
@@ -125,7 +113,7 @@ class GroundingAttnProcessor:
         encoder_hidden_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         temb: torch.Tensor | None = None,
-        *args,
+        grounding: GroundingContext | None = None,
         **kwargs,
     ) -> torch.Tensor:
         if encoder_hidden_states is None or attention_mask is not None or attn.spatial_norm is not None:
@@ -149,17 +137,10 @@ class GroundingAttnProcessor:
         k = key.view(B, -1, attn.heads, head_dim).transpose(1, 2)  # (B, H, Lk, d)
         v = value.view(B, -1, attn.heads, head_dim).transpose(1, 2)
 
-        collector = self.collector
-        if collector.is_open:
-            out = self._grounded(attn, q, k, v, Lq)
-        elif collector.capture is not None:
-            probs = (q @ k.transpose(-1, -2) * attn.scale).float().softmax(dim=-1)  # (B, H, Lq, Lk)
-            mean_map = probs.mean(dim=1).detach()
-            prev = collector.capture.get(self.name)
-            collector.capture[self.name] = mean_map if prev is None else prev + mean_map
-            out = probs.to(v.dtype) @ v
-        else:
+        if grounding is None:
             out = F.scaled_dot_product_attention(q, k, v, scale=attn.scale)
+        else:
+            out = self._grounded(attn, q, k, v, Lq, grounding)
 
         out = out.transpose(1, 2).reshape(B, -1, attn.heads * head_dim).to(query.dtype)
         out = attn.to_out[1](attn.to_out[0](out))
@@ -169,11 +150,21 @@ class GroundingAttnProcessor:
             out = out + residual
         return out / attn.rescale_output_factor
 
-    def _grounded(self, attn: Attention, q, k, v, Lq: int) -> torch.Tensor:
-        collector = self.collector
-        size = collector.layer_size(Lq)
-        masks = collector.masks_for(size, q.device)  # (B, P, Lq)
-        token_phrase = collector.token_phrase.to(q.device)
+    def _grounded(self, attn: Attention, q, k, v, Lq: int, ctx: GroundingContext) -> torch.Tensor:
+        size = ctx.layer_size(Lq)
+        if ctx.mode in ("probs", "capture"):
+            probs = (q @ k.transpose(-1, -2) * attn.scale).float().softmax(dim=-1)  # (B, H, Lq, Lk)
+            if ctx.mode == "probs":
+                ctx.record(LayerRecord(self.name, size, probs=probs))
+            else:
+                mean_map = probs.mean(dim=1).detach()  # (B, Lq, Lk)
+                prev = ctx.captured.get(self.name)
+                ctx.captured[self.name] = mean_map if prev is None else prev + mean_map
+            return probs.to(v.dtype) @ v
+        if ctx.token_phrase is None:
+            raise ValueError("grounding context in mode 'grounding' needs token_phrase")
+        masks = ctx.masks_for(size, q.device)  # (B, P, Lq)
+        token_phrase = ctx.token_phrase.to(q.device)
         if self.backend == "fused":
             from kernels import cross_attention_with_grounding
 
@@ -182,9 +173,9 @@ class GroundingAttnProcessor:
             # softmax in fp32: bf16 probabilities would make the loss ratios noisy
             probs = (q @ k.transpose(-1, -2) * attn.scale).float().softmax(dim=-1)  # (B, H, Lq, Lk)
             out = probs.to(v.dtype) @ v
-            losses = grounding_losses(probs, masks, token_phrase, token_loss_heads=collector.token_loss_heads)
+            losses = grounding_losses(probs, masks, token_phrase, token_loss_heads=ctx.token_loss_heads)
             token, pixel = losses["token"], losses["pixel"]
-        collector.records.append(LayerRecord(self.name, size, token, pixel))
+        ctx.record(LayerRecord(self.name, size, token, pixel))
         return out
 
 
@@ -221,16 +212,25 @@ def select_layers(
     return names
 
 
-def install_grounding_processors(
-    unet: torch.nn.Module, layer_names: list[str], collector: GroundingCollector, backend: str
-) -> None:
-    """Put grounding processors on the named attn2 layers; every other layer keeps SDPA."""
+def install_grounding_processors(unet: torch.nn.Module, layer_names: list[str], backend: str) -> None:
+    """Grounding processors on the named attn2 layers; every other attention layer gets SDPA that accepts
+    (and ignores) the `grounding` cross-attention kwarg."""
     if backend == "fused":
-        from kernels import require_triton_runtime
-
-        require_triton_runtime()
+        try:
+            from kernels import triton_available
+        except ImportError as exc:
+            raise RuntimeError(f"attention.backend=fused needs Triton and the tcscale kernels package: {exc}") from exc
+        if not triton_available():
+            raise RuntimeError(
+                "attention.backend=fused needs a CUDA GPU (or the Triton CPU interpreter, TRITON_INTERPRET=1, for "
+                "tests); use attention.backend=reference on this machine"
+            )
     if not layer_names:
         raise ValueError("no cross-attention layer matches attention.blocks / attention.resolutions")
     modules = cross_attention_layers(unet)
-    for name in layer_names:
-        modules[name].set_processor(GroundingAttnProcessor(name, collector, backend))
+    unknown = [n for n in layer_names if n not in modules]
+    if unknown:
+        raise KeyError(f"not cross-attention layers of this U-Net: {unknown}")
+    for name, mod in unet.named_modules():
+        if isinstance(mod, Attention):
+            mod.set_processor(GroundingAttnProcessor(name, backend) if name in layer_names else PlainAttnProcessor())

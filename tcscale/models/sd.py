@@ -93,6 +93,7 @@ def sd_noise_scheduler(prediction_type: str) -> DDPMScheduler:
         beta_start=0.00085,
         beta_end=0.012,
         clip_sample=False,
+        steps_offset=1,
         prediction_type=prediction_type,
     )
 

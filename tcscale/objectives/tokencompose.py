@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from tcscale.attention.grounding_processor import GroundingCollector
-from tcscale.config import ObjectiveConfig
+from tcscale.attention.grounding_processor import GroundingContext
+from tcscale.config import AttentionConfig, ObjectiveConfig
 from tcscale.losses.diffusion import diffusion_target, ldm_loss, sample_noise
 from tcscale.models.sd import SDComponents
 
@@ -25,13 +25,16 @@ class DiffusionObjective:
         self,
         comps: SDComponents,
         cfg: ObjectiveConfig,
-        collector: GroundingCollector | None,
+        attention: AttentionConfig | None,
         compute_dtype: torch.dtype,
+        layer_names: list[str] = (),
     ):
+        """attention: the grounding options, or None for LDM-only (no grounding processors installed)."""
         self.comps = comps
         self.cfg = cfg
-        self.collector = collector
+        self.attention = attention
         self.compute_dtype = compute_dtype
+        self.layer_names = list(layer_names)  # the grounded attn2 layers (processors installed by the trainer)
 
     def trainable_parameters(self, unet: torch.nn.Module) -> list[torch.nn.Parameter]:
         return [p for p in unet.parameters() if p.requires_grad]
@@ -57,19 +60,24 @@ class DiffusionObjective:
         noisy = scheduler.add_noise(latents, noise, timesteps)
         target = diffusion_target(scheduler, latents, noise, timesteps)
 
-        if self.collector is None:
+        if self.attention is None:
             pred = unet(noisy.to(self.compute_dtype), timesteps, text).sample
             ldm = ldm_loss(pred, target, timesteps, scheduler, self.cfg.snr_gamma)
             return StepOutput(ldm, {"ldm": ldm})
 
-        layer_masks = batch.get("layer_masks")
-        with self.collector.forward(
-            latents.shape[-2:],
-            batch["token_phrase"].to(device),
+        att = self.attention
+        ctx = GroundingContext(
+            latent_size=tuple(latents.shape[-2:]),
+            token_phrase=batch["token_phrase"].to(device),
             phrase_masks=batch.get("phrase_masks"),
-            layer_masks={k: v.to(device) for k, v in layer_masks.items()} if layer_masks else None,
-        ) as records:
-            pred = unet(noisy.to(self.compute_dtype), timesteps, text).sample
+            layer_masks={k: v.to(device) for k, v in (batch.get("layer_masks") or {}).items()},
+            token_loss_heads=att.token_loss_heads,
+            mask_interpolation=att.mask_interpolation,
+            mask_threshold=att.mask_threshold,
+        )
+        pred = unet(noisy.to(self.compute_dtype), timesteps, text, cross_attention_kwargs={"grounding": ctx}).sample
+        ctx.recording = False  # an activation checkpoint's recompute during backward must not record again
+        records = ctx.records
         if not records:
             raise RuntimeError("tokencompose: no grounded layer recorded a loss (are the processors installed?)")
         ldm = ldm_loss(pred, target, timesteps, scheduler, self.cfg.snr_gamma)

@@ -23,6 +23,10 @@ def resolve_tracking_uri(cfg: TrainConfig) -> str:
         return cfg.tracking.uri
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
+    return default_tracking_uri(cfg)
+
+
+def default_tracking_uri(cfg: TrainConfig) -> str:
     return f"sqlite:///{Path(cfg.output_dir).resolve() / 'mlflow.db'}"
 
 
@@ -75,10 +79,18 @@ class Tracker(NullTracker):
         import mlflow
 
         self.mlflow = mlflow
-        self.client = mlflow.MlflowClient(tracking_uri=resolve_tracking_uri(cfg))
+        uri = resolve_tracking_uri(cfg)
+        self.client = mlflow.MlflowClient(tracking_uri=uri)
         if run_id is None:
             exp = self.client.get_experiment_by_name(cfg.tracking.experiment)
-            exp_id = exp.experiment_id if exp is not None else self.client.create_experiment(cfg.tracking.experiment)
+            # the default local sqlite store keeps artifacts in the run directory too (not ./mlruns of the cwd)
+            local = uri == default_tracking_uri(cfg)
+            artifacts = (Path(cfg.output_dir).resolve() / "mlartifacts").as_uri() if local else None
+            exp_id = (
+                exp.experiment_id
+                if exp is not None
+                else self.client.create_experiment(cfg.tracking.experiment, artifact_location=artifacts)
+            )
             tags = {"mlflow.runName": cfg.run_name, "git_commit": git_commit(), "world_size": str(world_size)}
             tags.update(versions())
             run = self.client.create_run(exp_id, run_name=cfg.run_name, tags=tags)

@@ -17,7 +17,6 @@ from typing import Any
 import torch
 
 from tcscale.attention.grounding_processor import (
-    GroundingCollector,
     install_grounding_processors,
     layer_latent_side,
     select_layers,
@@ -61,25 +60,20 @@ def step_generator(seed: int, rank: int, micro_step: int, device: torch.device) 
     return g
 
 
-def build_objective(cfg: TrainConfig, comps: SDComponents, dtype: torch.dtype, device: torch.device):
+def build_objective(cfg: TrainConfig, comps: SDComponents, dtype: torch.dtype, device: torch.device, rank: int = 0):
     """Objective + the names of the attn2 layers it grounds (empty for LDM-only)."""
     unet = comps.unet
     latent_side = cfg.data.resolution // 8
     if cfg.objective.name == "sepen":
         from tcscale.objectives.sepen import SepEnObjective
 
-        obj = SepEnObjective(comps, cfg, dtype, device)
+        obj = SepEnObjective(comps, cfg, dtype, device, rank)
         return obj, obj.layer_names
     if cfg.objective.name == "ldm" or cfg.attention.backend == "sdpa":
         return DiffusionObjective(comps, cfg.objective, None, dtype), []
     names = select_layers(unet, cfg.attention.blocks, cfg.attention.resolutions, latent_side)
-    collector = GroundingCollector(
-        token_loss_heads=cfg.attention.token_loss_heads,
-        mask_interpolation=cfg.attention.mask_interpolation,
-        mask_threshold=cfg.attention.mask_threshold,
-    )
-    install_grounding_processors(unet, names, collector, cfg.attention.backend)
-    return DiffusionObjective(comps, cfg.objective, collector, dtype), names
+    install_grounding_processors(unet, names, cfg.attention.backend)
+    return DiffusionObjective(comps, cfg.objective, cfg.attention, dtype, names), names
 
 
 def check_finite(out: StepOutput, step: int, micro_step: int, device: torch.device) -> None:
@@ -135,7 +129,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     comps.vae.requires_grad_(False).to(env.device, torch.float32).eval()
     comps.text_encoder.requires_grad_(False).to(env.device, dtype).eval()
     unet = comps.unet
-    objective, layer_names = build_objective(cfg, comps, dtype, env.device)
+    objective, layer_names = build_objective(cfg, comps, dtype, env.device, env.rank)
     if cfg.model.gradient_checkpointing:
         unet.enable_gradient_checkpointing()  # diffusers default: torch checkpoint with use_reentrant=False
     unet.train()

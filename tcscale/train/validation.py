@@ -1,0 +1,108 @@
+"""Validation images and per-phrase cross-attention heatmaps, logged to MLflow by rank 0.
+
+Collective: every rank runs the same generation (under ZeRO-3 each U-Net forward gathers the
+partitioned weights from all ranks), rank 0 logs. Heatmaps use the grounding processors' capture
+mode: the head-averaged maps of the grounded layers, summed over sampler steps (conditional half
+of the classifier-free-guidance batch), upsampled to the image and averaged over layers.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from tcscale.attention.grounding_processor import GroundingContext
+from tcscale.config import TrainConfig
+
+STOPWORDS = {"a", "an", "the", "of", "and", "with", "photo", "picture", "image", "in", "on", "at", "to", "is", "its"}
+
+
+def content_word_tokens(tokenizer, prompt: str) -> list[tuple[str, list[int]]]:
+    """(word, token positions) of the prompt's content words, first occurrence, via the aligner."""
+    from tcscale.data.align import PhraseAligner
+
+    words = [w.strip(",.") for w in prompt.split()]
+    words = list(dict.fromkeys(w for w in words if w and w.lower() not in STOPWORDS))
+    alignment = PhraseAligner(tokenizer).align(prompt, words)
+    return [(w, pos) for w, pos in zip(words, alignment.positions) if pos]
+
+
+def heatmap_grid(image: Image.Image, maps: dict[str, torch.Tensor], words: list[tuple[str, list[int]]]) -> Image.Image:
+    """The image followed by one overlay per word: its attention map (normalised to [0, 1]) in red."""
+    W, H = image.size
+    base = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    per_layer = []
+    for m in maps.values():  # (Lq, Lk) summed over steps
+        side = int(round(m.shape[0] ** 0.5))
+        grid = m.T.reshape(1, m.shape[1], side, side).float()
+        per_layer.append(F.interpolate(grid, size=(H, W), mode="bilinear", align_corners=False)[0])
+    avg = torch.stack(per_layer).mean(0)  # (Lk, H, W)
+    tiles = [base]
+    for _, positions in words:
+        heat = avg[positions].sum(0)
+        heat = ((heat - heat.min()) / (heat.max() - heat.min() + 1e-8)).numpy()[..., None]
+        tiles.append(0.5 * base + 0.5 * heat * np.array([1.0, 0.1, 0.1], dtype=np.float32))
+    return Image.fromarray((np.concatenate(tiles, axis=1) * 255).clip(0, 255).astype(np.uint8))
+
+
+@torch.no_grad()
+def generate(unet, comps, prompt: str, cfg: TrainConfig, device: torch.device, capture: bool = False):
+    """One validation image (PIL) and, with capture, the grounded layers' maps {layer: (Lq, Lk)}."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=comps.vae,
+        text_encoder=comps.text_encoder,
+        tokenizer=comps.tokenizer,
+        unet=unet,
+        scheduler=DDIMScheduler.from_config(comps.noise_scheduler.config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    side = cfg.data.resolution // 8
+    ctx = GroundingContext(latent_size=(side, side), mode="capture") if capture else None
+    gen = torch.Generator(device=device).manual_seed(cfg.validation.seed)
+    latents = pipe(
+        prompt,
+        height=cfg.data.resolution,
+        width=cfg.data.resolution,
+        num_inference_steps=cfg.validation.num_inference_steps,
+        guidance_scale=cfg.validation.guidance_scale,
+        generator=gen,
+        output_type="latent",
+        cross_attention_kwargs={"grounding": ctx} if ctx is not None else None,
+    ).images
+    vae = comps.vae
+    image = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+    pil = pipe.image_processor.postprocess(image.float(), output_type="pil")[0]
+    maps = None
+    if ctx is not None:
+        maps = {k: v[-1].cpu() for k, v in ctx.captured.items()}  # last row: the conditional half
+    return pil, maps
+
+
+def run_validation(unet, comps, cfg: TrainConfig, objective, tracker, step: int, env) -> None:
+    was_training = unet.training
+    unet.eval()
+    capture = bool(getattr(objective, "layer_names", None))
+    try:
+        for i, prompt in enumerate(cfg.validation.prompts):
+            image, maps = generate(unet, comps, prompt, cfg, env.device, capture)
+            if not env.is_rank0:
+                continue
+            tracker.log_image(image, f"validation/step{step:06d}/prompt{i}.png")
+            if maps:
+                words = content_word_tokens(comps.tokenizer, prompt)
+                if words:
+                    grid = heatmap_grid(image, maps, words)
+                    tracker.log_image(grid, f"validation/step{step:06d}/prompt{i}_attention.png")
+                    tracker.log_dict(
+                        {"prompt": prompt, "words": [w for w, _ in words]},
+                        f"validation/step{step:06d}/prompt{i}_attention.json",
+                    )
+    finally:
+        unet.train(was_training)

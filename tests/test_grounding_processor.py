@@ -1,0 +1,153 @@
+"""Grounding attention processors on a real (tiny) diffusers U-Net."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+from diffusers.models.attention_processor import AttnProcessor2_0
+
+from tcscale.attention.grounding_processor import (
+    GroundingContext,
+    install_grounding_processors,
+    layer_latent_side,
+    select_layers,
+)
+from tcscale.attention.masks import masks_to_layer
+from tcscale.config import TinyModelConfig
+from tcscale.losses import grounding_losses
+from tcscale.models.sd import tiny_unet
+
+
+def make_inputs(B=2, side=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    latents = torch.randn(B, 4, side, side, generator=g)
+    t = torch.tensor([10, 500])[:B]
+    text = torch.randn(B, 77, 32, generator=g)
+    masks = torch.zeros(B, 2, side * 8, side * 8)
+    masks[0, 0, :32, :32] = 1
+    masks[0, 1, 20:, 30:] = 1
+    masks[1, 0, 10:50, 5:40] = 1
+    token_phrase = torch.full((B, 77), -1, dtype=torch.long)
+    token_phrase[0, [2, 3]] = 0
+    token_phrase[0, 6] = 1
+    token_phrase[1, 4] = 0
+    return latents, t, text, masks, token_phrase
+
+
+def grounded_unet(seed=0):
+    torch.manual_seed(seed)
+    unet = tiny_unet(TinyModelConfig(), 8)
+    names = select_layers(unet, ["mid", "up"], None, 8)
+    install_grounding_processors(unet, names, "reference")
+    return unet, names
+
+
+def test_layer_selection_on_sd14_layout():
+    """SD1.4 at 512 px: mid + up blocks = 10 grounded layers at 8², 3x16², 3x32², 3x64² (DESIGN §3)."""
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)  # diffusers' defaults = SD1.x layout
+    names = select_layers(unet, ["mid", "up"], None, 64)
+    sides = sorted(layer_latent_side(unet, n, 64) for n in names)
+    assert sides == [8, 16, 16, 16, 32, 32, 32, 64, 64, 64]
+    assert select_layers(unet, ["down", "mid", "up"], [16], 64) == [
+        "down_blocks.2.attentions.0.transformer_blocks.0.attn2",
+        "down_blocks.2.attentions.1.transformer_blocks.0.attn2",
+        "up_blocks.1.attentions.0.transformer_blocks.0.attn2",
+        "up_blocks.1.attentions.1.transformer_blocks.0.attn2",
+        "up_blocks.1.attentions.2.transformer_blocks.0.attn2",
+    ]
+
+
+def test_output_unchanged_and_losses_match_reference():
+    unet, names = grounded_unet()
+    plain = copy.deepcopy(unet)
+    plain.set_attn_processor(AttnProcessor2_0())
+    latents, t, text, masks, token_phrase = make_inputs()
+    ctx = GroundingContext(latent_size=(8, 8), token_phrase=token_phrase, phrase_masks=masks)
+    with torch.no_grad():
+        out = unet(latents, t, text, cross_attention_kwargs={"grounding": ctx}).sample
+        ref = plain(latents, t, text).sample
+        no_ctx = unet(latents, t, text).sample
+    assert torch.allclose(out, ref, atol=1e-5) and torch.allclose(no_ctx, ref, atol=1e-5)
+    assert sorted(r.name for r in ctx.records) == sorted(names) and len(names) == 5
+
+    # independent recomputation of one layer's losses from its own q, k
+    name = names[-1]
+    attn_mod = dict(unet.named_modules())[name]
+    captured = {}
+    attn_mod.register_forward_pre_hook(
+        lambda m, a, kw: captured.update(h=a[0], e=kw["encoder_hidden_states"]), with_kwargs=True
+    )
+    with torch.no_grad():
+        ctx2 = GroundingContext(latent_size=(8, 8), token_phrase=token_phrase, phrase_masks=masks)
+        unet(latents, t, text, cross_attention_kwargs={"grounding": ctx2})
+        h, e = captured["h"], captured["e"]
+        B, Lq, _ = h.shape
+        heads = attn_mod.heads
+        q = attn_mod.to_q(h).view(B, Lq, heads, -1).transpose(1, 2)
+        k = attn_mod.to_k(e).view(B, 77, heads, -1).transpose(1, 2)
+        probs = (q @ k.transpose(-1, -2) * attn_mod.scale).softmax(-1)
+        side = int(Lq**0.5)
+        expected = grounding_losses(probs, masks_to_layer(masks, (side, side)), token_phrase)
+    rec = next(r for r in ctx2.records if r.name == name)
+    assert rec.size == (side, side)
+    assert rec.token.item() == pytest.approx(expected["token"].item(), rel=1e-5)
+    assert rec.pixel.item() == pytest.approx(expected["pixel"].item(), rel=1e-5)
+
+
+def grounding_grads(unet, use_checkpointing: bool):
+    latents, t, text, masks, token_phrase = make_inputs()
+    unet.zero_grad(set_to_none=True)
+    if use_checkpointing:
+        unet.enable_gradient_checkpointing()
+    else:
+        unet.disable_gradient_checkpointing()
+    unet.train()
+    ctx = GroundingContext(latent_size=(8, 8), token_phrase=token_phrase, phrase_masks=masks)
+    unet(latents, t, text, cross_attention_kwargs={"grounding": ctx})
+    ctx.recording = False
+    n_records = len(ctx.records)
+    loss = sum(r.token + r.pixel for r in ctx.records)  # grounding terms only: no LDM gradient at all
+    loss.backward()
+    assert len(ctx.records) == n_records  # the checkpoint's recompute recorded nothing
+    return {n: p.grad.clone() for n, p in unet.named_parameters() if p.grad is not None}
+
+
+def test_grounding_gradients_survive_activation_checkpointing():
+    unet, names = grounded_unet()
+    plain = grounding_grads(unet, use_checkpointing=False)
+    ckpt = grounding_grads(unet, use_checkpointing=True)
+    # the grounding terms reach the U-Net's weights: the grounded layers' q/k and layers before them
+    for key in (
+        f"{names[0]}.to_k.weight",
+        f"{names[0]}.to_q.weight",
+        "conv_in.weight",
+        "down_blocks.0.resnets.0.conv1.weight",
+    ):
+        assert key in ckpt and ckpt[key].abs().sum() > 0, key
+    assert plain.keys() == ckpt.keys()
+    for key in plain:
+        assert torch.allclose(plain[key], ckpt[key], rtol=1e-4, atol=1e-7), key
+
+
+def test_sample_without_phrases_gives_zero_terms_and_runs():
+    unet, _ = grounded_unet()
+    latents, t, text, masks, _ = make_inputs()
+    token_phrase = torch.full((2, 77), -1, dtype=torch.long)
+    ctx = GroundingContext(latent_size=(8, 8), token_phrase=token_phrase, phrase_masks=masks)
+    out = unet(latents, t, text, cross_attention_kwargs={"grounding": ctx}).sample
+    assert torch.isfinite(out).all()
+    assert all(r.token.item() == 0 and r.pixel.item() == 0 for r in ctx.records)
+    sum(r.token + r.pixel for r in ctx.records).backward()  # still a graph: every rank runs backward
+
+
+def test_fused_backend_without_gpu_is_a_clear_error(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    unet = tiny_unet(TinyModelConfig(), 8)
+    with pytest.raises(RuntimeError, match="(?i)gpu|cuda|triton"):
+        install_grounding_processors(unet, select_layers(unet, ["up"], None, 8), "fused")
