@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import webdataset as wds
-from data_fixtures import PHOTO_SAMPLES, make_coco_dir, make_tokencompose_dir, records
 from torch.utils.data import DataLoader
 
 from dataprep.importers.coco import import_coco
@@ -21,6 +22,9 @@ from tcscale.data import DataConfig, DataConfigError, build_train_loader
 from tcscale.data.loader import ShardStream, resolve_shards
 from tcscale.data.samples import ProcessSettings, SampleProcessor
 from tcscale.models.tokenizer import sd_clip_tokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/ as a folder or a package
+from data_fixtures import PHOTO_SAMPLES, make_coco_dir, make_tokencompose_dir, records  # noqa: E402
 
 R = 32
 

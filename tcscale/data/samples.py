@@ -91,7 +91,7 @@ def decode_shard_sample(sample: dict) -> RawSample:
         raise SkipSample("decode_json", f"sample {key}: {exc}") from None
     try:
         with Image.open(io.BytesIO(img_bytes)) as im:
-            image = np.asarray(im.convert("RGB"))
+            image = np.array(im.convert("RGB"))  # writable: torch views it without a copy
     except Exception as exc:  # noqa: BLE001 - PIL raises several types for corrupt data
         raise SkipSample("decode_image", f"sample {key}: {exc}") from None
     try:

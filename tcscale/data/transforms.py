@@ -4,8 +4,9 @@ As the paper (and diffusers' text-to-image script): resize the shorter side to R
 (center, or random along the longer side), then an optional horizontal flip. Implemented as
 crop-then-resize of the equivalent S x S window of the original (S = shorter side), so only the
 kept pixels are resampled; image and masks go through the same `F.interpolate` call, so a mask can
-never move against its image. Masks are resampled as floats (bilinear, antialiased, like the image)
-and binarised at 0.5 at the output resolution.
+never move against its image. Masks are resampled as 0/255 channels beside the image's (bilinear,
+antialiased; uint8 channels-last, torch's vectorised path, ~10x faster than float on CPU) and
+binarised at 0.5 at the output resolution.
 """
 
 from __future__ import annotations
@@ -48,6 +49,11 @@ def crop_params(
     return CropParams(top, left, size, flip)
 
 
+def _as_tensor(a: np.ndarray) -> torch.Tensor:
+    """Tensor view of an array (copied when read-only, e.g. an image decoded by PIL)."""
+    return torch.from_numpy(a if a.flags.writeable else np.array(a))
+
+
 def transform_image_and_masks(
     image: np.ndarray, masks: np.ndarray, resolution: int, params: CropParams
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,16 +72,28 @@ def transform_image_and_masks(
     if masks.shape[1:] != (h, w):
         raise ValueError(f"masks are {tuple(masks.shape[1:])}, image is {(h, w)}")
     t, left, s = params.top, params.left, params.size
-    img = torch.from_numpy(np.array(image[t : t + s, left : left + s])).permute(2, 0, 1)  # 3,S,S uint8
-    msk = torch.from_numpy(np.array(masks[:, t : t + s, left : left + s]))  # P,S,S
-    p = msk.shape[0]
-    x = torch.cat([img.float(), msk.float() * 255.0], dim=0)  # (3 + P), S, S in one tensor: one resampling
+    p = masks.shape[0]
+    # 1. image and masks (0/255) as the uint8 channels of one crop, in groups of 4 laid out channels-last:
+    #    group 0 = [R G B M0], group 1 = [M1 M2 M3 M4], ... (torch's vectorised 4-channel resampling path)
+    groups = (3 + p + 3) // 4
+    hwc = torch.zeros(groups, s, s, 4, dtype=torch.uint8)
+    hwc[0, :, :, :3].copy_(_as_tensor(image[t : t + s, left : left + s]))
+    for k in range(p):
+        c = 3 + k
+        hwc[c // 4, :, :, c % 4].copy_(_as_tensor(masks[k, t : t + s, left : left + s] != 0))
+    hwc[0, :, :, 3].mul_(255)  # mask channels 0/1 -> 0/255
+    hwc[1:].mul_(255)
+    x = hwc.permute(0, 3, 1, 2)  # (G, 4, S, S) view with channels-last strides, no copy
+    # 2. one resampling for all of them: bilinear + antialias
     if s != resolution:
-        x = F.interpolate(x[None], size=(resolution, resolution), mode="bilinear", align_corners=False, antialias=True)[
-            0
-        ]
+        x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", align_corners=False, antialias=True)
+    # 3. the same flip for all
     if params.flip:
         x = torch.flip(x, dims=[-1])
-    pixel_values = (x[:3] / 127.5 - 1.0).clamp_(-1.0, 1.0)
-    out_masks = (x[3 : 3 + p] >= MASK_BINARIZE * 255.0).float()
+    pixel_values = x[0, :3].to(torch.float32, memory_format=torch.contiguous_format).div_(127.5).sub_(1.0)
+    thr = round(MASK_BINARIZE * 255)
+    out_masks = torch.empty(p, resolution, resolution)
+    for k in range(p):
+        c = 3 + k
+        torch.ge(x[c // 4, c % 4], thr, out=out_masks[k])
     return pixel_values, out_masks
