@@ -180,6 +180,7 @@ def main() -> None:
             cfg, tok, rank=0, world_size=1, micro_batch_size=args.batch, seed=0, layer_sizes=list(SD14_LAYERS)
         )
         with_workers = _throughput(loader, args.batch, 3 * max(1, args.workers), args.measure)
+        loader.close()  # stop the workers before the shards' folder goes away
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
     result = {
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -69,7 +69,8 @@ def _check_tokens_and_masks(batch, tokenizer, phrases_of: dict[str, list[str]]):
         assert batch["phrase_masks"][i, len(want) :].sum() == 0
 
 
-@pytest.mark.parametrize("samples_per_shard", [3, 8])  # 8 shards: split by shard; 3 shards < 4 readers: by sample
+# 8 shards: split by shard; 6 shards: uneven split by shard; 3 shards < 4 readers: split by sample position
+@pytest.mark.parametrize("samples_per_shard", [3, 4, 8])
 def test_synthetic_shards_one_pass_no_loss_no_duplicate(tmp_path, processor, samples_per_shard):
     s = write_synthetic_shards(str(tmp_path), 23, 40, 64, samples_per_shard=samples_per_shard, progress=False)
     urls = resolve_shards(DataConfig(source="webdataset", shards=str(tmp_path / s["shards"])))

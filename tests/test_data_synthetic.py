@@ -85,6 +85,12 @@ def test_synthetic_batches_are_a_function_of_seed_rank_step_and_resume_exactly(t
     # a checkpointed state restores the same position
     state = run.state_dict()
     assert state["step"] == 8 and state["seed"] == 11 and state["rank"] == 1
+    restored = build_train_loader(cfg, tokenizer, **kw)
+    restored.load_state_dict({**state, "step": 6})
+    assert (
+        _same(next(iter(restored)), full[6])
+        and restored.counters()["samples_seen"] == state["counters"]["samples_seen"] + 3
+    )
     other_rank = build_train_loader(cfg, tokenizer, **{**kw, "rank": 0})
     assert not _same(next(iter(other_rank)), full[0])
     other_seed = build_train_loader(cfg, tokenizer, **{**kw, "seed": 12})

@@ -316,6 +316,10 @@ class TrainLoader:
         self.start_step = start_step
         self.step = start_step
         self.settings = _settings(cfg, layer_sizes, layer_mask_mode, layer_mask_threshold)
+        if cfg.source == "synthetic" and cfg.min_phrases > 0:
+            # every synthetic image has >= 1 grounded object; skipping would break the pure step -> batch map
+            warnings.warn("data.min_phrases applies to source=webdataset only; ignored for synthetic", stacklevel=2)
+            self.settings.min_phrases = 0
         self.processor = SampleProcessor(tokenizer, self.settings)
         self.urls = resolve_shards(cfg) if cfg.source == "webdataset" else []
         self._counters = Counters()
@@ -338,6 +342,7 @@ class TrainLoader:
         cfg = self.cfg
         workers = cfg.num_workers
         extra = {"prefetch_factor": cfg.prefetch_factor} if workers > 0 else {}
+        extra["pin_memory"] = torch.cuda.is_available()
         if cfg.source == "synthetic":
             if workers == 0:
                 return (self.steps[n] for n in itertools.count(start))
@@ -375,6 +380,12 @@ class TrainLoader:
         self._counters.update(batch.pop("_counters", {}))
         self.step += 1
         return batch
+
+    def close(self) -> None:
+        """Stop the worker processes (a later iteration starts a fresh stream at the current step)."""
+        stream, self._stream = self._stream, None
+        if stream is not None and hasattr(stream, "_shutdown_workers"):
+            stream._shutdown_workers()
 
     def epoch_batches(self) -> Iterator[dict]:
         """The batches left in the current epoch (steps_per_epoch per full epoch)."""

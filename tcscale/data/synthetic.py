@@ -71,7 +71,7 @@ def compose_caption(objects: list[tuple[str, str]]) -> str:
 
 def phrase_text(colour: str, shape: str, mode: str = "colour_shape") -> str:
     if mode not in PHRASE_MODES:
-        raise ValueError(f"synthetic phrase mode {mode!r} is not one of {list(PHRASE_MODES)}")
+        raise ValueError(f"data.synthetic.phrase={mode!r} is not one of {list(PHRASE_MODES)}")
     return f"{colour} {shape}" if mode == "colour_shape" else shape
 
 
