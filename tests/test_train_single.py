@@ -1,0 +1,123 @@
+"""The trainer in-process on one rank: SepEn's trainable set, export, validation artifacts, bad input, preemption."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tcscale.config import load_config
+from tcscale.models.sd import ModelLoadError
+from tcscale.train import trainer as trainer_mod
+from tcscale.train.export import export_pipeline
+from tests.train_helpers import final_weights, mlflow_runs
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml"
+
+
+def cfg_for(tmp_path: Path, *overrides: str):
+    return load_config(CONFIG, [f"output_dir={tmp_path}", "max_steps=2", "checkpoint.every_steps=0", *overrides])
+
+
+def base_unet_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "base_model" / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+def test_sepen_trains_only_cross_attention_keys(tmp_path):
+    cfg = cfg_for(
+        tmp_path,
+        "objective.name=sepen",
+        "objective.sepen.map_resolution=8",
+        "objective.sepen.lambda_norm=0.5",
+        "deepspeed.optimizer.params.lr=1e-2",
+    )
+    result = trainer_mod.train(cfg)
+    assert result.step == 2
+    assert {"loss/sep", "loss/en", "loss/norm"} <= set(result.last_metrics)
+    before, after = base_unet_weights(tmp_path), final_weights(tmp_path)
+    assert before.keys() == after.keys()
+    changed = {k for k in before if not torch.equal(before[k], after[k].to(before[k].dtype))}
+    assert changed, "nothing trained"
+    assert all(k.endswith("attn2.to_k.weight") for k in changed), sorted(changed)
+
+
+def test_export_loads_into_diffusers_pipeline_and_generates(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    run = tmp_path / "run"
+    trainer_mod.train(cfg_for(run))
+    out = export_pipeline(run, tmp_path / "export")
+    pipe = StableDiffusionPipeline.from_pretrained(out)
+    exported = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
+    trained = final_weights(run)
+    assert all(torch.equal(exported[k], trained[k]) for k in trained)
+    image = pipe(
+        "a photo of a red circle",
+        num_inference_steps=2,
+        height=64,
+        width=64,
+        generator=torch.Generator().manual_seed(0),
+    ).images[0]
+    assert image.size == (64, 64)
+
+
+def test_validation_logs_images_and_attention_heatmaps(tmp_path):
+    cfg = cfg_for(tmp_path, "max_steps=1", "validation.every_steps=1", "validation.num_inference_steps=2")
+    trainer_mod.train(cfg)
+    client, runs = mlflow_runs(tmp_path, "tcscale-tiny")
+    files = [a.path for a in client.list_artifacts(runs[0].info.run_id, "validation/step000001")]
+    assert "validation/step000001/prompt0.png" in files
+    assert "validation/step000001/prompt0_attention.png" in files
+    assert str(tmp_path) in runs[0].info.artifact_uri  # artifacts stay in the run directory
+
+
+def test_nonfinite_loss_names_step_and_term_and_writes_no_checkpoint(tmp_path, monkeypatch):
+    from tcscale.objectives import tokencompose
+
+    real = tokencompose.ldm_loss
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] == 2 else loss
+
+    monkeypatch.setattr(tokencompose, "ldm_loss", flaky)
+    cfg = cfg_for(tmp_path, "max_steps=3", "checkpoint.every_steps=1")
+    with pytest.raises(trainer_mod.NonFiniteLossError, match=r"step 2 .*'ldm'"):
+        trainer_mod.train(cfg)
+    ckpts = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert "step1" in ckpts and "step2" not in ckpts
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "step1"
+    _, runs = mlflow_runs(tmp_path, "tcscale-tiny")
+    assert runs[0].info.status == "FAILED"
+
+
+def test_missing_model_path_is_a_clear_error(tmp_path):
+    cfg = cfg_for(tmp_path, f"model.pretrained={tmp_path / 'no_such_model'}")
+    with pytest.raises(ModelLoadError, match="no_such_model"):
+        trainer_mod.train(cfg)
+
+
+def test_preemption_signal_checkpoints_and_marks_the_run(tmp_path, monkeypatch):
+    class SetAfterFirstStep:
+        reads = 0
+
+        def install(self):
+            return self
+
+        @property
+        def requested(self):
+            self.reads += 1
+            return self.reads >= 1  # the signal arrived during step 1
+
+    monkeypatch.setattr(trainer_mod, "PreemptionFlag", SetAfterFirstStep)
+    result = trainer_mod.train(cfg_for(tmp_path, "max_steps=5"))
+    assert result.preempted and result.step == 1
+    assert (tmp_path / "PREEMPTED").read_text().strip() == "step 1"
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "step1"
+    # a requeued job resumes from it
+    again = trainer_mod.train(cfg_for(tmp_path, "max_steps=2", "resume=latest"))
+    assert again.step == 2 and again.run_id == result.run_id
