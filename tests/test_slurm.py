@@ -142,6 +142,24 @@ def sbatch_args(tmp_path: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
+def expedite_requeued(cluster: SlurmCluster, job_id: str, log: Path) -> None:
+    """Start a requeued job now instead of after Slurm's ~2 min requeue hold (Reason=BeginTime).
+
+    Waits until the killed instance is fully gone (job PENDING with Restarts=1, node idle) and then one more
+    second: slurmd refuses a launch whose credential is not newer, to the second, than the kill of the
+    previous instance ("Job N already killed, do not launch batch job").
+    """
+
+    def ready() -> bool:
+        info = cluster.job_info(job_id)
+        node = cluster.run("sinfo", "-h", "-N", "-o", "%t", check=False).stdout.split()
+        return info.get("Restarts") == "1" and info.get("JobState") == "PENDING" and node[:1] == ["idle"]
+
+    wait_for("the job to be requeued (PENDING, Restarts=1, node idle)", ready, cluster=cluster, log=log)
+    time.sleep(2.0)
+    cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
+
+
 @pytest.mark.slow
 def test_sbatch_wait_two_tasks_all_reduce(slurm, tmp_path):
     entry = tmp_path / "standin.py"
@@ -187,14 +205,8 @@ def test_usr1_forwarded_then_requeued_with_resume(slurm, tmp_path):
         wait_for("SIGUSR1 to reach both tasks", lambda: all(p.is_file() for p in usr1), cluster=slurm, log=log)
         assert (tmp_path / "PREEMPTED").is_file()
 
-        # The batch script requeued the job: pending again with one restart. Slurm holds a requeued job ~2 min
-        # (Reason=BeginTime) before it is eligible; make it eligible now so the test stays short.
-        def requeued() -> bool:
-            info = slurm.job_info(job_id)
-            return info.get("Restarts") == "1" and info.get("JobState") in ("PENDING", "RUNNING", "COMPLETED")
-
-        wait_for("the job to be requeued (Restarts=1)", requeued, cluster=slurm, log=log)
-        slurm.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", check=False)
+        # The batch script requeued the job: pending again with one restart; start it without the ~2 min hold.
+        expedite_requeued(slurm, job_id, log)
 
         resumed = [tmp_path / f"started.1.rank{r}.json" for r in range(2)]
         wait_for("the requeued job to run again", lambda: all(p.is_file() for p in resumed), cluster=slurm,
@@ -213,5 +225,74 @@ def test_usr1_forwarded_then_requeued_with_resume(slurm, tmp_path):
         text = log.read_text()  # --open-mode=append: both runs in one log
         assert "SIGUSR1: forwarding" in text and "requeueing job" in text and "restart 1:" in text
         print(f"submit -> signal -> requeue -> completed: {time.monotonic() - t0:.1f} s")
+    finally:
+        slurm.run("scancel", job_id, check=False)
+
+
+# -------------------------------------------------------------------------------------------------------
+# The real entry point (launchers/train.py on configs/tiny_cpu.yaml), two srun tasks under train.sbatch
+# -------------------------------------------------------------------------------------------------------
+TRAIN_WAIT_S = 240  # two DeepSpeed ranks start in ~35 s on an idle 2-core machine; leave room for a busy one
+
+
+def require_trainer() -> None:
+    for p in ("launchers/train.py", "configs/tiny_cpu.yaml"):
+        if not (REPO / p).is_file():
+            pytest.skip(f"{p} not present")
+
+
+@pytest.mark.slow
+def test_real_trainer_two_steps_under_slurm(slurm, tmp_path):
+    require_trainer()
+    run_dir = tmp_path / "run"
+    env = job_env(slurm, tmp_path, None)
+    t0 = time.monotonic()
+    res = slurm.run(
+        *sbatch_args(tmp_path, "--wait"), "configs/tiny_cpu.yaml", "max_steps=2", "tracking.enabled=false",
+        f"output_dir={run_dir}", env=env, timeout=TRAIN_WAIT_S, check=False,
+    )  # fmt: skip
+    job_id = res.stdout.strip().split(";")[0]
+    log = tmp_path / f"slurm-{job_id}.out"
+    text = log.read_text() if log.is_file() else ""
+    assert res.returncode == 0, f"{res.stdout}\n{res.stderr}\n{text[-4000:]}"
+    assert "restart 0: 1 node(s) x 2 task(s)" in text and "world 2" in text, text[-4000:]
+    assert "step 2/2" in text and "training step exited with 0" in text, text[-4000:]
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step2"
+    assert (run_dir / "config.yaml").is_file() and not (run_dir / "PREEMPTED").exists()
+    print(f"real trainer, 2 ranks x 2 steps under sbatch --wait: {time.monotonic() - t0:.1f} s")
+
+
+@pytest.mark.slow
+def test_real_trainer_preempted_requeued_resumes(slurm, tmp_path):
+    require_trainer()
+    run_dir = tmp_path / "run"
+    env = job_env(slurm, tmp_path, None)
+    t0 = time.monotonic()
+    job_id = slurm.run(
+        *sbatch_args(tmp_path), "configs/tiny_cpu.yaml", "max_steps=100000", "tracking.enabled=false",
+        "checkpoint.every_steps=0", f"output_dir={run_dir}", env=env,
+    ).stdout.strip().split(";")[0]  # fmt: skip
+    log = tmp_path / f"slurm-{job_id}.out"
+
+    def log_has(s: str):
+        return lambda: log.is_file() and s in log.read_text()
+
+    try:
+        # The trainer installs its SIGUSR1 handler before the loop: signal once steps are running.
+        wait_for("training steps", log_has("step 2/"), timeout=TRAIN_WAIT_S, cluster=slurm, log=log)
+        slurm.run("scancel", "--signal=USR1", "--batch", job_id)
+        wait_for("the PREEMPTED marker", (run_dir / "PREEMPTED").is_file, cluster=slurm, log=log)
+        wait_for("requeue", log_has("requeueing job"), cluster=slurm, log=log)
+        tag = (run_dir / "checkpoints" / "latest").read_text().strip()
+        step = int(tag.removeprefix("step"))
+        assert (run_dir / "PREEMPTED").read_text().strip() == f"step {step}"
+
+        expedite_requeued(slurm, job_id, log)
+        resumed = f"resumed from {run_dir / 'checkpoints' / tag} at step {step}"
+        wait_for("the resumed run", log_has(resumed), timeout=TRAIN_WAIT_S, cluster=slurm, log=log)
+        text = log.read_text()
+        assert "restart 1:" in text and "resume=latest" in text
+        wait_for("a step after the resume point", log_has(f"step {step + 1}/"), cluster=slurm, log=log)
+        print(f"real trainer: preempted at step {step}, requeued, resumed: {time.monotonic() - t0:.1f} s")
     finally:
         slurm.run("scancel", job_id, check=False)
