@@ -236,7 +236,7 @@ class ShardStream(IterableDataset):
         raw = self._raw_samples(worker, num_workers, counters)
         if self.shuffle_buffer > 1:
             rng = random.Random(derive_seed(self.seed, _TAG_SHUFFLE, self.rank, worker, self.start_step))
-            raw = wds.filters._shuffle(raw, bufsize=self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)
+            raw = wds.filters.shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=rng)(raw)
         aug = np.random.default_rng(derive_seed(self.seed, _TAG_AUG, self.rank, worker, self.start_step))
         pending: list[dict] = []
         for sample in raw:

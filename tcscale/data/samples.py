@@ -106,7 +106,7 @@ def decode_shard_sample(sample: dict) -> RawSample:
     if all_masks.shape[1:] != image.shape[:2]:
         raise SkipSample("mask_size", f"sample {key}: masks are {all_masks.shape[1:]}, image is {image.shape[:2]}")
     texts = [t for t, m in entries if m is not None]
-    masks = all_masks[indices] if indices else all_masks[:0]
+    masks = all_masks if indices == list(range(len(indices))) else all_masks[indices]  # rows in phrase order
     return RawSample(key, image, caption, texts, masks, num_null=len(entries) - len(indices))
 
 
