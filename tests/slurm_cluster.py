@@ -58,7 +58,8 @@ class SlurmCluster:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.conf = root / "slurm.conf"
-        self.node = socket.gethostname().split(".")[0]
+        # "localhost" is accepted as SlurmctldHost on any machine and always resolves (MASTER_ADDR = node name).
+        self.node = "localhost"
         self.partition = "debug"
         self.env = dict(os.environ, SLURM_CONF=str(self.conf))
         self.procs: dict[str, subprocess.Popen] = {}
