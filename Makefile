@@ -1,0 +1,45 @@
+# tcscale — set-up, tests, demo. Every target that needs the environment builds it first (idempotent).
+PY        ?= python3
+VENV      ?= .venv
+VPY       := $(VENV)/bin/python
+STAMP     := $(VENV)/.tcscale-installed
+NPROC     ?= 2
+PYTEST_ARGS ?=
+
+.PHONY: setup test test-fast lint format demo bench-loader bench-kernel clean
+
+$(STAMP): pyproject.toml
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip wheel setuptools
+	$(VPY) -m pip install -q -e ".[dataprep,dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)  ## create .venv with torch, deepspeed, diffusers, ... and tcscale (editable)
+
+test: $(STAMP)  ## the whole CPU test suite (GPU tests skip without a GPU)
+	OMP_NUM_THREADS=1 $(VPY) -m pytest -ra $(PYTEST_ARGS)
+
+test-fast: $(STAMP)  ## everything except the multi-process / slow tests
+	OMP_NUM_THREADS=1 $(VPY) -m pytest -ra -m "not slow and not distributed" $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format . && $(VENV)/bin/ruff check --fix .
+
+demo: $(STAMP)  ## tiny CPU training run on 2 DeepSpeed ranks (ZeRO-2), then export the pipeline
+	rm -rf runs/demo
+	OMP_NUM_THREADS=1 DS_ACCELERATOR=cpu $(VENV)/bin/deepspeed --num_gpus $(NPROC) launchers/train.py \
+		--config configs/tiny_cpu.yaml run_name=demo output_dir=runs/demo validation.every_steps=10
+	$(VPY) launchers/export.py --run-dir runs/demo --out runs/demo/export
+	@echo "MLflow: $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$$(pwd)/runs/demo/mlflow.db"
+
+bench-loader: $(STAMP)
+	$(VPY) benchmarks/bench_loader.py
+
+bench-kernel: $(STAMP)  ## needs a CUDA GPU
+	$(VPY) benchmarks/bench_grounded_attention.py
+
+clean:
+	rm -rf runs .pytest_cache
