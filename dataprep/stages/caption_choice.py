@@ -45,7 +45,7 @@ class ClipCaptionScorer:
         try:
             self.model = CLIPModel.from_pretrained(model, torch_dtype=self.dtype).to(self.device).eval()
             self.processor = CLIPProcessor.from_pretrained(model)
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # missing dir / bad repo id (huggingface_hub raises a ValueError)
             raise StageError(f"config 'caption_choice.model': cannot load CLIP from {model!r}: {exc}") from exc
         self.name = model
         self.max_text_len = int(self.model.config.text_config.max_position_embeddings)
