@@ -5,11 +5,14 @@ The official format, one JSON object per line:
     {"file_name": "000000000142.jpg", "text": "Plate with a piece of bread, ...",
      "attn_list": [["piece", "seg/000000000142/mask_000000000142_piece.png"], ["camera", null], ...]}
 
-`file_name` is relative to the image folder and the mask paths to the mask root (both default to
-the folder holding metadata.jsonl, as in the official release). Masks are PNGs at the image's
-size; a pixel is foreground when it is > 127 (masks saved 0/255) or > 0 (masks saved 0/1).
-A phrase whose mask file is missing or unreadable, or whose size differs from the image, becomes a
-null phrase (counted); an item whose image is missing or unreadable produces no record (counted).
+`file_name` is relative to the image folder (default: the folder holding metadata.jsonl). A mask
+path is looked up under the mask root (default: that same folder) and, as the official loader does,
+with its leading `seg` replaced by `../coco_gsam_seg` (the release ships `coco_gsam_img/train/` beside
+`coco_gsam_seg/`). As in the official loader a mask's first channel is used (RGBA masks) and every
+nonzero pixel is foreground. A mask at another size than its image is resized to it (nearest) when
+the aspect ratios agree within 1 % (counted as `mask_resized`); otherwise, or when the file is
+missing or unreadable, the phrase becomes a null phrase (counted). An item whose image is missing
+or unreadable produces no record (counted).
 
     python -m dataprep.importers.tokencompose --metadata train/metadata.jsonl --out data/tc \
         [--images DIR] [--masks DIR] [--samples-per-shard 1000]
@@ -62,10 +65,26 @@ def sample_key(file_name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_\-]", "_", stem)
 
 
-def load_binary_mask(path: Path) -> np.ndarray:
+OFFICIAL_SEG = ("seg", "../coco_gsam_seg")  # the official loader's replacement for mask paths not found as given
+
+
+def load_binary_mask(path: Path, size_hw: tuple[int, int] | None = None) -> tuple[np.ndarray, bool]:
+    """(H x W uint8 {0, 1} mask, resized?) from a mask image: first channel, nonzero = foreground.
+
+    With `size_hw`, a mask of another size with the same aspect ratio (within 1 %) is resized (nearest);
+    a different aspect ratio raises ValueError.
+    """
     with Image.open(path) as im:
-        arr = np.asarray(im.convert("L"))
-    return (arr > (127 if arr.max() > 1 else 0)).astype(np.uint8)
+        arr = np.asarray(im)
+    if arr.ndim == 3:
+        arr = arr[..., 0]
+    mask = (arr != 0).astype(np.uint8)
+    if size_hw is None or mask.shape == tuple(size_hw):
+        return mask, False
+    (h, w), (mh, mw) = size_hw, mask.shape
+    if abs((mw / mh) / (w / h) - 1.0) > 0.01:
+        raise ValueError(f"mask {path} is {mh}x{mw}, image is {h}x{w}")
+    return np.asarray(Image.fromarray(mask).resize((w, h), Image.NEAREST)), True
 
 
 class TokenComposeImporter:
@@ -74,6 +93,7 @@ class TokenComposeImporter:
     def __init__(self, image_root: str | Path, mask_root: str | Path, provenance: dict | None = None):
         self.image_root = Path(image_root)
         self.mask_root = Path(mask_root)
+        self.data_dir = self.image_root
         self.provenance = {**PROVENANCE, **(provenance or {})}
         self.counts: Counter = Counter()
 
@@ -92,14 +112,18 @@ class TokenComposeImporter:
         for text, rel in row["attn_list"]:
             mask = None
             if rel is not None:
-                try:
-                    mask = load_binary_mask(self.mask_root / rel)
-                except (OSError, ValueError):
-                    self.counts["mask_unreadable"] += 1
-                    mask = None
-                if mask is not None and mask.shape != hw:
-                    self.counts["mask_size_mismatch"] += 1
-                    mask = None
+                path = self.mask_path(str(rel))
+                if path is None:
+                    self.counts["mask_missing"] += 1
+                else:
+                    try:
+                        mask, resized = load_binary_mask(path, hw)
+                        if resized:
+                            self.counts["mask_resized"] += 1
+                    except ValueError:
+                        self.counts["mask_size_mismatch"] += 1
+                    except OSError:
+                        self.counts["mask_unreadable"] += 1
             phrases.append(text)
             masks.append(mask)
         stem = Path(row["file_name"]).stem
@@ -117,6 +141,13 @@ class TokenComposeImporter:
             },
             provenance=self.provenance,
         )
+
+    def mask_path(self, rel: str) -> Path | None:
+        """Where a metadata mask path lives: under the mask root, else the official `../coco_gsam_seg` layout."""
+        candidates = [self.mask_root / rel]
+        if rel.startswith(OFFICIAL_SEG[0] + "/"):
+            candidates.append(self.data_dir / (OFFICIAL_SEG[1] + rel[len(OFFICIAL_SEG[0]) :]))
+        return next((c for c in candidates if c.is_file()), None)
 
     def __call__(self, rows: Sequence[dict]) -> Iterator[GroundedRecord | None]:
         for row in rows:
@@ -141,6 +172,7 @@ def import_tokencompose(
     if dup:
         raise ValueError(f"{metadata}: {len(dup)} file names map to the same sample key (first: {dup[0]})")
     importer = TokenComposeImporter(image_root or metadata.parent, mask_root or metadata.parent)
+    importer.data_dir = metadata.parent  # the official loader resolves ../coco_gsam_seg from here
     summary = write_shards(
         rows,
         importer,
