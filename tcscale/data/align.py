@@ -16,6 +16,10 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 DROP_REASONS = ("not_found", "truncated", "overlap", "empty")
 
@@ -45,7 +49,7 @@ class PhraseAligner:
     for other tokenizers the whole-word check is skipped. Results are cached per caption and phrase.
     """
 
-    def __init__(self, tokenizer, max_length: int = 77, cache_size: int = 4096):
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_length: int = 77, cache_size: int = 4096):
         self.tokenizer = tokenizer
         self.max_length = max_length
         self._captions = _LRU(cache_size)

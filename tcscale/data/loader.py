@@ -30,6 +30,7 @@ import random
 import warnings
 from collections.abc import Iterator
 from dataclasses import asdict
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -47,6 +48,9 @@ from tcscale.data.samples import (
     decode_shard_sample,
 )
 from tcscale.data.synthetic import SyntheticWorld
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger("tcscale.data")
 _RENDER_CACHE_BYTES = 256 << 20  # synthetic samples are cached once rendered while the world fits in this
@@ -290,7 +294,7 @@ class TrainLoader:
     def __init__(
         self,
         cfg: DataConfig,
-        tokenizer,
+        tokenizer: PreTrainedTokenizerBase,
         *,
         rank: int,
         world_size: int,
@@ -434,7 +438,7 @@ class TrainLoader:
 
 def build_train_loader(
     cfg: DataConfig,
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     *,
     rank: int,
     world_size: int,

@@ -13,6 +13,7 @@ import io
 import json
 from collections import Counter
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -21,6 +22,9 @@ from PIL import Image
 from tcscale.attention.masks import masks_to_layer
 from tcscale.data.align import PhraseAligner
 from tcscale.data.transforms import crop_params, transform_image_and_masks
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 SKIP_REASONS = (
@@ -125,7 +129,7 @@ class ProcessSettings:
 class SampleProcessor:
     """RawSample -> training sample: aligned phrases, transformed image + masks, layer masks."""
 
-    def __init__(self, tokenizer, settings: ProcessSettings):
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, settings: ProcessSettings):
         self.aligner = PhraseAligner(tokenizer, max_length=77)
         self.settings = settings
 
