@@ -201,6 +201,10 @@ class GroundingDinoDetector:
         args.device = str(self.device)
         if text_encoder is not None:
             args.text_encoder_type = text_encoder
+        # Activation checkpointing only saves training memory; under no_grad it just re-runs blocks through
+        # torch.utils.checkpoint (with warnings). It does not change the parameters, so the checkpoint still fits.
+        args.use_checkpoint = False
+        args.use_transformer_ckpt = False
         state = _torch_load_checkpoint(checkpoint, "grounding.detector_checkpoint")
         if not isinstance(state, dict) or "model" not in state:
             raise StageError(f"config 'grounding.detector_checkpoint': {checkpoint} has no 'model' state dict")
