@@ -222,13 +222,16 @@ def write_shards(
     n = len(items)
     num_shards = max(1, math.ceil(n / samples_per_shard))
     _check_manifest(out, prefix, n, samples_per_shard)
-    for stale in out.glob(f".{prefix}-*.tmp-*"):  # leftovers of a killed run
-        stale.unlink(missing_ok=True)
     wanted = sorted(set(range(num_shards) if shard_ids is None else shard_ids))
     bad = [i for i in wanted if not 0 <= i < num_shards]
     if bad:
         raise ValueError(f"shard_ids {bad[:5]} out of range 0..{num_shards - 1}")
     todo = [i for i in wanted if not (out / shard_name(prefix, i)).exists()]
+    # Leftovers of a killed run, for the shards this run writes only: array tasks share out_dir, and another
+    # task may be writing its own shards' temp files right now.
+    for i in todo:
+        for stale in out.glob(f".{shard_name(prefix, i)}*.tmp-*"):
+            stale.unlink(missing_ok=True)
     t0 = time.time()
     bar = tqdm(
         total=sum(len(range(i * samples_per_shard, min(n, (i + 1) * samples_per_shard))) for i in todo),
@@ -258,7 +261,7 @@ def write_shards(
     )
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     for name in (f"{prefix}-summary-{stamp}.json", f"{prefix}-summary.json"):
-        tmp = out / f".{name}.tmp"
+        tmp = out / f".{name}.tmp-{os.getpid()}"
         tmp.write_text(json.dumps(summary, indent=1))
         os.replace(tmp, out / name)
     return summary

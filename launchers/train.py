@@ -23,6 +23,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. max_steps=10 data.resolution=64")
     args = parser.parse_args(argv)
 
+    # Trap SLURM's preemption signal before the slow imports and model loading: a USR1 that arrives during
+    # start-up is then honoured at the first step instead of killing the rank.
+    from tcscale.train.preemption import PreemptionFlag
+
+    preempt = PreemptionFlag().install()
+
     from tcscale.config import ConfigError, load_config
 
     try:
@@ -30,9 +36,16 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
-    from tcscale.train.trainer import train
+    from tcscale.data.config import DataConfigError
+    from tcscale.models.sd import ModelLoadError
+    from tcscale.train.checkpoint import CheckpointError
+    from tcscale.train.trainer import NonFiniteLossError, train
 
-    result = train(cfg)
+    try:
+        result = train(cfg, preempt=preempt)
+    except (DataConfigError, ModelLoadError, CheckpointError, NonFiniteLossError) as exc:
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
     return 0 if result.step >= cfg.max_steps or result.preempted else 1
 
 

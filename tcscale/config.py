@@ -135,6 +135,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "objective.name": ("tokencompose", "ldm", "sepen"),
     "objective.sepen.split": ("seen", "unseen", "all"),
     "data.source": ("synthetic", "webdataset"),
+    "data.synthetic.phrase": ("colour_shape", "shape"),
     "model.prediction_type": (None, "epsilon", "v_prediction"),
     "model.tiny.prediction_type": ("epsilon", "v_prediction"),
 }

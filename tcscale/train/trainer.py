@@ -104,10 +104,13 @@ def _train_loader(cfg: TrainConfig, comps: SDComponents, env: DistEnv, micro_bs:
         seed=cfg.seed,
         start_step=micro_step,
         layer_sizes=sizes,
+        layer_mask_mode=cfg.attention.mask_interpolation,
+        layer_mask_threshold=cfg.attention.mask_threshold,
     )
 
 
-def train(cfg: TrainConfig) -> TrainResult:
+def train(cfg: TrainConfig, preempt: PreemptionFlag | None = None) -> TrainResult:
+    """Train per cfg on this process's rank (collective: every rank calls it). preempt: a SIGUSR1 flag."""
     env = init_distributed()
     out_dir = Path(cfg.output_dir)
     ckpt_dir = out_dir / "checkpoints"
@@ -186,7 +189,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         barrier()
         print0(f"checkpoint saved: {path}")
 
-    preempt = PreemptionFlag().install()
+    preempt = preempt if preempt is not None else PreemptionFlag().install()
     result = TrainResult(step, out_dir, run_id)
     start_step = step
     status = "FAILED"
@@ -255,6 +258,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         status = "FINISHED" if not result.preempted else "KILLED"
     finally:
         tracker.end(status)
+        if loader is not None and hasattr(loader, "close"):
+            loader.close()
     result.step = step
     result.run_id = run_id
     return result
