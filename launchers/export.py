@@ -1,6 +1,6 @@
 """Export a run's U-Net (from its ZeRO checkpoint) as a StableDiffusionPipeline directory.
 
-    python launchers/export.py --run-dir runs/tiny_cpu --out runs/tiny_cpu/export [--tag step30]
+python launchers/export.py --run-dir runs/tiny_cpu --out runs/tiny_cpu/export [--tag step30]
 """
 
 from __future__ import annotations
