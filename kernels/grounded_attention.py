@@ -35,8 +35,10 @@ import triton.language as tl
 
 MAX_LK = 256
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-BCE_EPS = 1e-12  # torch's binary_cross_entropy backward clamps S(1 - S) at this value
-BCE_LOG_MIN = -100.0  # torch's BCELoss clamps log at -100
+# globals read inside @triton.jit kernels must be tl.constexpr (the compiler refuses plain globals on GPU)
+BCE_EPS = tl.constexpr(1e-12)  # torch's binary_cross_entropy backward clamps S(1 - S) at this value
+BCE_LOG_MIN = tl.constexpr(-100.0)  # torch's BCELoss clamps log at -100
+LOG2E = 1.4426950408889634  # softmax in base 2: exp(x) = 2^(x·log2 e)
 
 
 def interpreter_enabled() -> bool:
@@ -56,66 +58,62 @@ def triton_available() -> bool:
 
 @triton.jit
 def _grounded_attention_fwd_kernel(
-    Q, K, V, Out, LSE,  # q (B,H,Lq,D), k/v (B,H,Lk,D), out like q, LSE (B,H,Lq) fp32
+    Q, K, V, Out, LSE,  # q (B,H,Lq,D) any strides, k/v (B,H,Lk,D) contiguous, out like q, LSE (B,H,Lq) fp32
     Masks, TokPhrase, PhraseMaps,  # masks (B,P,Lq) fp32, token_phrase (B,Lk) int32, S (B,P,Lq) fp32 (written)
     PartA, PartS, PartBCE,  # (B, NUM_MB, BLOCK_N), (B, NUM_MB, BLOCK_N), (B, NUM_MB, BLOCK_P) fp32 partials
     stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
-    H, Lq, Lk, P, D, NUM_MB,
-    scale, inv_H,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
+    H, Lq, Lk, P, NUM_MB,
+    scale_log2e, inv_H,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_P: tl.constexpr,
     HAS_PHRASES: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """One program = one sample b and one block of BLOCK_M query rows, looping over all heads.
 
     Looping the heads inside the program lets it build the head-averaged map Ā = (1/H) Σ_h P_h for its rows in
-    registers, which the (non-linear) pixel loss needs before anything can be reduced over u.
+    registers, which the (non-linear) pixel loss needs before anything can be reduced over u. The head dim is
+    processed in chunks of BLOCK_DK columns (zero-padded past D), which bounds shared memory for d = 160 and fp32.
     """
+    NUM_DK: tl.constexpr = (D + BLOCK_DK - 1) // BLOCK_DK
     pid_m = tl.program_id(0)
     b = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < Lq
     col_ok = offs_n < Lk
-    d_ok = offs_d < D  # head dim padded to a power of two: padded columns load as 0 and change no dot product
 
     abar = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # Σ_h P_h for this block (scaled by 1/H below)
     for h in range(H):
-        # (1) load Q_h block (BLOCK_M, D) and the whole K_h, V_h (Lk ≤ BLOCK_N ≤ 256 rows)
-        q = tl.load(
-            Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-            mask=row_ok[:, None] & d_ok[None, :],
-            other=0.0,
-        )
-        k = tl.load(
-            K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-            mask=col_ok[:, None] & d_ok[None, :],
-            other=0.0,
-        )
-        v = tl.load(
-            V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-            mask=col_ok[:, None] & d_ok[None, :],
-            other=0.0,
-        )
-        # (2) scores and the exact softmax of the whole row (one tile holds all Lk columns)
-        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale  # (BLOCK_M, BLOCK_N) fp32
-        scores = tl.where(col_ok[None, :], scores, float("-inf"))
+        q_rows = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm
+        o_rows = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om
+        kv_rows = (b * H + h) * Lk * D + offs_n[:, None] * D  # K, V contiguous with a compile-time head dim
+        # (1) scores s2 = Q_h K_hᵀ·scale·log2(e) over the whole key axis (Lk ≤ BLOCK_N ≤ 256: one tile), the
+        #     head dim accumulated chunk by chunk (padded columns load as 0 and add nothing)
+        scores = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for c in tl.static_range(NUM_DK):
+            offs_d = c * BLOCK_DK + tl.arange(0, BLOCK_DK)
+            d_ok = offs_d < D
+            q = tl.load(q_rows + offs_d[None, :] * stride_qd, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            k = tl.load(K + kv_rows + offs_d[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            scores += tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        scores = tl.where(col_ok[None, :], scores * scale_log2e, float("-inf"))
+        # (2) the exact softmax of each row, in base 2: P_h = 2^(s2 - max) / Σ_j 2^(s2 - max)
         row_max = tl.max(scores, axis=1)
-        p = tl.exp(scores - row_max[:, None])
+        p = tl.exp2(scores - row_max[:, None])
         row_sum = tl.sum(p, axis=1)
         p = p / row_sum[:, None]  # P_h[u, j]
         # (3) out = P_h V_h (probabilities rounded to the input dtype for the tensor-core dot, as flash attention)
-        out = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        tl.store(
-            Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
-            out.to(Out.dtype.element_ty),
-            mask=row_ok[:, None] & d_ok[None, :],
-        )
-        # (4) LSE_h[u] = max_j s[u,j] + log Σ_j exp(s[u,j] - max): the backward recomputes P_h = exp(s - LSE)
-        tl.store(LSE + (b * H + h) * Lq + offs_m, row_max + tl.log(row_sum), mask=row_ok)
+        p_lowp = p.to(V.dtype.element_ty)
+        for c in tl.static_range(NUM_DK):
+            offs_d = c * BLOCK_DK + tl.arange(0, BLOCK_DK)
+            d_ok = offs_d < D
+            v = tl.load(V + kv_rows + offs_d[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            out = tl.dot(p_lowp, v, input_precision=DOT_PRECISION)
+            tl.store(
+                o_rows + offs_d[None, :] * stride_od, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :]
+            )
+        # (4) base-2 log-sum-exp LSE_h[u] = max_j s2[u,j] + log2 Σ_j 2^(s2[u,j] - max): backward's P_h = 2^(s2 - LSE)
+        tl.store(LSE + (b * H + h) * Lq + offs_m, row_max + tl.log2(row_sum), mask=row_ok)
         if HAS_PHRASES:
             abar += p
 
@@ -234,45 +232,35 @@ def _grounding_batch_mean_kernel(
 def _grounded_attention_bwd_kernel(
     Q, K, V, dOut, LSE,
     Masks, TokPhrase, PhraseMaps, Ratio, TokCoef, PixCoef, InvBatch, UpstreamLossGrad,
-    dQ, dK, dV,  # dQ like q; dK/dV like k/v, or fp32 partials (NUM_SPLITS, B, H, Lk, D) when SPLIT
+    dQ, dK, dV,  # dQ like q; dK/dV contiguous (B,H,Lk,D), or fp32 partials (num_splits, B, H, Lk, D)
     stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    stride_dks, stride_dkb, stride_dkh, stride_dkn, stride_dkd,
-    stride_dvs, stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    B, H, Lq, Lk, P, D, NUM_MB, MB_PER_SPLIT,
-    scale, inv_H,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DC: tl.constexpr,
-    BLOCK_P: tl.constexpr, HAS_PHRASES: tl.constexpr, D_CHUNKED: tl.constexpr, KV_IN_LOOP: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    B, H, Lq, Lk, P, NUM_MB, MB_PER_SPLIT,
+    scale, scale_log2e, inv_H,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_P: tl.constexpr,
+    HAS_PHRASES: tl.constexpr, DOT_PRECISION: tl.constexpr, LOSS_DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """One program = one (b, h), one range of query blocks (split s) and one chunk c of the head dim.
+    """One program = one (b, h), one range of query blocks (split s) and one chunk c of BLOCK_DK head-dim columns.
 
-    The full K_h, V_h tile (all Lk rows) is resident, so each query block's dS row is complete: dQ of the block is
-    written directly, and dK, dV (for head-dim columns of chunk c) are accumulated in registers over the blocks.
-    The chunking of the head dim only bounds the dK/dV accumulators for large heads (d=160); with D_CHUNKED False
-    (d ≤ 128) there is one chunk and nothing is recomputed.
+    All Lk keys are in the tile, so each query block's dS row is complete: the block's dQ (columns of chunk c) is
+    written directly, and dK, dV (columns of chunk c) are accumulated in registers over the blocks. With one chunk
+    (d ≤ BLOCK_DK, the common case) nothing is recomputed; for d = 160 (or fp32) the head dim is split so the
+    dK/dV accumulators and the shared-memory operands stay bounded, and each chunk's program recomputes S and dP.
     """
+    NUM_DK: tl.constexpr = (D + BLOCK_DK - 1) // BLOCK_DK
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     chunk = tl.program_id(2)
     b = pid_bh // H
     h = pid_bh % H
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dc = chunk * BLOCK_DC + tl.arange(0, BLOCK_DC)
+    offs_dc = chunk * BLOCK_DK + tl.arange(0, BLOCK_DK)  # this program's head-dim columns
     col_ok = offs_n < Lk
-    d_ok = offs_d < D
     dc_ok = offs_dc < D
-
-    k_ptrs = K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn
-    v_ptrs = V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn
-    kv_mask = col_ok[:, None] & d_ok[None, :]
-    if not KV_IN_LOOP:  # K_h, V_h stay resident for the whole loop (small heads)
-        k = tl.load(k_ptrs + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
-        v = tl.load(v_ptrs + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+    # K, V, dK, dV are contiguous (B, H, Lk, D) with D a compile-time constant: cheap, vectorisable addressing.
+    # K_h, V_h are re-read every query block (L1/L2 resident) rather than pinned in registers.
+    kv_rows = (b * H + h) * Lk * D + offs_n[:, None] * D
 
     if HAS_PHRASES:
         # (0) per-token / per-phrase gradient coefficients of this sample, times the upstream loss gradients
@@ -291,38 +279,43 @@ def _grounded_attention_bwd_kernel(
         c0 = -c1 * tl.load(Ratio + b * BLOCK_N + offs_n)
         pix_w = tl.load(PixCoef + b * BLOCK_P + offs_p) * grad_pixel
 
-    dk_acc = tl.zeros((BLOCK_N, BLOCK_DC), dtype=tl.float32)
-    dv_acc = tl.zeros((BLOCK_N, BLOCK_DC), dtype=tl.float32)
+    dk_acc = tl.zeros((BLOCK_N, BLOCK_DK), dtype=tl.float32)
+    dv_acc = tl.zeros((BLOCK_N, BLOCK_DK), dtype=tl.float32)
     mb_start = split * MB_PER_SPLIT
     mb_end = tl.minimum(mb_start + MB_PER_SPLIT, NUM_MB)
     for mb in range(mb_start, mb_end):
         offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = offs_m < Lq
-        q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm
-        do_ptrs = dOut + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom
-        q = tl.load(q_ptrs + offs_d[None, :] * stride_qd, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        do = tl.load(do_ptrs + offs_d[None, :] * stride_dod, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        if D_CHUNKED:
-            q_c = tl.load(q_ptrs + offs_dc[None, :] * stride_qd, mask=row_ok[:, None] & dc_ok[None, :], other=0.0)
-            do_c = tl.load(do_ptrs + offs_dc[None, :] * stride_dod, mask=row_ok[:, None] & dc_ok[None, :], other=0.0)
-        else:
-            q_c = q
-            do_c = do
+        q_rows = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm
+        do_rows = dOut + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom
         lse = tl.load(LSE + (b * H + h) * Lq + offs_m, mask=row_ok, other=0.0)
-        if KV_IN_LOOP:  # large heads (d=160 → 256): reload the L2-resident K_h, V_h instead of pinning registers
-            k = tl.load(k_ptrs + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
-            v = tl.load(v_ptrs + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
-        if D_CHUNKED:
-            k_c = tl.load(k_ptrs + offs_dc[None, :] * stride_kd, mask=col_ok[:, None] & dc_ok[None, :], other=0.0)
+        # this program's columns of Q, dO, K (operands of dQ, dK, dV below)
+        q_c = tl.load(q_rows + offs_dc[None, :] * stride_qd, mask=row_ok[:, None] & dc_ok[None, :], other=0.0)
+        do_c = tl.load(do_rows + offs_dc[None, :] * stride_dod, mask=row_ok[:, None] & dc_ok[None, :], other=0.0)
+        k_c = tl.load(K + kv_rows + offs_dc[None, :], mask=col_ok[:, None] & dc_ok[None, :], other=0.0)
+        if NUM_DK == 1:
+            # (1a) raw scores Q_h K_hᵀ and dP_h = dO_h V_hᵀ from the single head-dim chunk
+            v_c = tl.load(V + kv_rows + offs_dc[None, :], mask=col_ok[:, None] & dc_ok[None, :], other=0.0)
+            scores = tl.dot(q_c, tl.trans(k_c), input_precision=DOT_PRECISION)
+            dp = tl.dot(do_c, tl.trans(v_c), input_precision=DOT_PRECISION)
         else:
-            k_c = k
+            # (1b) the same, accumulated over all head-dim chunks
+            scores = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            dp = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for c in tl.static_range(NUM_DK):
+                offs_d = c * BLOCK_DK + tl.arange(0, BLOCK_DK)
+                qd_mask = row_ok[:, None] & (offs_d < D)[None, :]
+                kv_mask = col_ok[:, None] & (offs_d < D)[None, :]
+                q = tl.load(q_rows + offs_d[None, :] * stride_qd, mask=qd_mask, other=0.0)
+                do = tl.load(do_rows + offs_d[None, :] * stride_dod, mask=qd_mask, other=0.0)
+                k = tl.load(K + kv_rows + offs_d[None, :], mask=kv_mask, other=0.0)
+                v = tl.load(V + kv_rows + offs_d[None, :], mask=kv_mask, other=0.0)
+                scores += tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+                dp += tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
 
-        # (1) recompute P_h = exp(q kᵀ·scale - LSE); rows past Lq and columns past Lk are exactly 0
-        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale
-        p = tl.exp(scores - lse[:, None])
+        # (2) recompute P_h = 2^(s·scale·log2(e) - LSE); rows past Lq and columns past Lk are exactly 0
+        p = tl.exp2(scores * scale_log2e - lse[:, None])
         p = tl.where(row_ok[:, None] & col_ok[None, :], p, 0.0)
-        # (2) dP_h = dO_h V_hᵀ
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         if HAS_PHRASES:
             # (3) loss gradient w.r.t. Ā on this block, G (BLOCK_M, BLOCK_N); ∂ℓ/∂P_h = G / H
             mask_up = tl.load(
@@ -338,14 +331,16 @@ def _grounded_attention_bwd_kernel(
             # BCE backward as torch: (S - M) / max(S (1 - S), eps); clamp(S, 0, 1) passes gradient for 0 ≤ S ≤ 1
             gpix = (s_map - mask_up) / tl.maximum(s_map * (1.0 - s_map), BCE_EPS)
             gpix = tl.where((s_map >= 0.0) & (s_map <= 1.0) & row_ok[:, None], gpix * pix_w[None, :], 0.0)
-            token_masks = tl.dot(mask_up, tl.trans(onehot), input_precision="ieee")  # M_{p(i)}[u]
+            # (one-hot dots: exact for binary masks in tf32; gpix rounds to tf32 (2^-11) for 16-bit inputs, far
+            #  below the bf16/fp16 rounding of the reference's own loss gradient, and much cheaper than fp32 FMAs)
+            token_masks = tl.dot(mask_up, tl.trans(onehot), input_precision=LOSS_DOT_PRECISION)  # M_{p(i)}[u]
             grad_abar = c1[None, :] * token_masks + c0[None, :]
-            grad_abar += tl.dot(gpix, tl.trans(onehot), input_precision="ieee")
+            grad_abar += tl.dot(gpix, tl.trans(onehot), input_precision=LOSS_DOT_PRECISION)
             dp += grad_abar * inv_H
         # (4) softmax backward over the full row: dS = P ⊙ (dP - Σ_j P[u,j] dP[u,j]), with dP already holding G/H
         delta = tl.sum(p * dp, axis=1)
         ds = p * (dp - delta[:, None])
-        # (5) dQ = dS K · scale (complete for this block: all Lk columns are here)
+        # (5) dQ = dS K · scale (complete for this block: all Lk keys are here)
         dq = tl.dot(ds.to(k_c.dtype), k_c, input_precision=DOT_PRECISION) * scale
         tl.store(
             dQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_dc[None, :] * stride_dqd,
@@ -358,12 +353,9 @@ def _grounded_attention_bwd_kernel(
 
     # (7) store dK, dV (this split's partial when the query axis is split over programs)
     out_mask = col_ok[:, None] & dc_ok[None, :]
-    dk_ptrs = dK + split * stride_dks + b * stride_dkb + h * stride_dkh
-    dv_ptrs = dV + split * stride_dvs + b * stride_dvb + h * stride_dvh
-    dk_ptrs += offs_n[:, None] * stride_dkn + offs_dc[None, :] * stride_dkd
-    dv_ptrs += offs_n[:, None] * stride_dvn + offs_dc[None, :] * stride_dvd
-    tl.store(dk_ptrs, (dk_acc * scale).to(dK.dtype.element_ty), mask=out_mask)
-    tl.store(dv_ptrs, dv_acc.to(dV.dtype.element_ty), mask=out_mask)
+    dkv_offs = split * B * H * Lk * D + kv_rows + offs_dc[None, :]
+    tl.store(dK + dkv_offs, (dk_acc * scale).to(dK.dtype.element_ty), mask=out_mask)
+    tl.store(dV + dkv_offs, dv_acc.to(dV.dtype.element_ty), mask=out_mask)
 
 
 # ======================================================================================================================
@@ -377,11 +369,49 @@ class KernelConfig:
 
     block_m_fwd: int | None = None  # query rows per forward program (power of 2, ≥ 16)
     block_m_bwd: int | None = None  # query rows per backward loop step (power of 2, ≥ 16)
+    block_d: int | None = None  # head-dim chunk (power of 2, ≥ 16); one backward program per chunk
     num_splits: int | None = None  # backward programs per (b, h) along the query axis (fp32 dK/dV partials if > 1)
-    block_d_chunk: int | None = None  # head-dim columns of dK/dV per backward program (power of 2)
-    kv_in_loop: bool | None = None  # backward reloads K_h, V_h every query block (default: for d > 128)
-    num_warps_fwd: int | None = None
-    num_warps_bwd: int | None = None
+    num_warps: int | None = None
+    num_stages: int | None = None
+
+
+@dataclass(frozen=True)
+class _Blocks:
+    BLOCK_N: int  # all Lk keys: one tile
+    BLOCK_P: int  # phrase slots
+    block_d: int  # head-dim chunk
+    block_m_fwd: int
+    block_m_bwd: int
+    num_warps: int
+    num_stages: int
+
+
+def _pick_blocks(q: torch.Tensor, Lk: int, P: int, config: KernelConfig) -> _Blocks:
+    """Heuristic block sizes. Chosen (Triton 3.8, sm_90, compiled offline and checked with ptxas -v) so that no
+    configuration of the SD shapes spills registers noticeably or exceeds the H100's 227 KiB of shared memory:
+    16-bit d ≤ 128 is a single head-dim chunk, d = 160 and fp32 use chunks of 64. Untimed: tune on a GPU."""
+    B, H, Lq, D = q.shape
+    BLOCK_N = _pow2(Lk)
+    BLOCK_D = _pow2(D)
+    low_precision = q.dtype != torch.float32
+    block_d = config.block_d or (BLOCK_D if low_precision and BLOCK_D <= 128 and BLOCK_N <= 128 else min(BLOCK_D, 64))
+    _check_pow2("block_d", block_d)
+    small_tiles = BLOCK_N <= 128 and low_precision  # fp32 dots run on FMA units: keep their tiles small
+    block_m_fwd = config.block_m_fwd or (32 if small_tiles and block_d <= 64 else 16)
+    if config.block_m_fwd is None:
+        while block_m_fwd > 16 and B * triton.cdiv(Lq, block_m_fwd) < _num_sms(q.device):  # fill the SMs
+            block_m_fwd //= 2
+    block_m_bwd = config.block_m_bwd or (32 if small_tiles and block_d <= 128 else 16)
+    _check_pow2("block_m_fwd", block_m_fwd)
+    _check_pow2("block_m_bwd", block_m_bwd)
+    single_chunk = D <= block_d
+    if config.num_stages:
+        num_stages = config.num_stages
+    elif single_chunk and BLOCK_N <= 128:
+        num_stages = 3 if low_precision and block_d <= 64 else 2
+    else:  # chunked head dim (d = 160, fp32) or Lk > 128: shared memory is the limit
+        num_stages = 1
+    return _Blocks(BLOCK_N, _pow2(P), block_d, block_m_fwd, block_m_bwd, config.num_warps or 8, num_stages)
 
 
 def _pow2(n: int, minimum: int = 16) -> int:
@@ -452,7 +482,7 @@ def _check_inputs(
 
 
 def _dense_last_dim(t: torch.Tensor) -> torch.Tensor:
-    """Any strides are passed to the kernels; only a non-unit innermost stride is copied (coalesced loads)."""
+    """q-sized tensors keep their strides (diffusers' transposed views); only a non-unit innermost stride is copied."""
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
@@ -470,24 +500,16 @@ def grounded_attention_forward(
     (and ints) the backward needs."""
     _check_inputs(q, k, v, phrase_masks, token_phrase, validate_values)
     config = config or KernelConfig()
-    q, k, v = _dense_last_dim(q), _dense_last_dim(k), _dense_last_dim(v)
+    # k, v are small (B·H·Lk·d): made contiguous so the kernels address them with a compile-time head dim
+    q, k, v = _dense_last_dim(q), k.contiguous(), v.contiguous()
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     P = phrase_masks.shape[1]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     device = q.device
 
-    # block sizes: the whole key axis and the (padded) head dim are single tiles
-    BLOCK_N = _pow2(Lk)
-    BLOCK_D = _pow2(D)
-    BLOCK_P = _pow2(P)
-    if config.block_m_fwd is None:
-        block_m = 64 if BLOCK_N * BLOCK_D <= 128 * 128 else 32
-        while block_m > 16 and B * triton.cdiv(Lq, block_m) < _num_sms(device):  # keep the SMs busy at small Lq
-            block_m //= 2
-    else:
-        block_m = config.block_m_fwd
-    _check_pow2("block_m_fwd", block_m)
+    blocks = _pick_blocks(q, Lk, P, config)
+    BLOCK_N, BLOCK_P, block_m = blocks.BLOCK_N, blocks.BLOCK_P, blocks.block_m_fwd
     num_mb = triton.cdiv(Lq, block_m)
     has_phrases = P > 0
 
@@ -501,18 +523,17 @@ def grounded_attention_forward(
     part_s = torch.empty((B, num_mb, BLOCK_N), **f32)
     part_bce = torch.empty((B, num_mb, BLOCK_P), **f32)
     dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"  # tf32 is ignored for fp16/bf16 operands
-    num_warps = config.num_warps_fwd or (4 if block_m * BLOCK_D <= 64 * 64 else 8)
 
     _grounded_attention_fwd_kernel[(num_mb, B)](
         q, k, v, out, lse,
         masks_f32, tok_phrase_i32, phrase_maps,
         part_a, part_s, part_bce,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        H, Lq, Lk, P, D, num_mb,
-        scale, 1.0 / H,
-        BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_P=BLOCK_P,
+        *q.stride(), *out.stride(),
+        H, Lq, Lk, P, num_mb,
+        scale * LOG2E, 1.0 / H,
+        D=D, BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_DK=blocks.block_d, BLOCK_P=BLOCK_P,
         HAS_PHRASES=has_phrases, DOT_PRECISION=dot_precision,
-        num_warps=num_warps,
+        num_warps=blocks.num_warps, num_stages=blocks.num_stages,
     )  # fmt: skip
 
     ratio = torch.zeros((B, BLOCK_N), **f32)
@@ -550,26 +571,16 @@ def grounded_attention_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the backward kernel: (dq, dk, dv) for upstream gradients on out and on the two scalar losses."""
     config = config or KernelConfig()
-    q, k, v = _dense_last_dim(q), _dense_last_dim(k), _dense_last_dim(v)
+    q, k, v = _dense_last_dim(q), k.contiguous(), v.contiguous()  # small; copied only if the caller passed views
     grad_out = _dense_last_dim(grad_out)
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     masks = saved["masks"]
     P = masks.shape[1]
     device = q.device
-    BLOCK_N = _pow2(Lk)
-    BLOCK_D = _pow2(D)
-    BLOCK_P = _pow2(P)
-    block_dc = config.block_d_chunk or min(BLOCK_D, 128)  # d=160 → two chunks of 128 bound the dK/dV registers
-    _check_pow2("block_d_chunk", block_dc)
-    block_dc = min(block_dc, BLOCK_D)
-    kv_in_loop = config.kv_in_loop if config.kv_in_loop is not None else BLOCK_D > 128
-    num_dc = triton.cdiv(D, block_dc)
-    if config.block_m_bwd is None:
-        block_m = 64 if BLOCK_N * BLOCK_D <= 128 * 64 else 32
-    else:
-        block_m = config.block_m_bwd
-    _check_pow2("block_m_bwd", block_m)
+    blocks = _pick_blocks(q, Lk, P, config)
+    BLOCK_N, BLOCK_P, block_m = blocks.BLOCK_N, blocks.BLOCK_P, blocks.block_m_bwd
+    num_dc = triton.cdiv(D, blocks.block_d)  # one program per head-dim chunk
     num_mb = triton.cdiv(Lq, block_m)
     if config.num_splits is None:  # split the query axis until there are ~2 programs per SM
         num_splits = min(num_mb, max(1, triton.cdiv(2 * _num_sms(device), B * H * num_dc)))
@@ -580,28 +591,25 @@ def grounded_attention_backward(
 
     dq = torch.empty_like(q)
     if num_splits == 1:
-        dk, dv = torch.empty_like(k), torch.empty_like(v)
+        dk, dv = torch.empty_like(k), torch.empty_like(v)  # contiguous like the saved k, v
         dk_buf, dv_buf = dk, dv
-        dk_strides, dv_strides = (0, *dk.stride()), (0, *dv.stride())
     else:  # fp32 partials, summed below in split order (deterministic)
         dk_buf = torch.empty((num_splits, B, H, Lk, D), device=device, dtype=torch.float32)
         dv_buf = torch.empty((num_splits, B, H, Lk, D), device=device, dtype=torch.float32)
-        dk_strides, dv_strides = dk_buf.stride(), dv_buf.stride()
     upstream = torch.stack([grad_token.reshape(()), grad_pixel.reshape(())]).to(device=device, dtype=torch.float32)
     dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    num_warps = config.num_warps_bwd or (4 if block_m * BLOCK_D <= 64 * 64 else 8)
 
     _grounded_attention_bwd_kernel[(B * H, num_splits, num_dc)](
         q, k, v, grad_out, saved["lse"],
         masks, saved["token_phrase"], saved["phrase_maps"], saved["ratio"], saved["tok_coef"], saved["pix_coef"],
         saved["inv_batch"], upstream,
         dq, dk_buf, dv_buf,
-        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(), *dk_strides, *dv_strides,
-        B, H, Lq, Lk, P, D, num_mb, mb_per_split,
-        saved["scale"], 1.0 / H,
-        BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DC=block_dc, BLOCK_P=BLOCK_P,
-        HAS_PHRASES=P > 0, D_CHUNKED=num_dc > 1, KV_IN_LOOP=kv_in_loop, DOT_PRECISION=dot_precision,
-        num_warps=num_warps,
+        *q.stride(), *grad_out.stride(), *dq.stride(),
+        B, H, Lq, Lk, P, num_mb, mb_per_split,
+        saved["scale"], saved["scale"] * LOG2E, 1.0 / H,
+        D=D, BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_DK=blocks.block_d, BLOCK_P=BLOCK_P,
+        HAS_PHRASES=P > 0, DOT_PRECISION=dot_precision, LOSS_DOT_PRECISION=dot_precision,
+        num_warps=blocks.num_warps, num_stages=blocks.num_stages,
     )  # fmt: skip
     if num_splits > 1:
         dk = dk_buf.sum(0).to(k.dtype)

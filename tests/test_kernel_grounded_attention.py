@@ -118,11 +118,12 @@ def assert_flash_rule(fused, ref_same_dtype, truth, *, factor: float = 2.0, atol
 # CPU, Triton interpreter
 # ----------------------------------------------------------------------------------------------------------------------
 
-# (B, H, Lq, Lk, D, P, config): Lq not a multiple of the block, Lk 77 and 20, d 40 → 64 and d 80 → 128 (the latter
-# split into two head-dim chunks of 64 in the backward), a split query axis (fp32 dK/dV partials) and no split.
+# (B, H, Lq, Lk, D, P, config): Lq not a multiple of the block, Lk 77 and 20, d 40 → one zero-padded chunk of 64
+# and d 80 → three head-dim chunks of 32 (the last one half padding), a split query axis (fp32 dK/dV partials)
+# and no split.
 SHAPES = {
     "sd-like": (3, 5, 37, 77, 40, 4, KernelConfig(block_m_fwd=16, block_m_bwd=16, num_splits=2)),
-    "d80-lk20": (2, 2, 20, 20, 80, 3, KernelConfig(block_m_fwd=16, block_m_bwd=16, block_d_chunk=64, kv_in_loop=True)),
+    "d80-lk20": (2, 2, 20, 20, 80, 3, KernelConfig(block_m_fwd=16, block_m_bwd=16, block_d=32)),
 }
 
 
