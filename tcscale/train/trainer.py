@@ -111,6 +111,9 @@ def _train_loader(cfg: TrainConfig, comps: SDComponents, env: DistEnv, micro_bs:
 
 def train(cfg: TrainConfig, preempt: PreemptionFlag | None = None) -> TrainResult:
     """Train per cfg on this process's rank (collective: every rank calls it). preempt: a SIGUSR1 flag."""
+    import diffusers
+
+    diffusers.utils.logging.set_verbosity_error()  # per-module dtype notices on every .to() drown the step lines
     env = init_distributed()
     out_dir = Path(cfg.output_dir)
     ckpt_dir = out_dir / "checkpoints"

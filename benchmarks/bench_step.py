@@ -1,0 +1,135 @@
+"""Training-step time: LDM-only (SDPA) vs TokenCompose with the reference or the fused grounding backend.
+
+Measures one optimizer step (VAE encode + text encode + U-Net forward/backward + AdamW) of the
+real objective code, side by side in one process, without DeepSpeed (the engine adds the same
+overhead to every provider). DESIGN §7 target: TokenCompose step <= 1.05x the LDM-only step.
+
+    python benchmarks/bench_step.py --pretrained CompVis/stable-diffusion-v1-4 --resolution 512 --batch 4   # GPU
+    python benchmarks/bench_step.py --tiny --resolution 64 --batch 2 --steps 10                            # CPU smoke
+
+Appends one JSON line per provider to benchmarks/results/step_time.jsonl (device, versions, shapes, date).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from tcscale.attention.grounding_processor import install_grounding_processors, select_layers
+from tcscale.config import AttentionConfig, ModelConfig, ObjectiveConfig
+from tcscale.models.sd import load_components
+from tcscale.objectives.tokencompose import DiffusionObjective
+
+RESULTS = Path(__file__).resolve().parent / "results" / "step_time.jsonl"
+
+
+def synthetic_batch(batch: int, resolution: int, phrases: int = 3) -> dict:
+    """Random images, 3 rectangular phrase masks per sample, 2 tokens per phrase."""
+    g = torch.Generator().manual_seed(0)
+    masks = torch.zeros(batch, phrases, resolution, resolution)
+    token_phrase = torch.full((batch, 77), -1, dtype=torch.long)
+    for b in range(batch):
+        for p in range(phrases):
+            y0, x0 = (torch.randint(0, resolution // 2, (2,), generator=g)).tolist()
+            masks[b, p, y0 : y0 + resolution // 3, x0 : x0 + resolution // 3] = 1
+            token_phrase[b, 2 + 3 * p : 4 + 3 * p] = p
+    return {
+        "pixel_values": torch.rand(batch, 3, resolution, resolution, generator=g) * 2 - 1,
+        "input_ids": torch.randint(0, 49406, (batch, 77), generator=g),
+        "phrase_masks": masks,
+        "token_phrase": token_phrase,
+    }
+
+
+def time_provider(name: str, args, device: torch.device, dtype: torch.dtype) -> dict:
+    model_cfg = ModelConfig(pretrained=None if args.tiny else args.pretrained)
+    comps = load_components(model_cfg, args.resolution)
+    comps.vae.requires_grad_(False).to(device, torch.float32)
+    comps.text_encoder.requires_grad_(False).to(device, dtype)
+    unet = comps.unet.to(device, dtype).train()
+    obj_cfg = ObjectiveConfig(name="ldm" if name == "ldm_sdpa" else "tokencompose")
+    if name == "ldm_sdpa":
+        objective = DiffusionObjective(comps, obj_cfg, None, dtype)
+    else:
+        backend = name.split("_")[-1]
+        names = select_layers(unet, ["mid", "up"], None, args.resolution // 8)
+        install_grounding_processors(unet, names, backend)
+        objective = DiffusionObjective(comps, obj_cfg, AttentionConfig(backend=backend), dtype, names)
+    opt = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=1e-6)
+    batch = synthetic_batch(args.batch, args.resolution)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times = []
+    for i in range(args.warmup + args.steps):
+        gen = torch.Generator(device=device).manual_seed(i)
+        sync()
+        t0 = time.perf_counter()
+        out = objective(unet, batch, device, gen)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync()
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
+    q = statistics.quantiles(times, n=5) if len(times) >= 5 else [min(times)] * 4
+    return {
+        "provider": name,
+        "ms_median": 1e3 * statistics.median(times),
+        "ms_p20": 1e3 * q[0],
+        "ms_p80": 1e3 * q[3],
+        "peak_mib": peak,
+        "steps": len(times),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pretrained", default="CompVis/stable-diffusion-v1-4")
+    ap.add_argument("--tiny", action="store_true", help="tiny random-init models (CPU smoke)")
+    ap.add_argument("--resolution", type=int, default=512)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    ap.add_argument("--providers", default="ldm_sdpa,tokencompose_reference,tokencompose_fused")
+    ap.add_argument("--out", default=str(RESULTS))
+    args = ap.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if args.dtype == "bf16" and device.type == "cuda" else torch.float32
+    providers = args.providers.split(",")
+    if device.type == "cpu" and "tokencompose_fused" in providers:
+        providers.remove("tokencompose_fused")  # the fused kernel needs a GPU (the interpreter is no timing)
+    rows = [time_provider(p, args, device, dtype) for p in providers]
+    base = next((r["ms_median"] for r in rows if r["provider"] == "ldm_sdpa"), None)
+    meta = {
+        "date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "device": torch.cuda.get_device_name()
+        if device.type == "cuda"
+        else f"cpu ({platform.processor() or 'x86_64'})",
+        "torch": torch.__version__,
+        "model": "tiny" if args.tiny else args.pretrained,
+        "resolution": args.resolution,
+        "batch": args.batch,
+        "dtype": str(dtype).replace("torch.", ""),
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.out, "a") as f:
+        for r in rows:
+            r.update(meta)
+            r["ratio_vs_ldm_sdpa"] = r["ms_median"] / base if base else None
+            f.write(json.dumps(r) + "\n")
+            print(
+                f"{r['provider']:>24}: {r['ms_median']:8.1f} ms (p20 {r['ms_p20']:.1f}, p80 {r['ms_p80']:.1f})"
+                + (f"  x{r['ratio_vs_ldm_sdpa']:.3f} vs ldm_sdpa" if base else "")
+            )
+
+
+if __name__ == "__main__":
+    main()
