@@ -65,7 +65,8 @@ def _grounded_attention_fwd_kernel(
     stride_ob, stride_oh, stride_om, stride_od,
     H, Lq, Lk, P, NUM_MB,
     scale_log2e, inv_H,
-    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_P: tl.constexpr,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, NUM_DK: tl.constexpr,
+    BLOCK_P: tl.constexpr,
     HAS_PHRASES: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """One program = one sample b and one block of BLOCK_M query rows, looping over all heads.
@@ -74,7 +75,6 @@ def _grounded_attention_fwd_kernel(
     registers, which the (non-linear) pixel loss needs before anything can be reduced over u. The head dim is
     processed in chunks of BLOCK_DK columns (zero-padded past D), which bounds shared memory for d = 160 and fp32.
     """
-    NUM_DK: tl.constexpr = (D + BLOCK_DK - 1) // BLOCK_DK
     pid_m = tl.program_id(0)
     b = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -238,7 +238,8 @@ def _grounded_attention_bwd_kernel(
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     B, H, Lq, Lk, P, NUM_MB, MB_PER_SPLIT,
     scale, scale_log2e, inv_H,
-    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_P: tl.constexpr,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, NUM_DK: tl.constexpr,
+    BLOCK_P: tl.constexpr,
     HAS_PHRASES: tl.constexpr, DOT_PRECISION: tl.constexpr, LOSS_DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """One program = one (b, h), one range of query blocks (split s) and one chunk c of BLOCK_DK head-dim columns.
@@ -248,7 +249,6 @@ def _grounded_attention_bwd_kernel(
     (d ≤ BLOCK_DK, the common case) nothing is recomputed; for d = 160 (or fp32) the head dim is split so the
     dK/dV accumulators and the shared-memory operands stay bounded, and each chunk's program recomputes S and dP.
     """
-    NUM_DK: tl.constexpr = (D + BLOCK_DK - 1) // BLOCK_DK
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     chunk = tl.program_id(2)
@@ -531,7 +531,8 @@ def grounded_attention_forward(
         *q.stride(), *out.stride(),
         H, Lq, Lk, P, num_mb,
         scale * LOG2E, 1.0 / H,
-        D=D, BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_DK=blocks.block_d, BLOCK_P=BLOCK_P,
+        D=D, BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_DK=blocks.block_d, NUM_DK=triton.cdiv(D, blocks.block_d),
+        BLOCK_P=BLOCK_P,
         HAS_PHRASES=has_phrases, DOT_PRECISION=dot_precision,
         num_warps=blocks.num_warps, num_stages=blocks.num_stages,
     )  # fmt: skip
@@ -607,7 +608,8 @@ def grounded_attention_backward(
         *q.stride(), *grad_out.stride(), *dq.stride(),
         B, H, Lq, Lk, P, num_mb, mb_per_split,
         saved["scale"], saved["scale"] * LOG2E, 1.0 / H,
-        D=D, BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_DK=blocks.block_d, BLOCK_P=BLOCK_P,
+        D=D, BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_DK=blocks.block_d, NUM_DK=triton.cdiv(D, blocks.block_d),
+        BLOCK_P=BLOCK_P,
         HAS_PHRASES=P > 0, DOT_PRECISION=dot_precision, LOSS_DOT_PRECISION=dot_precision,
         num_warps=blocks.num_warps, num_stages=blocks.num_stages,
     )  # fmt: skip

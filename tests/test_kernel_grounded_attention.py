@@ -9,6 +9,10 @@ flash-attention's rule (error vs float64 ≤ ~2× PyTorch's own same-dtype error
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +21,7 @@ import kernels.grounded_attention as ga
 from kernels import KernelConfig, cross_attention_with_grounding
 from kernels.reference import cross_attention_with_grounding_reference
 
+REPO = Path(__file__).resolve().parents[1]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 GRAD_TOKEN, GRAD_PIXEL = 3.0, -2.0  # non-unit upstream gradients on the two scalar losses
 
@@ -258,6 +263,17 @@ def test_clear_error_without_cuda_or_interpreter(monkeypatch):
     q = torch.zeros(1, 1, 4, 8)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         cross_attention_with_grounding(q, q, q, torch.zeros(1, 1, 4), torch.full((1, 4), -1))
+
+
+def test_compiles_for_sm90_within_h100_shared_memory():
+    """GPU compile of every kernel (Triton AOT + bundled ptxas, no GPU needed) at the extreme SD head dims: catches
+    code the interpreter accepts but the GPU compiler refuses, and blocks that would not fit an H100."""
+    pytest.importorskip("triton.backends.nvidia")
+    env = dict(os.environ, TRITON_INTERPRET="0", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "kernels.grounded_attention_compile_check", "--dtype", "bf16", "--head-dims", "40,160"]
+    run = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.count("'kernel'") == 8
 
 
 # ----------------------------------------------------------------------------------------------------------------------
