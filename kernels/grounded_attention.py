@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 MAX_LK = 256
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -640,6 +641,7 @@ class GroundedAttentionFunction(torch.autograd.Function):
         return out, token_loss, pixel_loss
 
     @staticmethod
+    @once_differentiable  # no double backward
     def backward(ctx, grad_out, grad_token, grad_pixel):
         q, k, v, *tensors = ctx.saved_tensors
         saved = dict(zip(ctx.tensor_keys, tensors))
