@@ -207,11 +207,12 @@ def append_rows(path: Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
-def summarize(rows: list[dict], env: dict[str, str], dtype: str) -> str:
+def summarize(rows: list[dict], env: dict[str, str], dtype: str, smoke: bool = False) -> str:
     """Markdown table of full-mode ratios against the DESIGN §7 targets."""
     full = {(r["model"], r["layer"], r["provider"]): r for r in rows if r["mode"] == "full"}
     lines = [
         f"# Fused grounded attention vs DESIGN §7 targets — {env['gpu']}, {dtype}, {env['date']}",
+        *(["SMOKE RUN: CPU interpreter, timings mean nothing (the script ran end to end)."] if smoke else []),
         f"torch {env['torch']}, triton {env['triton']}; full = forward + backward; median ms (peak extra MiB)",
         "",
         "| layer | H | Lq | d | sdpa | reference | fused | fused/sdpa (≤ 1.15) | reference/fused (≥ 3) |",
@@ -342,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     csv_path = args.out_dir / "grounded_attention.csv"
     append_rows(csv_path, rows)
-    summary = summarize(rows, env, args.dtype)
+    summary = summarize(rows, env, args.dtype, smoke=args.smoke)
     (args.out_dir / f"grounded_attention_summary_{gpu_tag}.md").write_text(summary)
     plot(rows, args.out_dir / f"grounded_attention_{gpu_tag}.png", f"grounded attention, {env['gpu']}, {args.dtype}")
     print()

@@ -324,6 +324,19 @@ def test_gpu_sd_shapes_flash_rule(shape, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(8, 1024, 80), (8, 256, 160)], ids=["d80", "d160"])
+def test_gpu_fp32_matches_float64(shape):
+    """fp32 inputs use IEEE fp32 dots (no TF32): close to float64 like the fp32 PyTorch reference."""
+    H, Lq, D = shape
+    inputs = make_inputs(8, H, Lq, 77, D, 8, torch.float32, device="cuda", logit_scale=1.0)
+    grads = make_grads((8, H, Lq, D), torch.float32, device="cuda", out_weight=1.0)
+    fused = run_fused(inputs, grads)
+    truth = run_reference(inputs, grads, upcast=True)
+    for name, a, t in zip(NAMES, fused, truth):
+        assert_close_scaled(a, t, 1e-4, name)
+
+
+@pytest.mark.gpu
 def test_gpu_deterministic():
     inputs = make_inputs(8, 8, 1024, 77, 80, 8, torch.bfloat16, device="cuda")
     grads = make_grads((8, 8, 1024, 80), torch.bfloat16, device="cuda")
