@@ -30,9 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-from omegaconf import MISSING, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import MISSING
 from PIL import Image
 
 from dataprep.record import GroundedRecord
@@ -52,6 +50,7 @@ from dataprep.stages.noun_phrases import (
     extract_noun_phrases,
 )
 from dataprep.writer import MASK_FORMATS, write_shards
+from tcscale.config import merge_structured
 
 log = logging.getLogger(__name__)
 
@@ -89,36 +88,7 @@ class DataprepConfig:
 
 def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> DataprepConfig:
     """Schema defaults <- YAML file <- `key=value` overrides, strict (an unknown key is an error naming it)."""
-    merged: Any = OmegaConf.structured(DataprepConfig)
-    layers: list[tuple[str, Any]] = []
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise DataprepConfigError(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise DataprepConfigError(f"{path}: not valid YAML: {exc}") from exc
-        if not isinstance(data, dict):
-            raise DataprepConfigError(f"{path}: top level must be a mapping of config keys")
-        layers.append((str(path), OmegaConf.create(data)))
-    bad = [o for o in overrides if "=" not in o]
-    if bad:
-        raise DataprepConfigError(f"override {bad[0]!r} is not of the form key=value")
-    if overrides:
-        layers.append(("command line", OmegaConf.from_dotlist(list(overrides))))
-    for source, layer in layers:
-        try:
-            merged = OmegaConf.merge(merged, layer)
-        except OmegaConfBaseException as exc:
-            key = getattr(exc, "full_key", None) or "?"
-            raise DataprepConfigError(f"{source}: config key '{key}': {getattr(exc, 'msg', exc)}") from None
-    missing = sorted(OmegaConf.missing_keys(merged))
-    if missing:
-        raise DataprepConfigError(f"config key '{missing[0]}' is required but not set")
-    cfg = OmegaConf.to_object(merged)
-    assert isinstance(cfg, DataprepConfig)
-    return validate(cfg)
+    return validate(merge_structured(DataprepConfig, path, tuple(overrides), DataprepConfigError))
 
 
 def validate(cfg: DataprepConfig) -> DataprepConfig:

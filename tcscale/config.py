@@ -9,13 +9,15 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from tcscale.data.config import DataConfig
+
+T = TypeVar("T")
 
 
 class ConfigError(ValueError):
@@ -218,39 +220,51 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
-    """Merge schema defaults <- YAML file <- `key=value` overrides, strictly, and validate."""
-    schema = OmegaConf.structured(TrainConfig)
+def merge_structured(
+    schema: type[T],
+    path: str | os.PathLike | None,
+    overrides: list[str] | tuple[str, ...],
+    error: type[Exception] = ConfigError,
+) -> T:
+    """Dataclass defaults <- YAML file <- `key=value` overrides, merged strictly by OmegaConf.
+
+    An unknown key, a value of the wrong type or a required key left unset raises `error` naming the key.
+    """
+    merged: Any = OmegaConf.structured(schema)
     layers = []
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
+            raise error(f"config file not found: {path}")
         try:
             data = yaml.safe_load(path.read_text())
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+            raise error(f"{path}: not valid YAML: {exc}") from exc
         if not isinstance(data, dict):
-            raise ConfigError(f"{path}: top level must be a mapping of config keys")
+            raise error(f"{path}: top level must be a mapping of config keys")
         layers.append((str(path), OmegaConf.create(data)))
     bad = [o for o in overrides if "=" not in o]
     if bad:
-        raise ConfigError(f"override {bad[0]!r} is not of the form key=value")
+        raise error(f"override {bad[0]!r} is not of the form key=value")
     if overrides:
         layers.append(("command line", OmegaConf.from_dotlist(list(overrides))))
-    merged = schema
     for source, layer in layers:
         try:
             merged = OmegaConf.merge(merged, layer)
         except OmegaConfBaseException as exc:
             key = getattr(exc, "full_key", None) or "?"
-            raise ConfigError(f"{source}: config key '{key}': {exc.msg if hasattr(exc, 'msg') else exc}") from None
+            raise error(f"{source}: config key '{key}': {getattr(exc, 'msg', exc)}") from None
     missing = sorted(OmegaConf.missing_keys(merged))
     if missing:
-        raise ConfigError(f"config key '{missing[0]}' is required but not set")
+        raise error(f"config key '{missing[0]}' is required but not set")
     cfg = OmegaConf.to_object(merged)
-    assert isinstance(cfg, TrainConfig)
-    return validate(cfg)
+    assert isinstance(cfg, schema)
+    return cfg
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """Merge schema defaults <- YAML file <- `key=value` overrides, strictly, and validate."""
+    return validate(merge_structured(TrainConfig, path, overrides))
 
 
 def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:

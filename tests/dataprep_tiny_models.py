@@ -8,13 +8,13 @@ dataprep stages through the same code path as the real checkpoints (`CLIPModel.f
 
 from __future__ import annotations
 
-import gzip
 import importlib.util
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from tcscale.models.tokenizer import write_clip_tokenizer_files
 
 # Words the test captions use; BERT's WordPiece falls back to single letters ("##x") for anything else.
 _BERT_WORDS = (
@@ -60,39 +60,12 @@ def write_tiny_bert(out_dir: Path) -> Path:
     return out_dir
 
 
-def _write_clip_bpe_tokenizer(out_dir: Path) -> None:
-    """vocab.json + merges.txt of the real CLIP BPE, from the file open_clip ships (no network)."""
-    spec = importlib.util.find_spec("open_clip")
-    assert spec is not None and spec.origin is not None, "open_clip_torch is not installed"
-    bpe_path = Path(spec.origin).parent / "bpe_simple_vocab_16e6.txt.gz"
-    merges = gzip.open(bpe_path).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
-    merges = [tuple(m.split()) for m in merges]
-    byte_chars = _bytes_to_unicode()
-    vocab = list(byte_chars) + [c + "</w>" for c in byte_chars] + ["".join(m) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    (out_dir / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}))
-    (out_dir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
-
-
-def _bytes_to_unicode() -> list[str]:
-    """GPT-2 / CLIP byte -> printable-character table, in vocabulary order."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
-
-
 def write_tiny_clip(out_dir: Path) -> Path:
     """transformers CLIPModel (tiny text + vision towers) with the real CLIP tokenizer and a 32-px processor."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_clip_bpe_tokenizer(out_dir)
+    write_clip_tokenizer_files(out_dir)  # the real CLIP BPE, from the file open_clip ships
     tokenizer = CLIPTokenizer(str(out_dir / "vocab.json"), str(out_dir / "merges.txt"))
     image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out_dir)

@@ -43,6 +43,8 @@ def test_two_ranks_overfit_fixed_data_with_gradient_checkpointing(tmp_path, stag
         assert last < 0.95 * first, f"{term} did not fall: {first:.4f} -> {last:.4f}"
     for metric in ("loss/ldm", "lr", "grad_norm", "samples_per_s"):
         assert len(client.get_metric_history(run_id, metric)) == steps
+    seen = max(client.get_metric_history(run_id, "data/samples_seen"), key=lambda m: m.step)
+    assert seen.value == steps * 2 * 2  # summed over both ranks: micro-batch 2 x 2 ranks per step
     assert (out / "config.yaml").is_file() and (out / "checkpoints" / f"step{steps}").is_dir()
 
 

@@ -77,6 +77,19 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return bool(t.item() > 0)
 
 
+def sum_counters(counters: dict[str, float]) -> dict[str, float]:
+    """Element-wise sum of per-rank counter dicts (keys may differ between ranks). Collective."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return dict(counters)
+    gathered: list[dict[str, float]] = [{} for _ in range(dist.get_world_size())]
+    dist.all_gather_object(gathered, dict(counters))
+    total: dict[str, float] = {}
+    for part in gathered:
+        for key, value in part.items():
+            total[key] = total.get(key, 0) + value
+    return total
+
+
 def broadcast_object(obj, src: int = 0):
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return obj

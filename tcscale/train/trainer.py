@@ -35,6 +35,7 @@ from tcscale.train.distributed import (
     broadcast_object,
     init_distributed,
     print0,
+    sum_counters,
 )
 from tcscale.train.engine import build_engine, compute_dtype, zero_stage
 from tcscale.train.preemption import PreemptionFlag
@@ -231,8 +232,8 @@ def train(cfg: TrainConfig, preempt: PreemptionFlag | None = None) -> TrainResul
                     "samples_per_s": micro_bs * accum * env.world_size / max(elapsed, 1e-9),
                 }
             )
-            if loader is not None and hasattr(loader, "counters"):
-                metrics.update({f"data/{k}": float(v) for k, v in loader.counters().items()})
+            if loader is not None:  # summed over ranks: samples seen, skipped by reason, dropped phrases
+                metrics.update({f"data/{k}": float(v) for k, v in sum_counters(loader.counters()).items()})
             result.last_metrics = metrics
             if step % cfg.tracking.log_every == 0:
                 tracker.log_metrics(metrics, step)
