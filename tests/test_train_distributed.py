@@ -69,6 +69,8 @@ def test_killed_run_resumes_in_same_mlflow_run_with_same_weights(tmp_path):
     assert runs[0].info.status == "FINISHED"
     steps = {m.step for m in client.get_metric_history(run_id, "loss/token")}
     assert steps == set(range(1, 10))
+    seen = max(client.get_metric_history(run_id, "data/samples_seen"), key=lambda m: m.step)
+    assert seen.value == 9 * 2 * 2  # per-rank loader counters restored from the checkpoint, summed over ranks
 
     a, b = final_weights(ref), final_weights(run)
     assert a.keys() == b.keys()

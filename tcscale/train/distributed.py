@@ -77,14 +77,21 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return bool(t.item() > 0)
 
 
+def all_gather_objects(obj) -> list:
+    """[obj of rank 0, obj of rank 1, ...] on every rank. Collective."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
 def sum_counters(counters: dict[str, float]) -> dict[str, float]:
     """Element-wise sum of per-rank counter dicts (keys may differ between ranks). Collective."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return dict(counters)
-    gathered: list[dict[str, float]] = [{} for _ in range(dist.get_world_size())]
-    dist.all_gather_object(gathered, dict(counters))
     total: dict[str, float] = {}
-    for part in gathered:
+    for part in all_gather_objects(dict(counters)):
         for key, value in part.items():
             total[key] = total.get(key, 0) + value
     return total

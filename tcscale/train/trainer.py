@@ -28,6 +28,7 @@ from tcscale.tracking import build_tracker
 from tcscale.train import checkpoint as ckpt
 from tcscale.train.distributed import (
     DistEnv,
+    all_gather_objects,
     all_reduce_mean,
     all_reduce_min,
     any_rank,
@@ -170,8 +171,12 @@ def train(cfg: TrainConfig, preempt: PreemptionFlag | None = None) -> TrainResul
     loader = None
     if cfg.objective.name != "sepen":
         loader = _train_loader(cfg, comps, env, micro_bs, micro_step, layer_names)
-        if data_state is not None and hasattr(loader, "load_state_dict"):
-            loader.load_state_dict(data_state)
+        # one loader state per rank (the client state holds the list); a different world size restarts the
+        # per-rank streams at the saved micro-step with fresh counters
+        if isinstance(data_state, list) and len(data_state) == env.world_size:
+            loader.load_state_dict(data_state[env.rank])
+        elif data_state is not None:
+            print0(f"resuming with world size {env.world_size} (checkpoint: {len(data_state)}): data streams restart")
     batches = iter(loader) if loader is not None else None
 
     def client_state() -> dict[str, Any]:
@@ -180,7 +185,7 @@ def train(cfg: TrainConfig, preempt: PreemptionFlag | None = None) -> TrainResul
             "micro_step": micro_step,
             "mlflow_run_id": run_id,
             "config": config_to_dict(cfg),
-            "data": loader.state_dict() if loader is not None else None,
+            "data": all_gather_objects(loader.state_dict()) if loader is not None else None,
             "world_size": env.world_size,
         }
 
