@@ -40,7 +40,8 @@ from tcscale.data.loader import ShardStream  # noqa: E402
 from tcscale.data.samples import ProcessSettings, SampleProcessor, collate, decode_masks, decode_shard_sample  # noqa: E402
 from tcscale.models.tokenizer import sd_clip_tokenizer  # noqa: E402
 
-METADATA = Path("/work/shared/data/tokencompose_coco/metadata.jsonl")
+SHARED = Path(os.environ.get("TCSCALE_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared"))
+METADATA = SHARED / "data" / "tokencompose_coco" / "metadata.jsonl"
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field")
 SD14_LAYERS = ((8, 8), (16, 16), (32, 32), (64, 64))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,10 @@ from tcscale.data.align import PhraseAligner
 from tcscale.data.align_report import alignment_report, read_tokencompose_metadata
 from tcscale.models.tokenizer import sd_clip_tokenizer
 
-METADATA = Path("/work/shared/data/tokencompose_coco/metadata.jsonl")
+# ../shared beside the checkout (CI's layout); TCSCALE_SHARED_DIR points elsewhere. CI sets it, so there a
+# missing file fails instead of skipping.
+SHARED = Path(os.environ.get("TCSCALE_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared"))
+METADATA = SHARED / "data" / "tokencompose_coco" / "metadata.jsonl"
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +54,9 @@ def test_overlapping_phrases_longer_first_then_next_free_occurrence(aligner):
 
 def test_alignment_on_official_tokencompose_metadata():
     if not METADATA.is_file():
-        pytest.skip(f"{METADATA} not present")
+        if "TCSCALE_SHARED_DIR" in os.environ:
+            pytest.fail(f"{METADATA} not found (TCSCALE_SHARED_DIR={os.environ['TCSCALE_SHARED_DIR']})")
+        pytest.skip(f"{METADATA} not present (set TCSCALE_SHARED_DIR)")
     report = alignment_report(read_tokencompose_metadata(METADATA), sd_clip_tokenizer())
     assert report["samples"] == 4526 and report["phrases_with_mask"] > 13000
     assert report["aligned_fraction"] >= 0.99, report["dropped"]

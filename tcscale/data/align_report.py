@@ -1,6 +1,6 @@
 """Report how many phrases of a grounded metadata file align to caption tokens.
 
-    python -m tcscale.data.align_report /work/shared/data/tokencompose_coco/metadata.jsonl
+    python -m tcscale.data.align_report ../shared/data/tokencompose_coco/metadata.jsonl
     python -m tcscale.data.align_report 'data/grounded-{000000..000003}.tar'     # shards' json
 
 Reads TokenCompose's metadata.jsonl ({"file_name", "text", "attn_list": [[phrase, mask|null], ...]})
