@@ -136,3 +136,16 @@ def test_trains_from_webdataset_shards(tmp_path):
     assert result.step == 2
     m = result.last_metrics
     assert m["loss/token"] > 0 and m["loss/pixel"] > 0 and m["data/samples_seen"] >= 4
+
+
+def test_bf16_run_with_validation_exports_fp32_weights(tmp_path):
+    """The GPU configs' precision path (bf16 U-Net and text encoder, fp32 VAE) on CPU: train, validate, export."""
+    run = tmp_path / "run"
+    cfg = cfg_for(run, "deepspeed.bf16.enabled=true", "validation.every_steps=2", "validation.num_inference_steps=2")
+    result = trainer_mod.train(cfg)
+    assert result.step == 2 and all(torch.isfinite(torch.tensor(v)) for v in result.last_metrics.values())
+    weights = final_weights(run)
+    assert all(w.dtype == torch.float32 for w in weights.values())
+    out = export_pipeline(run, tmp_path / "export")
+    exported = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(exported[k], weights[k]) for k in weights)
