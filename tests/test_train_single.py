@@ -149,3 +149,12 @@ def test_bf16_run_with_validation_exports_fp32_weights(tmp_path):
     out = export_pipeline(run, tmp_path / "export")
     exported = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
     assert all(torch.equal(exported[k], weights[k]) for k in weights)
+
+
+def test_validation_heatmap_phrases():
+    from tcscale.models.tokenizer import sd_clip_tokenizer
+    from tcscale.train.validation import phrase_tokens
+
+    got = phrase_tokens(sd_clip_tokenizer(), "a photo of a cat and a wine glass, next to a red circle")
+    # ids: SOT a photo of a cat(5) and a wine(8) glass(9) ,(10) next(11) to a red(14) circle(15) EOT
+    assert got == [("cat", [5]), ("wine glass", [8, 9]), ("next", [11]), ("red circle", [14, 15])]

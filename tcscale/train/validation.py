@@ -1,8 +1,8 @@
 """Validation images and per-phrase cross-attention heatmaps, logged to MLflow by rank 0.
 
 Collective: every rank runs the same generation (under ZeRO-3 each U-Net forward gathers the
-partitioned weights from all ranks), rank 0 logs. Heatmaps use the grounding processors' capture
-mode: the head-averaged maps of the grounded layers, summed over sampler steps (conditional half
+partitioned weights from all ranks), rank 0 logs. Heatmaps, one per phrase of the prompt, use the grounding
+processors' capture mode: the head-averaged maps of the grounded layers, summed over sampler steps (conditional half
 of the classifier-free-guidance batch), upsampled to the image and averaged over layers.
 """
 
@@ -19,18 +19,36 @@ from tcscale.config import TrainConfig
 STOPWORDS = {"a", "an", "the", "of", "and", "with", "photo", "picture", "image", "in", "on", "at", "to", "is", "its"}
 
 
-def content_word_tokens(tokenizer, prompt: str) -> list[tuple[str, list[int]]]:
-    """(word, token positions) of the prompt's content words, first occurrence, via the aligner."""
+def prompt_phrases(prompt: str) -> list[str]:
+    """The prompt's phrases for heatmaps: maximal runs of non-stopwords, broken at punctuation, in order
+    ("a photo of a cat and a wine glass" -> ["cat", "wine glass"])."""
+    phrases, run = [], []
+    for raw in prompt.replace(",", " , ").replace(".", " . ").split():
+        word = raw.lower()
+        if word in STOPWORDS or word in {",", "."}:
+            if run:
+                phrases.append(" ".join(run))
+            run = []
+        else:
+            run.append(raw)
+    if run:
+        phrases.append(" ".join(run))
+    return list(dict.fromkeys(phrases))
+
+
+def phrase_tokens(tokenizer, prompt: str) -> list[tuple[str, list[int]]]:
+    """(phrase, token positions) for the prompt's phrases, aligned like training captions."""
     from tcscale.data.align import PhraseAligner
 
-    words = [w.strip(",.") for w in prompt.split()]
-    words = list(dict.fromkeys(w for w in words if w and w.lower() not in STOPWORDS))
-    alignment = PhraseAligner(tokenizer).align(prompt, words)
-    return [(w, pos) for w, pos in zip(words, alignment.positions) if pos]
+    phrases = prompt_phrases(prompt)
+    alignment = PhraseAligner(tokenizer).align(prompt, phrases)
+    return [(p, pos) for p, pos in zip(phrases, alignment.positions) if pos]
 
 
-def heatmap_grid(image: Image.Image, maps: dict[str, torch.Tensor], words: list[tuple[str, list[int]]]) -> Image.Image:
-    """The image followed by one overlay per word: its attention map (normalised to [0, 1]) in red."""
+def heatmap_grid(
+    image: Image.Image, maps: dict[str, torch.Tensor], phrases: list[tuple[str, list[int]]]
+) -> Image.Image:
+    """The image followed by one overlay per phrase: the sum of its tokens' maps (normalised to [0, 1]) in red."""
     W, H = image.size
     base = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
     per_layer = []
@@ -40,7 +58,7 @@ def heatmap_grid(image: Image.Image, maps: dict[str, torch.Tensor], words: list[
         per_layer.append(F.interpolate(grid, size=(H, W), mode="bilinear", align_corners=False)[0])
     avg = torch.stack(per_layer).mean(0)  # (Lk, H, W)
     tiles = [base]
-    for _, positions in words:
+    for _, positions in phrases:
         heat = avg[positions].sum(0)
         heat = ((heat - heat.min()) / (heat.max() - heat.min() + 1e-8)).numpy()[..., None]
         tiles.append(0.5 * base + 0.5 * heat * np.array([1.0, 0.1, 0.1], dtype=np.float32))
@@ -96,12 +114,12 @@ def run_validation(unet, comps, cfg: TrainConfig, objective, tracker, step: int,
                 continue
             tracker.log_image(image, f"validation/step{step:06d}/prompt{i}.png")
             if maps:
-                words = content_word_tokens(comps.tokenizer, prompt)
-                if words:
-                    grid = heatmap_grid(image, maps, words)
+                phrases = phrase_tokens(comps.tokenizer, prompt)
+                if phrases:
+                    grid = heatmap_grid(image, maps, phrases)
                     tracker.log_image(grid, f"validation/step{step:06d}/prompt{i}_attention.png")
                     tracker.log_dict(
-                        {"prompt": prompt, "words": [w for w, _ in words]},
+                        {"prompt": prompt, "phrases": [p for p, _ in phrases]},
                         f"validation/step{step:06d}/prompt{i}_attention.json",
                     )
     finally:
