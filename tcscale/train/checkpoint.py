@@ -58,8 +58,17 @@ def resolve_resume(resume: str | None, ckpt_dir: Path) -> tuple[Path, str] | Non
     return path.parent, path.name
 
 
-def save_checkpoint(engine, ckpt_dir: Path, step: int, client_state: dict[str, Any], keep_last: int, is_rank0: bool):
-    """Collective: every rank must call it."""
+def save_checkpoint(
+    engine,
+    ckpt_dir: Path,
+    step: int,
+    client_state: dict[str, Any],
+    keep_last: int,
+    is_rank0: bool,
+    extra: dict[str, Any] | None = None,
+):
+    """Collective: every rank must call it. `extra` {file name: object} is torch-saved by rank 0 into the
+    checkpoint before it is published (e.g. the EMA weights)."""
     tag = tag_for(step)
     tmp_tag = f"tmp-{tag}"
     if is_rank0:
@@ -67,6 +76,11 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, client_state: dict[str, A
         shutil.rmtree(ckpt_dir / tmp_tag, ignore_errors=True)
     barrier()
     engine.save_checkpoint(str(ckpt_dir), tag=tmp_tag, client_state=client_state, save_latest=False)
+    if is_rank0:
+        import torch
+
+        for name, obj in (extra or {}).items():
+            torch.save(obj, ckpt_dir / tmp_tag / name)
     barrier()
     if is_rank0:
         final = ckpt_dir / tag

@@ -32,7 +32,6 @@ from tcscale.train.distributed import (
     all_reduce_mean,
     all_reduce_min,
     any_rank,
-    barrier,
     broadcast_object,
     init_distributed,
     print0,
@@ -190,12 +189,10 @@ def train(cfg: TrainConfig, preempt: PreemptionFlag | None = None) -> TrainResul
         }
 
     def save(at_step: int) -> None:
-        path = ckpt.save_checkpoint(engine, ckpt_dir, at_step, client_state(), cfg.checkpoint.keep_last, env.is_rank0)
-        if ema is not None and env.is_rank0:
-            tmp = path / "ema.pt.tmp"
-            torch.save(ema.state_dict(), tmp)
-            tmp.replace(path / "ema.pt")
-        barrier()
+        extra = {"ema.pt": ema.state_dict()} if ema is not None else None
+        path = ckpt.save_checkpoint(
+            engine, ckpt_dir, at_step, client_state(), cfg.checkpoint.keep_last, env.is_rank0, extra
+        )
         print0(f"checkpoint saved: {path}")
 
     preempt = preempt if preempt is not None else PreemptionFlag().install()
