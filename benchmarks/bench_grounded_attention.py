@@ -7,11 +7,18 @@ Providers, side by side on every grounded cross-attention layer shape:
 Modes: forward, backward (backward alone, graph retained), full (forward + backward). Time: median and 20/80 %
 quantiles of ``triton.testing.do_bench``; memory: peak extra allocation of one forward + backward.
 
+Timers (``--timer``): ``eager`` (default) is what a training step sees when the CPU cannot run ahead — every launch
+and the Python around it, L2 flushed between calls; ``graph`` captures many calls in one CUDA graph
+(``triton.testing.do_bench_cudagraph``: launch overhead gone, no L2 flush) and times forward and full only (a
+backward alone would replay a forward graph built outside the capture). The two together separate GPU time from
+host overhead on the small layers.
+
 Rows are appended to benchmarks/results/grounded_attention.csv with the GPU name, torch/triton versions and date;
 a plot (grounded_attention_<gpu>.png) and a summary of the ratios against the DESIGN §7 targets
 (grounded_attention_summary_<gpu>.md: fused full ≤ 1.15× sdpa, ≥ 3× faster than reference) are written beside it.
 
     python benchmarks/bench_grounded_attention.py                 # every shape, bf16, B=8, all providers/modes
+    python benchmarks/bench_grounded_attention.py --timer graph --modes forward,full   # GPU time without launches
     python benchmarks/bench_grounded_attention.py --smoke         # CPU: tiny shapes in the Triton interpreter
 
 Without CUDA the script refuses to run, except with --smoke, which only proves that the script executes
@@ -101,10 +108,12 @@ def make_provider(provider: str, inputs) -> Callable[[], list[torch.Tensor]]:
     q, k, v, phrase_masks, token_phrase = inputs
     if provider == "sdpa":
         return lambda: [F.scaled_dot_product_attention(q, k, v)]
+    # validate_values=False: the trainer validates token_phrase once per batch, not once per layer (no host sync)
     if provider == "reference":
-        return lambda: list(cross_attention_with_grounding_reference(q, k, v, phrase_masks, token_phrase))
+        return lambda: list(
+            cross_attention_with_grounding_reference(q, k, v, phrase_masks, token_phrase, validate_values=False)
+        )
     if provider == "fused":
-        # validate_values=False: the trainer validates token_phrase once per batch, not once per layer (no sync)
         return lambda: list(cross_attention_with_grounding(q, k, v, phrase_masks, token_phrase, validate_values=False))
     raise ValueError(f"unknown provider {provider!r}, expected one of {PROVIDERS}")
 
@@ -129,14 +138,17 @@ def wallclock_bench(fn: Callable[[], object], reps: int = 3) -> tuple[float, flo
     return statistics.median(times), q20, q80
 
 
-def gpu_bench(fn: Callable[[], object], inputs_with_grad: list[torch.Tensor]) -> tuple[float, float, float]:
+def gpu_bench(fn: Callable[[], object], inputs_with_grad: list[torch.Tensor], timer: str) -> tuple[float, float, float]:
     import triton.testing
 
-    median, p20, p80 = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8], grad_to_none=inputs_with_grad)
+    if timer == "graph":
+        median, p20, p80 = triton.testing.do_bench_cudagraph(fn, quantiles=[0.5, 0.2, 0.8])
+    else:
+        median, p20, p80 = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8], grad_to_none=inputs_with_grad)
     return median, p20, p80
 
 
-def measure(provider: str, mode: str, inputs, smoke: bool) -> tuple[float, float, float]:
+def measure(provider: str, mode: str, inputs, smoke: bool, timer: str = "eager") -> tuple[float, float, float]:
     q, k, v = inputs[:3]
     forward = make_provider(provider, inputs)
     outputs = forward()
@@ -148,9 +160,16 @@ def measure(provider: str, mode: str, inputs, smoke: bool) -> tuple[float, float
                 forward()
 
     elif mode == "backward":
+        if timer == "graph":
+            raise ValueError("--timer graph times forward and full only (see the module docstring)")
 
         def fn():
             torch.autograd.backward(outputs, grads, retain_graph=True)
+
+    elif timer == "graph":
+
+        def fn():  # gradients returned, not accumulated into .grad: every replay does the same work
+            torch.autograd.grad(forward(), [q, k, v], grads)
 
     else:
 
@@ -159,7 +178,7 @@ def measure(provider: str, mode: str, inputs, smoke: bool) -> tuple[float, float
 
     if smoke:
         return wallclock_bench(fn)
-    return gpu_bench(fn, [q, k, v])
+    return gpu_bench(fn, [q, k, v], timer)
 
 
 def peak_extra_mib(provider: str, inputs) -> float:
@@ -192,7 +211,7 @@ def environment_info(smoke: bool) -> dict[str, str]:
 
 
 FIELDS = (
-    "date gpu torch triton cuda dtype model layer batch heads lq lk head_dim phrases provider mode "
+    "date gpu torch triton cuda timer dtype model layer batch heads lq lk head_dim phrases provider mode "
     "ms_median ms_p20 ms_p80 peak_mib"
 ).split()
 
@@ -207,11 +226,11 @@ def append_rows(path: Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
-def summarize(rows: list[dict], env: dict[str, str], dtype: str, smoke: bool = False) -> str:
+def summarize(rows: list[dict], env: dict[str, str], dtype: str, smoke: bool = False, timer: str = "eager") -> str:
     """Markdown table of full-mode ratios against the DESIGN §7 targets."""
     full = {(r["model"], r["layer"], r["provider"]): r for r in rows if r["mode"] == "full"}
     lines = [
-        f"# Fused grounded attention vs DESIGN §7 targets — {env['gpu']}, {dtype}, {env['date']}",
+        f"# Fused grounded attention vs DESIGN §7 targets — {env['gpu']}, {dtype}, {timer} timer, {env['date']}",
         *(["SMOKE RUN: CPU interpreter, timings mean nothing (the script ran end to end)."] if smoke else []),
         f"torch {env['torch']}, triton {env['triton']}; full = forward + backward; median ms (peak extra MiB)",
         "",
@@ -247,8 +266,9 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     layers = sorted({(r["model"], r["layer"]) for r in rows}, key=str)
-    fig, axes = plt.subplots(1, len(MODES), figsize=(6 * len(MODES), 0.6 * len(layers) + 2.5), squeeze=False)
-    for ax, mode in zip(axes[0], MODES):
+    modes = [m for m in MODES if any(r["mode"] == m for r in rows)]
+    fig, axes = plt.subplots(1, len(modes), figsize=(6 * len(modes), 0.6 * len(layers) + 2.5), squeeze=False)
+    for ax, mode in zip(axes[0], modes):
         width = 0.8 / len(PROVIDERS)
         for i, provider in enumerate(PROVIDERS):
             values = []
@@ -281,6 +301,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--models", default="sd14,sd21", help="comma list of sd14, sd21")
     parser.add_argument("--providers", default=",".join(PROVIDERS))
     parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--timer", default="eager", choices=("eager", "graph"), help="see the module docstring")
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR, help="where the CSV, plot and summary go")
     return parser.parse_args(argv)
 
@@ -292,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
             os.environ["TRITON_INTERPRET"] = "1"  # before kernels are imported (decoration time)
         args.batch, args.phrases = 2, 3
         args.dtype = "fp32" if args.dtype == "bf16" else args.dtype  # no bf16 dot in the interpreter
-        args.out_dir = Path(tempfile.mkdtemp(prefix="bench_grounded_attention_smoke_"))
+        if args.out_dir == RESULTS_DIR:  # smoke timings never go into the committed results
+            args.out_dir = Path(tempfile.mkdtemp(prefix="bench_grounded_attention_smoke_"))
         shapes = SMOKE_SHAPES
         device = "cuda" if torch.cuda.is_available() else "cpu"
     else:
@@ -309,6 +331,9 @@ def main(argv: list[str] | None = None) -> int:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     providers = args.providers.split(",")
     modes = args.modes.split(",")
+    if args.timer == "graph" and "backward" in modes and not args.smoke:
+        modes.remove("backward")
+        print("--timer graph: backward alone is not timed (forward and full are)", file=sys.stderr)
     env = environment_info(args.smoke)
     started = time.perf_counter()
 
@@ -321,11 +346,11 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 mib = float("nan") if args.smoke else peak_extra_mib(provider, inputs)
                 for mode in modes:
-                    median, p20, p80 = measure(provider, mode, inputs, args.smoke)
+                    median, p20, p80 = measure(provider, mode, inputs, args.smoke, args.timer)
                     rows.append(
                         dict(
-                            env, dtype=args.dtype, model=shape.model, layer=shape.layer, batch=args.batch,
-                            heads=shape.heads, lq=shape.lq, lk=shape.lk, head_dim=shape.head_dim,
+                            env, timer=args.timer, dtype=args.dtype, model=shape.model, layer=shape.layer,
+                            batch=args.batch, heads=shape.heads, lq=shape.lq, lk=shape.lk, head_dim=shape.head_dim,
                             phrases=args.phrases, provider=provider, mode=mode, ms_median=f"{median:.4f}",
                             ms_p20=f"{p20:.4f}", ms_p80=f"{p80:.4f}", peak_mib=f"{mib:.1f}",
                         )
@@ -343,9 +368,11 @@ def main(argv: list[str] | None = None) -> int:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     csv_path = args.out_dir / "grounded_attention.csv"
     append_rows(csv_path, rows)
-    summary = summarize(rows, env, args.dtype, smoke=args.smoke)
-    (args.out_dir / f"grounded_attention_summary_{gpu_tag}.md").write_text(summary)
-    plot(rows, args.out_dir / f"grounded_attention_{gpu_tag}.png", f"grounded attention, {env['gpu']}, {args.dtype}")
+    summary = summarize(rows, env, args.dtype, smoke=args.smoke, timer=args.timer)
+    tag = f"{gpu_tag}_{args.dtype}_{args.timer}"
+    (args.out_dir / f"grounded_attention_summary_{tag}.md").write_text(summary)
+    title = f"grounded attention, {env['gpu']}, {args.dtype}, {args.timer} timer"
+    plot(rows, args.out_dir / f"grounded_attention_{tag}.png", title)
     print()
     print(summary)
     print(f"wrote {csv_path}, plot and summary in {args.out_dir} ({time.perf_counter() - started:.1f} s)")

@@ -5,7 +5,11 @@ real objective code, side by side in one process, without DeepSpeed (the engine 
 overhead to every provider). DESIGN §7 target: TokenCompose step <= 1.05x the LDM-only step.
 
     python benchmarks/bench_step.py --pretrained CompVis/stable-diffusion-v1-4 --resolution 512 --batch 4   # GPU
+    python benchmarks/bench_step.py --arch sd14 --resolution 512 --batch 4      # GPU without the hub: random weights
     python benchmarks/bench_step.py --tiny --resolution 64 --batch 2 --steps 10                            # CPU smoke
+
+`--arch sd14|sd21` builds the released architecture with random weights directly on the GPU: a step's time and
+memory depend on the shapes, not on the weight values, so machines that cannot reach the model hub measure it too.
 
 Appends one JSON line per provider to benchmarks/results/step_time.jsonl (device, versions, shapes, date).
 """
@@ -16,16 +20,22 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
-from tcscale.attention.grounding_processor import install_grounding_processors, select_layers
-from tcscale.config import AttentionConfig, ModelConfig, ObjectiveConfig
-from tcscale.models.sd import load_components
-from tcscale.objectives.tokencompose import DiffusionObjective
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # `python benchmarks/bench_step.py` from a checkout without an install
+    sys.path.insert(0, str(REPO))
+
+from tcscale.attention.grounding_processor import install_grounding_processors, select_layers  # noqa: E402
+from tcscale.config import AttentionConfig, ModelConfig, ObjectiveConfig  # noqa: E402
+from tcscale.models.architectures import build_random_components  # noqa: E402
+from tcscale.models.sd import load_components  # noqa: E402
+from tcscale.objectives.tokencompose import DiffusionObjective  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "step_time.jsonl"
 
@@ -49,19 +59,26 @@ def synthetic_batch(batch: int, resolution: int, phrases: int = 3) -> dict:
 
 
 def time_provider(name: str, args, device: torch.device, dtype: torch.dtype) -> dict:
-    model_cfg = ModelConfig(pretrained=None if args.tiny else args.pretrained)
-    comps = load_components(model_cfg, args.resolution)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()  # peak of this provider only
+    if args.arch:
+        comps = build_random_components(args.arch, args.resolution, device=device)
+    else:
+        comps = load_components(ModelConfig(pretrained=None if args.tiny else args.pretrained), args.resolution)
     comps.vae.requires_grad_(False).to(device, torch.float32)
     comps.text_encoder.requires_grad_(False).to(device, dtype)
     unet = comps.unet.to(device, dtype).train()
     obj_cfg = ObjectiveConfig(name="ldm" if name == "ldm_sdpa" else "tokencompose")
+    names = []
     if name == "ldm_sdpa":
         objective = DiffusionObjective(comps, obj_cfg, None, dtype)
     else:
         backend = name.split("_")[-1]
-        names = select_layers(unet, ["mid", "up"], None, args.resolution // 8)
+        grounded = AttentionConfig(backend=backend)  # the default grounded layers: mid + every up block attn2
+        names = select_layers(unet, grounded.blocks, grounded.resolutions, args.resolution // 8)
         install_grounding_processors(unet, names, backend)
-        objective = DiffusionObjective(comps, obj_cfg, AttentionConfig(backend=backend), dtype, names)
+        objective = DiffusionObjective(comps, obj_cfg, grounded, dtype, names)
     opt = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=1e-6)
     batch = synthetic_batch(args.batch, args.resolution)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -86,13 +103,24 @@ def time_provider(name: str, args, device: torch.device, dtype: torch.dtype) -> 
         "ms_p80": 1e3 * q[3],
         "peak_mib": peak,
         "steps": len(times),
+        "grounded_layers": len(names),
     }
 
 
-def main() -> None:
+def _triton_version() -> str | None:
+    try:
+        import triton
+
+        return triton.__version__
+    except ImportError:
+        return None
+
+
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pretrained", default="CompVis/stable-diffusion-v1-4")
     ap.add_argument("--tiny", action="store_true", help="tiny random-init models (CPU smoke)")
+    ap.add_argument("--arch", choices=["sd14", "sd21"], help="released architecture with random weights (no hub)")
     ap.add_argument("--resolution", type=int, default=512)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--steps", type=int, default=20)
@@ -100,7 +128,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     ap.add_argument("--providers", default="ldm_sdpa,tokencompose_reference,tokencompose_fused")
     ap.add_argument("--out", default=str(RESULTS))
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if args.dtype == "bf16" and device.type == "cuda" else torch.float32
     providers = args.providers.split(",")
@@ -114,7 +142,8 @@ def main() -> None:
         if device.type == "cuda"
         else f"cpu ({platform.processor() or 'x86_64'})",
         "torch": torch.__version__,
-        "model": "tiny" if args.tiny else args.pretrained,
+        "model": f"{args.arch} (random weights)" if args.arch else "tiny" if args.tiny else args.pretrained,
+        "triton": _triton_version(),
         "resolution": args.resolution,
         "batch": args.batch,
         "dtype": str(dtype).replace("torch.", ""),

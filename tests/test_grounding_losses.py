@@ -124,6 +124,19 @@ def test_gradient_matches_design_formulas():
     assert torch.allclose(grad, expected.unsqueeze(1).expand_as(grad) / 3, rtol=1e-9, atol=1e-12)
 
 
+def test_unvalidated_path_gives_the_same_losses_and_gradients():
+    """validate_values=False (the trainer checked the batch once) changes nothing but the host sync."""
+    attn, masks, token_phrase = random_case()
+    results = []
+    for validate in (True, False):
+        a = attn.clone().requires_grad_(True)
+        out = grounding_losses(a, masks, token_phrase, validate_values=validate)
+        (out["token"] + 0.5 * out["pixel"]).backward()
+        results.append((out["token"].detach(), out["pixel"].detach(), a.grad))
+    for x, y in zip(*results):
+        assert torch.equal(x, y)
+
+
 def test_bad_shapes_and_indices_name_the_argument():
     attn, masks, token_phrase = random_case()
     with pytest.raises(ValueError, match="phrase_masks"):
@@ -132,7 +145,10 @@ def test_bad_shapes_and_indices_name_the_argument():
         grounding_losses(attn, masks, token_phrase[:, :5])
     bad = token_phrase.clone()
     bad[0, 0] = 7
-    with pytest.raises(ValueError, match="phrase 7"):
+    with pytest.raises(ValueError, match=r"token_phrase values .* P=3 .* \[-1, 7\]"):
+        grounding_losses(attn, masks, bad)
+    bad[0, 0] = -2  # only -1 means "no phrase"
+    with pytest.raises(ValueError, match=r"\[-2, 2\]"):
         grounding_losses(attn, masks, bad)
     with pytest.raises(ValueError, match="token_loss_heads"):
         grounding_losses(attn, masks, token_phrase, token_loss_heads="nope")

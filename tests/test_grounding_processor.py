@@ -151,3 +151,24 @@ def test_fused_backend_without_gpu_is_a_clear_error(monkeypatch):
     unet = tiny_unet(TinyModelConfig(), 8)
     with pytest.raises(RuntimeError, match="(?i)gpu|cuda|triton"):
         install_grounding_processors(unet, select_layers(unet, ["up"], None, 8), "fused")
+
+
+def test_token_phrase_checked_once_per_forward():
+    """The objective validates token_phrase once for the batch (naming the range); a checked context makes the
+    layers skip their own validation, with the same losses as unchecked layers."""
+    unet, _ = grounded_unet()
+    latents, t, text, masks, token_phrase = make_inputs()
+    bad = token_phrase.clone()
+    bad[1, 5] = masks.shape[1]  # a phrase slot that does not exist
+    ctx = GroundingContext(latent_size=(8, 8), token_phrase=bad, phrase_masks=masks)
+    with pytest.raises(ValueError, match=rf"token_phrase values .* P={masks.shape[1]} .* \[-1, {masks.shape[1]}\]"):
+        ctx.check_token_phrase()
+    assert not ctx.token_phrase_checked
+    losses = []
+    for check in (False, True):
+        ctx = GroundingContext(latent_size=(8, 8), token_phrase=token_phrase, phrase_masks=masks)
+        if check:
+            ctx.check_token_phrase()
+        unet(latents, t, text, cross_attention_kwargs={"grounding": ctx})
+        losses.append([(r.token.item(), r.pixel.item()) for r in ctx.records])
+    assert losses[0] == losses[1] and len(losses[0]) > 0

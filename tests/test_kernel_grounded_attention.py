@@ -374,3 +374,26 @@ def test_gpu_memory_far_below_materialised_reference():
     assert fused_mib < 3 * q_mib + 0.25 * attn_mib, (fused_mib, ref_mib, attn_mib, q_mib)
     assert fused_mib < 0.3 * ref_mib, (fused_mib, ref_mib)
     assert math.isfinite(fused_mib)
+
+
+@pytest.mark.gpu
+def test_gpu_no_host_sync_when_validated_once():
+    """With token_phrase validated once per batch (validate_values=False), neither the fused kernel nor the
+    PyTorch reference losses synchronise with the device, forward or backward (CUDA sync debug mode)."""
+    from tcscale.losses import grounding_losses
+
+    inputs = make_inputs(4, 8, 256, 77, 80, 8, torch.bfloat16, device="cuda")
+    q, k, v, masks, token_phrase = inputs
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out, token, pixel = cross_attention_with_grounding(q, k, v, masks, token_phrase, validate_values=False)
+    (out.float().sum() + token + pixel).backward()  # the first calls compile; the checked ones come after them
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out, token, pixel = cross_attention_with_grounding(q, k, v, masks, token_phrase, validate_values=False)
+        (out.float().sum() + token + pixel).backward()
+        probs = torch.softmax((q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5, dim=-1)
+        losses = grounding_losses(probs, masks, token_phrase, validate_values=False)
+        (losses["token"] + losses["pixel"]).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 from tcscale.attention.masks import masks_to_layer
-from tcscale.losses.grounding import grounding_losses
+from tcscale.losses.grounding import check_token_phrase, grounding_losses
 
 _BLOCK_RE = re.compile(r"^(down_blocks|mid_block|up_blocks)")
 
@@ -57,6 +57,16 @@ class GroundingContext:
     records: list[LayerRecord] = field(default_factory=list)
     captured: dict[str, torch.Tensor] = field(default_factory=dict)  # layer -> running sum (B, Lq, Lk)
     recording: bool = True  # the caller clears it after the forward: a checkpoint's recompute records nothing
+    token_phrase_checked: bool = False  # set by check_token_phrase(): the layers then validate nothing (no sync)
+
+    def check_token_phrase(self) -> None:
+        """Validate token_phrase against the phrase slots once for the whole forward (one host sync), so that no
+        grounded layer synchronises with the device to validate it again."""
+        masks = self.phrase_masks if self.phrase_masks is not None else next(iter(self.layer_masks.values()), None)
+        if self.token_phrase is None or masks is None:
+            raise ValueError("grounding context needs token_phrase and phrase masks (full-resolution or per layer)")
+        check_token_phrase(self.token_phrase, masks.shape[1])
+        self.token_phrase_checked = True
 
     def layer_size(self, seq_len: int) -> tuple[int, int]:
         """(h, w) of a layer from its number of query positions and the input latent size."""
@@ -168,12 +178,20 @@ class GroundingAttnProcessor:
         if self.backend == "fused":
             from kernels import cross_attention_with_grounding
 
-            out, token, pixel = cross_attention_with_grounding(q, k, v, masks, token_phrase, scale=attn.scale)
+            out, token, pixel = cross_attention_with_grounding(
+                q, k, v, masks, token_phrase, scale=attn.scale, validate_values=not ctx.token_phrase_checked
+            )
         else:
             # softmax in fp32: bf16 probabilities would make the loss ratios noisy
             probs = (q @ k.transpose(-1, -2) * attn.scale).float().softmax(dim=-1)  # (B, H, Lq, Lk)
             out = probs.to(v.dtype) @ v
-            losses = grounding_losses(probs, masks, token_phrase, token_loss_heads=ctx.token_loss_heads)
+            losses = grounding_losses(
+                probs,
+                masks,
+                token_phrase,
+                token_loss_heads=ctx.token_loss_heads,
+                validate_values=not ctx.token_phrase_checked,
+            )
             token, pixel = losses["token"], losses["pixel"]
         ctx.record(LayerRecord(self.name, size, token, pixel))
         return out

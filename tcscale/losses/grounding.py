@@ -15,14 +15,28 @@ import torch.nn.functional as F
 TOKEN_LOSS_HEADS = ("mean_map", "per_head")
 
 
-def phrase_token_onehot(token_phrase: torch.Tensor, num_phrases: int, dtype: torch.dtype) -> torch.Tensor:
+def check_token_phrase(token_phrase: torch.Tensor, num_phrases: int) -> None:
+    """token_phrase holds integers in [-1, num_phrases): one host sync (a trainer calls this once per batch and
+    passes ``validate_values=False`` to the per-layer losses, which then run without any sync)."""
+    if token_phrase.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"token_phrase must be an integer tensor, got {token_phrase.dtype}")
+    if token_phrase.numel():
+        lo, hi = torch.stack(torch.aminmax(token_phrase)).tolist()
+        if lo < -1 or hi >= num_phrases:
+            raise ValueError(
+                f"token_phrase values must be -1 or a phrase index < P={num_phrases} (the phrase_masks slots), "
+                f"got range [{lo}, {hi}]"
+            )
+
+
+def phrase_token_onehot(
+    token_phrase: torch.Tensor, num_phrases: int, dtype: torch.dtype, validate_values: bool = True
+) -> torch.Tensor:
     """(B, Lk) phrase index per token (or -1) -> (B, Lk, P) one-hot membership of token i in phrase p."""
     if token_phrase.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"token_phrase must be an integer tensor, got {token_phrase.dtype}")
-    if token_phrase.numel() and int(token_phrase.max()) >= num_phrases:
-        raise ValueError(
-            f"token_phrase refers to phrase {int(token_phrase.max())} but phrase_masks has only {num_phrases} phrases"
-        )
+    if validate_values:
+        check_token_phrase(token_phrase, num_phrases)
     phrase_ids = torch.arange(num_phrases, device=token_phrase.device)
     return (token_phrase.long().unsqueeze(-1) == phrase_ids).to(dtype)
 
@@ -33,6 +47,7 @@ def grounding_losses(
     token_phrase: torch.Tensor,
     *,
     token_loss_heads: str = "mean_map",
+    validate_values: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Token and pixel losses of one cross-attention layer.
 
@@ -42,6 +57,8 @@ def grounding_losses(
         token_phrase: (B, Lk) int64 phrase index of each token, or -1.
         token_loss_heads: "mean_map" (paper Eq. 5 on the head-averaged map) or "per_head" (official code:
             the activation ratio is computed per head and averaged over heads before squaring).
+        validate_values: check token_phrase ∈ [-1, P) here (one host sync); with False the function never
+            synchronises with the device (the caller has run ``check_token_phrase`` once for the batch).
 
     Returns:
         {"token": scalar, "pixel": scalar}, float32 (float64 if attn is float64).
@@ -60,7 +77,7 @@ def grounding_losses(
     attn = attn.to(dtype)
     masks = phrase_masks.to(dtype)  # (B, P, Lq)
     P = masks.shape[1]
-    onehot = phrase_token_onehot(token_phrase, P, dtype)  # (B, Lk, P)
+    onehot = phrase_token_onehot(token_phrase, P, dtype, validate_values)  # (B, Lk, P)
     is_phrase_token = onehot.sum(-1) > 0  # (B, Lk)
     tokens_per_phrase = onehot.sum(1)  # (B, P)
     phrase_present = tokens_per_phrase > 0  # (B, P)
@@ -92,9 +109,9 @@ def grounding_losses(
     def batch_mean(per_phrase: torch.Tensor) -> torch.Tensor:
         per_phrase = torch.where(phrase_present, per_phrase, torch.zeros_like(per_phrase))
         per_sample = per_phrase.sum(-1) / phrases_per_sample.clamp(min=1).to(dtype)  # (B,)
-        n_valid = sample_has_phrase.sum()
-        if int(n_valid) == 0:
-            return attn.sum() * 0.0  # keeps the graph: every rank must still run backward
-        return torch.where(sample_has_phrase, per_sample, torch.zeros_like(per_sample)).sum() / n_valid.to(dtype)
+        n_valid = sample_has_phrase.sum().clamp(min=1).to(dtype)
+        # with no phrase in the batch every term is a masked 0: the result is 0, still attached to the graph (every
+        # rank must run backward), and no data-dependent branch forces a host sync
+        return torch.where(sample_has_phrase, per_sample, torch.zeros_like(per_sample)).sum() / n_valid
 
     return {"token": batch_mean(per_phrase_token), "pixel": batch_mean(per_phrase_pixel)}

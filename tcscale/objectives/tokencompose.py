@@ -75,6 +75,7 @@ class DiffusionObjective:
             mask_interpolation=att.mask_interpolation,
             mask_threshold=att.mask_threshold,
         )
+        ctx.check_token_phrase()  # once per batch; the grounded layers then never synchronise to validate it
         pred = unet(noisy.to(self.compute_dtype), timesteps, text, cross_attention_kwargs={"grounding": ctx}).sample
         ctx.recording = False  # an activation checkpoint's recompute during backward must not record again
         records = ctx.records
