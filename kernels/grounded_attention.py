@@ -19,8 +19,11 @@ over several programs for parallelism, sums the per-split fp32 partials in a fix
 repeated calls give bit-identical results.
 
 Saved for backward (extra memory O(B·H·Lq + B·P·Lq + B·Lk)): LSE (B, H, Lq) fp32, the phrase maps S (B, P, Lq)
-fp32, the fp32 phrase masks (B, P, Lq), token_phrase (B, Lk) int32, r_i and a per-token coefficient (B, Lk) fp32,
-a per-phrase coefficient (B, P) fp32 and 1/B_eff. q, k, v are the inputs themselves.
+fp32, the fp32 phrase masks (B, P, Lq), token_phrase (B, Lk) as given (int64 or int32), r_i and a per-token
+coefficient (B, Lk) fp32, a per-phrase coefficient (B, P) fp32 and 1/B_eff. q, k, v are the inputs themselves.
+
+Launches (forward + backward): forward, finalize, batch mean; backward, plus one sum and one cast of the fp32
+dK/dV partials when the query axis is split. No conversion kernels or zero-fills.
 """
 
 from __future__ import annotations
@@ -60,7 +63,7 @@ def triton_available() -> bool:
 @triton.jit
 def _grounded_attention_fwd_kernel(
     Q, K, V, Out, LSE,  # q (B,H,Lq,D) any strides, k/v (B,H,Lk,D) contiguous, out like q, LSE (B,H,Lq) fp32
-    Masks, TokPhrase, PhraseMaps,  # masks (B,P,Lq) fp32, token_phrase (B,Lk) int32, S (B,P,Lq) fp32 (written)
+    Masks, TokPhrase, PhraseMaps,  # masks (B,P,Lq) fp32, token_phrase (B,Lk) int64/int32, S (B,P,Lq) fp32 (written)
     PartA, PartS, PartBCE,  # (B, NUM_MB, BLOCK_N), (B, NUM_MB, BLOCK_N), (B, NUM_MB, BLOCK_P) fp32 partials
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_ob, stride_oh, stride_om, stride_od,
@@ -232,12 +235,12 @@ def _grounding_batch_mean_kernel(
 @triton.jit
 def _grounded_attention_bwd_kernel(
     Q, K, V, dOut, LSE,
-    Masks, TokPhrase, PhraseMaps, Ratio, TokCoef, PixCoef, InvBatch, UpstreamLossGrad,
-    dQ, dK, dV,  # dQ like q; dK/dV contiguous (B,H,Lk,D), or fp32 partials (num_splits, B, H, Lk, D)
+    Masks, TokPhrase, PhraseMaps, Ratio, TokCoef, PixCoef, InvBatch, GradToken, GradPixel,  # GradX: ∂ℓ/∂L_x (fp32)
+    dQ, dK, dV,  # dQ like q; dK/dV contiguous (B,H,Lk,D), or fp32 partials of split s at dK + s·stride_dkv_split
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    B, H, Lq, Lk, P, NUM_MB, MB_PER_SPLIT,
+    B, H, Lq, Lk, P, NUM_MB, MB_PER_SPLIT, stride_dkv_split,
     scale, scale_log2e, inv_H,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, NUM_DK: tl.constexpr,
     BLOCK_P: tl.constexpr,
@@ -274,8 +277,8 @@ def _grounded_attention_bwd_kernel(
         tok_phrase = tl.load(TokPhrase + b * Lk + offs_n, mask=col_ok, other=-1)
         onehot = ((tok_phrase[:, None] == offs_p[None, :]) & p_ok[None, :]).to(tl.float32)  # (BLOCK_N, BLOCK_P)
         inv_batch = tl.load(InvBatch)
-        grad_token = tl.load(UpstreamLossGrad + 0) * inv_batch
-        grad_pixel = tl.load(UpstreamLossGrad + 1) * inv_batch
+        grad_token = tl.load(GradToken) * inv_batch
+        grad_pixel = tl.load(GradPixel) * inv_batch
         c1 = tl.load(TokCoef + b * BLOCK_N + offs_n) * grad_token
         c0 = -c1 * tl.load(Ratio + b * BLOCK_N + offs_n)
         pix_w = tl.load(PixCoef + b * BLOCK_P + offs_p) * grad_pixel
@@ -354,7 +357,7 @@ def _grounded_attention_bwd_kernel(
 
     # (7) store dK, dV (this split's partial when the query axis is split over programs)
     out_mask = col_ok[:, None] & dc_ok[None, :]
-    dkv_offs = split * B * H * Lk * D + kv_rows + offs_dc[None, :]
+    dkv_offs = split * stride_dkv_split + kv_rows + offs_dc[None, :]
     tl.store(dK + dkv_offs, (dk_acc * scale).to(dK.dtype.element_ty), mask=out_mask)
     tl.store(dV + dkv_offs, dv_acc.to(dV.dtype.element_ty), mask=out_mask)
 
@@ -516,20 +519,24 @@ def grounded_attention_forward(
     num_mb = triton.cdiv(Lq, block_m)
     has_phrases = P > 0
 
-    masks_f32 = phrase_masks.to(torch.float32).contiguous()  # (B, P, Lq)
-    tok_phrase_i32 = token_phrase.to(torch.int32).contiguous()  # (B, Lk)
+    # No conversion kernels and no zero-fills: fp32 masks and int64/int32 token_phrase are read as they are (the
+    # trainer's dtypes), and every buffer below is completely written by the kernels. Launches per forward: 3.
+    masks_f32 = phrase_masks.to(torch.float32).contiguous()  # (B, P, Lq); a no-op for the trainer's fp32 masks
+    tok_phrase = token_phrase.contiguous()  # (B, Lk) int64 or int32, read by the kernels directly
     out = torch.empty_like(q)  # keeps q's layout (e.g. a transposed diffusers view stays cheap to transpose back)
     lse = torch.empty((B, H, Lq), device=device, dtype=torch.float32)
     f32 = dict(device=device, dtype=torch.float32)
     phrase_maps = torch.empty((B, P, Lq), **f32)
-    part_a = torch.empty((B, num_mb, BLOCK_N), **f32)
-    part_s = torch.empty((B, num_mb, BLOCK_N), **f32)
-    part_bce = torch.empty((B, num_mb, BLOCK_P), **f32)
+    # the forward partials in one allocation (fewer allocator calls on the host): (B, num_mb, 2·BLOCK_N + BLOCK_P)
+    partials = torch.empty((B * num_mb * (2 * BLOCK_N + BLOCK_P),), **f32)
+    part_a = partials[: B * num_mb * BLOCK_N]
+    part_s = partials[B * num_mb * BLOCK_N : 2 * B * num_mb * BLOCK_N]
+    part_bce = partials[2 * B * num_mb * BLOCK_N :]
     dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"  # tf32 is ignored for fp16/bf16 operands
 
     _grounded_attention_fwd_kernel[(num_mb, B)](
         q, k, v, out, lse,
-        masks_f32, tok_phrase_i32, phrase_maps,
+        masks_f32, tok_phrase, phrase_maps,
         part_a, part_s, part_bce,
         *q.stride(), *out.stride(),
         H, Lq, Lk, P, num_mb,
@@ -540,24 +547,26 @@ def grounded_attention_forward(
         num_warps=blocks.num_warps, num_stages=blocks.num_stages,
     )  # fmt: skip
 
-    ratio = torch.zeros((B, BLOCK_N), **f32)
-    tok_coef = torch.zeros((B, BLOCK_N), **f32)
-    pix_coef = torch.zeros((B, BLOCK_P), **f32)
-    sample_stats = torch.zeros((B, 3), **f32)
-    if has_phrases:
-        _grounding_finalize_kernel[(B,)](
-            part_a, part_s, part_bce, tok_phrase_i32,
-            ratio, tok_coef, pix_coef, sample_stats,
-            Lq, Lk, P, num_mb,
-            BLOCK_N=BLOCK_N, BLOCK_P=BLOCK_P, BLOCK_MB=min(16, triton.next_power_of_2(num_mb)),
-        )  # fmt: skip
+    # finalize runs even with P = 0: it then writes zeros (no token belongs to a phrase; the unwritten partials are
+    # never selected), so nothing needs a zero-fill
+    coefs = torch.empty((B * (2 * BLOCK_N + BLOCK_P + 3),), **f32)
+    ratio = coefs[: B * BLOCK_N].view(B, BLOCK_N)
+    tok_coef = coefs[B * BLOCK_N : 2 * B * BLOCK_N].view(B, BLOCK_N)
+    pix_coef = coefs[2 * B * BLOCK_N : B * (2 * BLOCK_N + BLOCK_P)].view(B, BLOCK_P)
+    sample_stats = coefs[B * (2 * BLOCK_N + BLOCK_P) :].view(B, 3)
+    _grounding_finalize_kernel[(B,)](
+        part_a, part_s, part_bce, tok_phrase,
+        ratio, tok_coef, pix_coef, sample_stats,
+        Lq, Lk, P, num_mb,
+        BLOCK_N=BLOCK_N, BLOCK_P=BLOCK_P, BLOCK_MB=min(16, triton.next_power_of_2(num_mb)),
+    )  # fmt: skip
     token_loss = torch.empty((), **f32)
     pixel_loss = torch.empty((), **f32)
     inv_batch = torch.empty((1,), **f32)
     _grounding_batch_mean_kernel[(1,)](sample_stats, token_loss, pixel_loss, inv_batch, B, BLOCK_B=_pow2(B, 2))
 
     saved = dict(
-        lse=lse, masks=masks_f32, token_phrase=tok_phrase_i32, phrase_maps=phrase_maps,
+        lse=lse, masks=masks_f32, token_phrase=tok_phrase, phrase_maps=phrase_maps,
         ratio=ratio, tok_coef=tok_coef, pix_coef=pix_coef, inv_batch=inv_batch, scale=scale,
     )  # fmt: skip
     return out, token_loss, pixel_loss, saved
@@ -596,20 +605,22 @@ def grounded_attention_backward(
     dq = torch.empty_like(q)
     if num_splits == 1:
         dk, dv = torch.empty_like(k), torch.empty_like(v)  # contiguous like the saved k, v
-        dk_buf, dv_buf = dk, dv
-    else:  # fp32 partials, summed below in split order (deterministic)
-        dk_buf = torch.empty((num_splits, B, H, Lk, D), device=device, dtype=torch.float32)
-        dv_buf = torch.empty((num_splits, B, H, Lk, D), device=device, dtype=torch.float32)
-    upstream = torch.stack([grad_token.reshape(()), grad_pixel.reshape(())]).to(device=device, dtype=torch.float32)
+        dk_buf, dv_buf, split_stride = dk, dv, 0
+    else:  # fp32 partials (num_splits, 2, B, H, Lk, D) for dK, dV: one sum in split order below (deterministic)
+        dkv_buf = torch.empty((num_splits, 2, B, H, Lk, D), device=device, dtype=torch.float32)
+        dk_buf, dv_buf, split_stride = dkv_buf[:, 0], dkv_buf[:, 1], dkv_buf.stride(0)
+    # the upstream loss gradients are read in place (0-dim fp32 tensors): no stacking kernel
+    grad_token = grad_token.reshape(()).to(device=device, dtype=torch.float32)
+    grad_pixel = grad_pixel.reshape(()).to(device=device, dtype=torch.float32)
     dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
 
     _grounded_attention_bwd_kernel[(B * H, num_splits, num_dc)](
         q, k, v, grad_out, saved["lse"],
         masks, saved["token_phrase"], saved["phrase_maps"], saved["ratio"], saved["tok_coef"], saved["pix_coef"],
-        saved["inv_batch"], upstream,
+        saved["inv_batch"], grad_token, grad_pixel,
         dq, dk_buf, dv_buf,
         *q.stride(), *grad_out.stride(), *dq.stride(),
-        B, H, Lq, Lk, P, num_mb, mb_per_split,
+        B, H, Lq, Lk, P, num_mb, mb_per_split, split_stride,
         saved["scale"], saved["scale"] * LOG2E, 1.0 / H,
         D=D, BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_DK=blocks.block_d, NUM_DK=triton.cdiv(D, blocks.block_d),
         BLOCK_P=BLOCK_P,
@@ -617,8 +628,8 @@ def grounded_attention_backward(
         num_warps=blocks.num_warps, num_stages=blocks.num_stages,
     )  # fmt: skip
     if num_splits > 1:
-        dk = dk_buf.sum(0).to(k.dtype)
-        dv = dv_buf.sum(0).to(v.dtype)
+        dkv = dkv_buf.sum(0).to(k.dtype)  # (2, B, H, Lk, D): one reduction and one cast for both
+        dk, dv = dkv[0], dkv[1]
     return dq, dk, dv
 
 

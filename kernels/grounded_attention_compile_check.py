@@ -84,7 +84,7 @@ def compile_kernels(
         (
             "forward",
             ga._grounded_attention_fwd_kernel,
-            dict(Q=f"*{t}", K=f"*{t}", V=f"*{t}", Out=f"*{t}", LSE=f32, Masks=f32, TokPhrase="*i32", PhraseMaps=f32,
+            dict(Q=f"*{t}", K=f"*{t}", V=f"*{t}", Out=f"*{t}", LSE=f32, Masks=f32, TokPhrase="*i64", PhraseMaps=f32,
                  PartA=f32, PartS=f32, PartBCE=f32),
             dict(common, BLOCK_M=blocks.block_m_fwd, HAS_PHRASES=True, DOT_PRECISION=precision),
             blocks.num_warps, blocks.num_stages,
@@ -92,7 +92,7 @@ def compile_kernels(
         (
             "finalize",
             ga._grounding_finalize_kernel,
-            dict(PartA=f32, PartS=f32, PartBCE=f32, TokPhrase="*i32", Ratio=f32, TokCoef=f32, PixCoef=f32,
+            dict(PartA=f32, PartS=f32, PartBCE=f32, TokPhrase="*i64", Ratio=f32, TokCoef=f32, PixCoef=f32,
                  SampleStats=f32),
             dict(BLOCK_N=blocks.BLOCK_N, BLOCK_P=blocks.BLOCK_P, BLOCK_MB=16),
             4, 1,
@@ -107,8 +107,9 @@ def compile_kernels(
         (
             "backward",
             ga._grounded_attention_bwd_kernel,
-            dict(Q=f"*{t}", K=f"*{t}", V=f"*{t}", dOut=f"*{t}", LSE=f32, Masks=f32, TokPhrase="*i32", PhraseMaps=f32,
-                 Ratio=f32, TokCoef=f32, PixCoef=f32, InvBatch=f32, UpstreamLossGrad=f32, dQ=f"*{t}", dK=f32, dV=f32),
+            dict(Q=f"*{t}", K=f"*{t}", V=f"*{t}", dOut=f"*{t}", LSE=f32, Masks=f32, TokPhrase="*i64", PhraseMaps=f32,
+                 Ratio=f32, TokCoef=f32, PixCoef=f32, InvBatch=f32, GradToken=f32, GradPixel=f32, dQ=f"*{t}",
+                 dK=f32, dV=f32),
             dict(common, BLOCK_M=blocks.block_m_bwd, HAS_PHRASES=True, DOT_PRECISION=precision,
                  LOSS_DOT_PRECISION=precision),
             blocks.num_warps, blocks.num_stages,

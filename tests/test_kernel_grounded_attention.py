@@ -235,6 +235,34 @@ def test_noncontiguous_views_custom_scale_and_determinism():
 
 
 @pytest.mark.interpret
+@pytest.mark.parametrize("P", [4, 0], ids=["phrases", "zero-phrase-slots"])
+def test_every_buffer_written_before_read_and_int32_token_phrase(monkeypatch, P):
+    """The launchers allocate without zero-fills: with every torch.empty / empty_like poisoned (NaN, or a huge
+    integer), forward and backward give bit-identical results, so no kernel reads memory nothing wrote. An int32
+    token_phrase gives the same results as int64 (both are read in place)."""
+    B, H, Lq, Lk, D = 3, 2, 37, 20, 40
+    config = KernelConfig(block_m_fwd=16, block_m_bwd=16, num_splits=2)
+    inputs = make_inputs(B, H, Lq, Lk, D, P, torch.float32, seed=7)
+    grads = make_grads((B, H, Lq, D), torch.float32)
+    clean = run_fused(inputs, grads, config)
+    int32_inputs = (*inputs[:4], inputs[4].to(torch.int32))
+    for name, a, b_ in zip(NAMES, clean, run_fused(int32_inputs, grads, config)):
+        assert torch.equal(a, b_), f"{name}: int32 token_phrase differs from int64"
+
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def poison(t: torch.Tensor) -> torch.Tensor:
+        return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(2**30)
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(empty_like(*a, **k)))
+    poisoned = run_fused(inputs, grads, config)
+    monkeypatch.undo()
+    for name, a, b_ in zip(NAMES, clean, poisoned):
+        assert torch.isfinite(b_).all() and torch.equal(a, b_), f"{name} changes when fresh buffers hold garbage"
+
+
+@pytest.mark.interpret
 def test_saves_nothing_of_attention_size():
     """Nothing of size B·H·Lq·Lk is kept for backward: only q, k, v and O(B·H·Lq + B·P·Lq + B·Lk) reductions."""
     B, H, Lq, Lk, D, P = 2, 2, 20, 77, 16, 3
