@@ -32,6 +32,7 @@ import csv
 import datetime as dt
 import math
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -101,6 +102,23 @@ def make_inputs(shape: Shape, batch: int, phrases: int, dtype: torch.dtype, devi
     return q, k, v, phrase_masks, token_phrase.to(device)
 
 
+def parse_variant(provider: str):
+    """``fused[block_d=64,num_warps=4]`` → KernelConfig(block_d=64, num_warps=4); ``fused`` → None (defaults)."""
+    from kernels import KernelConfig
+
+    if provider == "fused":
+        return None
+    if not (provider.startswith("fused[") and provider.endswith("]")):
+        raise ValueError(f"unknown provider {provider!r}, expected one of {PROVIDERS} or fused[key=value,...]")
+    fields = {}
+    for item in filter(None, provider[len("fused[") : -1].split(",")):
+        key, _, value = item.partition("=")
+        if key not in KernelConfig.__dataclass_fields__ or not value.isdigit():
+            raise ValueError(f"{provider!r}: {item!r} is not a KernelConfig field=integer")
+        fields[key] = int(value)
+    return KernelConfig(**fields)
+
+
 def make_provider(provider: str, inputs) -> Callable[[], list[torch.Tensor]]:
     """A closure running one forward and returning the outputs that backward differentiates."""
     from kernels import cross_attention_with_grounding, cross_attention_with_grounding_reference
@@ -113,9 +131,10 @@ def make_provider(provider: str, inputs) -> Callable[[], list[torch.Tensor]]:
         return lambda: list(
             cross_attention_with_grounding_reference(q, k, v, phrase_masks, token_phrase, validate_values=False)
         )
-    if provider == "fused":
-        return lambda: list(cross_attention_with_grounding(q, k, v, phrase_masks, token_phrase, validate_values=False))
-    raise ValueError(f"unknown provider {provider!r}, expected one of {PROVIDERS}")
+    config = parse_variant(provider)  # "fused" or a "fused[...]" block-size variant (tuning on the GPU)
+    return lambda: list(
+        cross_attention_with_grounding(q, k, v, phrase_masks, token_phrase, config=config, validate_values=False)
+    )
 
 
 def upstream_grads(outputs: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -256,6 +275,20 @@ def summarize(rows: list[dict], env: dict[str, str], dtype: str, smoke: bool = F
             f"{vs_sdpa:.2f} {mark(ok_sdpa)} | {vs_ref:.2f} {mark(ok_ref)} |"
         )
     lines += ["", f"All targets met: {'yes' if all_ok else 'no'}"]
+    variants = sorted({r["provider"] for r in rows if r["provider"].startswith("fused[")})
+    if variants:  # block-size variants against the default blocks, full mode
+        lines += ["", "| layer | fused (default) | " + " | ".join(variants) + " |", "|---" * (len(variants) + 2) + "|"]
+        for model, layer, *_ in layers:
+            base = full.get((model, layer, "fused"))
+            cells = []
+            for name in variants:
+                row = full.get((model, layer, name))
+                if row is None:
+                    cells.append("-")
+                    continue
+                ratio = f" (x{float(row['ms_median']) / float(base['ms_median']):.2f})" if base else ""
+                cells.append(f"{float(row['ms_median']):.3f}{ratio}")
+            lines.append(f"| {model} {layer} | {base['ms_median'] if base else '-'} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -269,8 +302,9 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     modes = [m for m in MODES if any(r["mode"] == m for r in rows)]
     fig, axes = plt.subplots(1, len(modes), figsize=(6 * len(modes), 0.6 * len(layers) + 2.5), squeeze=False)
     for ax, mode in zip(axes[0], modes):
-        width = 0.8 / len(PROVIDERS)
-        for i, provider in enumerate(PROVIDERS):
+        providers = list(dict.fromkeys(r["provider"] for r in rows))
+        width = 0.8 / len(providers)
+        for i, provider in enumerate(providers):
             values = []
             for model, layer in layers:
                 match = [
@@ -299,7 +333,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--phrases", type=int, default=8, help="phrases per sample (1-3 tokens each)")
     parser.add_argument("--models", default="sd14,sd21", help="comma list of sd14, sd21")
-    parser.add_argument("--providers", default=",".join(PROVIDERS))
+    parser.add_argument("--providers", default=",".join(PROVIDERS), help="also fused[block_d=64,...] variants")
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--timer", default="eager", choices=("eager", "graph"), help="see the module docstring")
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR, help="where the CSV, plot and summary go")
@@ -329,7 +363,10 @@ def main(argv: list[str] | None = None) -> int:
         shapes = [s for m in args.models.split(",") for s in models[m]]
         device = "cuda"
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
-    providers = args.providers.split(",")
+    providers = re.findall(r"[^,\[]+(?:\[[^\]]*\])?", args.providers)  # commas inside fused[...] stay
+    for provider in providers:
+        if provider not in PROVIDERS:
+            parse_variant(provider)  # a bad variant fails before any timing
     modes = args.modes.split(",")
     if args.timer == "graph" and "backward" in modes and not args.smoke:
         modes.remove("backward")

@@ -30,7 +30,8 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 import triton
@@ -71,7 +72,7 @@ def _grounded_attention_fwd_kernel(
     scale_log2e, inv_H,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, NUM_DK: tl.constexpr,
     BLOCK_P: tl.constexpr,
-    HAS_PHRASES: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_PHRASES: tl.constexpr, DOT_PRECISION: tl.constexpr, ROW_ALIGN: tl.constexpr,
 ):  # fmt: skip
     """One program = one sample b and one block of BLOCK_M query rows, looping over all heads.
 
@@ -86,10 +87,16 @@ def _grounded_attention_fwd_kernel(
     row_ok = offs_m < Lq
     col_ok = offs_n < Lk
 
+    # every non-unit stride of q / out is a multiple of ROW_ALIGN elements (the launcher checked): with the row
+    # offsets marked so, Triton proves 16-byte alignment of each row and uses vector loads/stores even for d = 40,
+    # a stride its own divisible-by-16 specialisation says nothing about (hints must sit on computed values: an
+    # attribute on a kernel argument is dropped)
+    q_row_off = tl.multiple_of(offs_m * stride_qm, ROW_ALIGN)
+    o_row_off = tl.multiple_of(offs_m * stride_om, ROW_ALIGN)
     abar = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # Σ_h P_h for this block (scaled by 1/H below)
     for h in range(H):
-        q_rows = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm
-        o_rows = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om
+        q_rows = Q + tl.multiple_of(b * stride_qb + h * stride_qh, ROW_ALIGN) + q_row_off[:, None]
+        o_rows = Out + tl.multiple_of(b * stride_ob + h * stride_oh, ROW_ALIGN) + o_row_off[:, None]
         kv_rows = (b * H + h) * Lk * D + offs_n[:, None] * D  # K, V contiguous with a compile-time head dim
         # (1) scores s2 = Q_h K_hᵀ·scale·log2(e) over the whole key axis (Lk ≤ BLOCK_N ≤ 256: one tile), the
         #     head dim accumulated chunk by chunk (padded columns load as 0 and add nothing)
@@ -148,9 +155,11 @@ def _grounded_attention_fwd_kernel(
         tl.store(PartS + part_off, tl.sum(abar, axis=0))
         # (8) pixel-loss partials: Σ_u BCE(clamp(S_p[u], 0, 1), M_p[u]) with both logs clamped at -100 (BCELoss)
         s_clamped = tl.minimum(tl.maximum(phrase_maps, 0.0), 1.0)
-        # (log of max(x, 1e-44) is exact wherever log x > -100, and ≤ -100 below: no log(0) needed)
-        log_s = tl.maximum(tl.log(tl.maximum(s_clamped, 1e-44)), BCE_LOG_MIN)
-        log_1ms = tl.maximum(tl.log(tl.maximum(1.0 - s_clamped, 1e-44)), BCE_LOG_MIN)
+        # (log of max(x, 1e-44) is exact wherever log x > -100, and ≤ -100 below: no log(0) needed. The floor is an
+        #  fp32 constant: a Python float below fp32's normal range would make Triton promote the logs to fp64)
+        tiny = tl.full([], 1e-44, tl.float32)
+        log_s = tl.maximum(tl.log(tl.maximum(s_clamped, tiny)), BCE_LOG_MIN)
+        log_1ms = tl.maximum(tl.log(tl.maximum(1.0 - s_clamped, tiny)), BCE_LOG_MIN)
         bce = -(mask_up * log_s + (1.0 - mask_up) * log_1ms)
         bce = tl.where(row_ok[:, None] & p_ok[None, :], bce, 0.0)
         tl.store(PartBCE + (b * NUM_MB + pid_m) * BLOCK_P + offs_p, tl.sum(bce, axis=0))
@@ -244,7 +253,7 @@ def _grounded_attention_bwd_kernel(
     scale, scale_log2e, inv_H,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, NUM_DK: tl.constexpr,
     BLOCK_P: tl.constexpr,
-    HAS_PHRASES: tl.constexpr, DOT_PRECISION: tl.constexpr, LOSS_DOT_PRECISION: tl.constexpr,
+    HAS_PHRASES: tl.constexpr, DOT_PRECISION: tl.constexpr, LOSS_DOT_PRECISION: tl.constexpr, ROW_ALIGN: tl.constexpr,
 ):  # fmt: skip
     """One program = one (b, h), one range of query blocks (split s) and one chunk c of BLOCK_DK head-dim columns.
 
@@ -283,6 +292,10 @@ def _grounded_attention_bwd_kernel(
         c0 = -c1 * tl.load(Ratio + b * BLOCK_N + offs_n)
         pix_w = tl.load(PixCoef + b * BLOCK_P + offs_p) * grad_pixel
 
+    # row-alignment hints as in the forward (q, dO, dQ)
+    q_base = Q + tl.multiple_of(b * stride_qb + h * stride_qh, ROW_ALIGN)
+    do_base = dOut + tl.multiple_of(b * stride_dob + h * stride_doh, ROW_ALIGN)
+    dq_base = dQ + tl.multiple_of(b * stride_dqb + h * stride_dqh, ROW_ALIGN)
     dk_acc = tl.zeros((BLOCK_N, BLOCK_DK), dtype=tl.float32)
     dv_acc = tl.zeros((BLOCK_N, BLOCK_DK), dtype=tl.float32)
     mb_start = split * MB_PER_SPLIT
@@ -290,8 +303,8 @@ def _grounded_attention_bwd_kernel(
     for mb in range(mb_start, mb_end):
         offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = offs_m < Lq
-        q_rows = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm
-        do_rows = dOut + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom
+        q_rows = q_base + tl.multiple_of(offs_m * stride_qm, ROW_ALIGN)[:, None]
+        do_rows = do_base + tl.multiple_of(offs_m * stride_dom, ROW_ALIGN)[:, None]
         lse = tl.load(LSE + (b * H + h) * Lq + offs_m, mask=row_ok, other=0.0)
         # this program's columns of Q, dO, K (operands of dQ, dK, dV below)
         q_c = tl.load(q_rows + offs_dc[None, :] * stride_qd, mask=row_ok[:, None] & dc_ok[None, :], other=0.0)
@@ -347,7 +360,7 @@ def _grounded_attention_bwd_kernel(
         # (5) dQ = dS K · scale (complete for this block: all Lk keys are here)
         dq = tl.dot(ds.to(k_c.dtype), k_c, input_precision=DOT_PRECISION) * scale
         tl.store(
-            dQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_dc[None, :] * stride_dqd,
+            dq_base + tl.multiple_of(offs_m * stride_dqm, ROW_ALIGN)[:, None] + offs_dc[None, :] * stride_dqd,
             dq.to(dQ.dtype.element_ty),
             mask=row_ok[:, None] & dc_ok[None, :],
         )
@@ -390,6 +403,25 @@ class _Blocks:
     num_stages: int
 
 
+@dataclass(frozen=True)
+class _Launch:
+    """One kernel launch as the launchers plan it: run by ``_run``, or compiled offline by the compile check (which
+    plans with meta tensors and so compiles exactly the specialisation a GPU launch would)."""
+
+    kernel: triton.runtime.JITFunction
+    grid: tuple[int, ...]
+    args: tuple
+    constexprs: dict = field(default_factory=dict)
+    num_warps: int = 4  # Triton's defaults
+    num_stages: int = 3
+
+
+def _run(launch: _Launch) -> None:
+    launch.kernel[launch.grid](
+        *launch.args, **launch.constexprs, num_warps=launch.num_warps, num_stages=launch.num_stages
+    )
+
+
 def _pick_blocks(q: torch.Tensor, Lk: int, P: int, config: KernelConfig) -> _Blocks:
     """Heuristic block sizes, checked offline for sm_90 (Triton 3.8 AOT + ptxas -v, see
     kernels/grounded_attention_compile_check.py): in bf16/fp16 every SD shape fits the H100's 227 KiB of shared
@@ -424,10 +456,27 @@ def _pow2(n: int, minimum: int = 16) -> int:
     return max(minimum, triton.next_power_of_2(n))
 
 
+H100_SMS = 132
+
+
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
+    if device.type == "meta":  # offline planning (compile check): as on an H100
+        return H100_SMS
     return 4  # interpreter: few programs keep CPU tests fast
+
+
+def _row_align(*tensors: torch.Tensor) -> int:
+    """Largest power of two ≤ 16 dividing every non-innermost stride of the tensors (in elements)."""
+    g = 0
+    for t in tensors:
+        for stride in t.stride()[:-1]:
+            g = math.gcd(g, stride)
+    align = 16
+    while g % align:
+        align //= 2
+    return align
 
 
 def _check_pow2(name: str, value: int) -> None:
@@ -442,6 +491,7 @@ def _check_inputs(
     phrase_masks: torch.Tensor,
     token_phrase: torch.Tensor,
     validate_values: bool,
+    planning: bool = False,
 ) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
@@ -475,7 +525,7 @@ def _check_inputs(
     for name, t in (("phrase_masks", phrase_masks), ("token_phrase", token_phrase)):
         if t.device != q.device:
             raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
-    if q.device.type != "cuda" and not interpreter_enabled():
+    if q.device.type != "cuda" and not interpreter_enabled() and not planning:
         raise RuntimeError(f"fused grounded attention needs CUDA tensors (or TRITON_INTERPRET=1), got {q.device}")
     if interpreter_enabled() and q.dtype == torch.bfloat16:
         raise TypeError("bfloat16 is not supported under TRITON_INTERPRET=1 (the interpreter's bf16 tl.dot is wrong)")
@@ -501,10 +551,12 @@ def grounded_attention_forward(
     scale: float | None = None,
     config: KernelConfig | None = None,
     validate_values: bool = True,
+    *,
+    launch: Callable[[_Launch], None] = _run,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor | float | int]]:
     """Launch the forward kernels. Returns (out, token_loss, pixel_loss, saved) with ``saved`` the small tensors
-    (and ints) the backward needs."""
-    _check_inputs(q, k, v, phrase_masks, token_phrase, validate_values)
+    (and ints) the backward needs. ``launch`` receives each planned launch (default: run it)."""
+    _check_inputs(q, k, v, phrase_masks, token_phrase, validate_values, planning=launch is not _run)
     config = config or KernelConfig()
     # k, v are small (B·H·Lk·d): made contiguous so the kernels address them with a compile-time head dim
     q, k, v = _dense_last_dim(q), k.contiguous(), v.contiguous()
@@ -534,18 +586,18 @@ def grounded_attention_forward(
     part_bce = partials[2 * B * num_mb * BLOCK_N :]
     dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"  # tf32 is ignored for fp16/bf16 operands
 
-    _grounded_attention_fwd_kernel[(num_mb, B)](
-        q, k, v, out, lse,
-        masks_f32, tok_phrase, phrase_maps,
-        part_a, part_s, part_bce,
-        *q.stride(), *out.stride(),
-        H, Lq, Lk, P, num_mb,
-        scale * LOG2E, 1.0 / H,
-        D=D, BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_DK=blocks.block_d, NUM_DK=triton.cdiv(D, blocks.block_d),
-        BLOCK_P=BLOCK_P,
-        HAS_PHRASES=has_phrases, DOT_PRECISION=dot_precision,
-        num_warps=blocks.num_warps, num_stages=blocks.num_stages,
-    )  # fmt: skip
+    launch(_Launch(
+        _grounded_attention_fwd_kernel, (num_mb, B),
+        (q, k, v, out, lse,
+         masks_f32, tok_phrase, phrase_maps,
+         part_a, part_s, part_bce,
+         *q.stride(), *out.stride(),
+         H, Lq, Lk, P, num_mb,
+         scale * LOG2E, 1.0 / H),
+        dict(D=D, BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_DK=blocks.block_d, NUM_DK=triton.cdiv(D, blocks.block_d),
+             BLOCK_P=BLOCK_P, HAS_PHRASES=has_phrases, DOT_PRECISION=dot_precision, ROW_ALIGN=_row_align(q, out)),
+        blocks.num_warps, blocks.num_stages,
+    ))  # fmt: skip
 
     # finalize runs even with P = 0: it then writes zeros (no token belongs to a phrase; the unwritten partials are
     # never selected), so nothing needs a zero-fill
@@ -554,16 +606,20 @@ def grounded_attention_forward(
     tok_coef = coefs[B * BLOCK_N : 2 * B * BLOCK_N].view(B, BLOCK_N)
     pix_coef = coefs[2 * B * BLOCK_N : B * (2 * BLOCK_N + BLOCK_P)].view(B, BLOCK_P)
     sample_stats = coefs[B * (2 * BLOCK_N + BLOCK_P) :].view(B, 3)
-    _grounding_finalize_kernel[(B,)](
-        part_a, part_s, part_bce, tok_phrase,
-        ratio, tok_coef, pix_coef, sample_stats,
-        Lq, Lk, P, num_mb,
-        BLOCK_N=BLOCK_N, BLOCK_P=BLOCK_P, BLOCK_MB=min(16, triton.next_power_of_2(num_mb)),
-    )  # fmt: skip
+    launch(_Launch(
+        _grounding_finalize_kernel, (B,),
+        (part_a, part_s, part_bce, tok_phrase,
+         ratio, tok_coef, pix_coef, sample_stats,
+         Lq, Lk, P, num_mb),
+        dict(BLOCK_N=BLOCK_N, BLOCK_P=BLOCK_P, BLOCK_MB=min(16, triton.next_power_of_2(num_mb))),
+    ))  # fmt: skip
     token_loss = torch.empty((), **f32)
     pixel_loss = torch.empty((), **f32)
     inv_batch = torch.empty((1,), **f32)
-    _grounding_batch_mean_kernel[(1,)](sample_stats, token_loss, pixel_loss, inv_batch, B, BLOCK_B=_pow2(B, 2))
+    launch(_Launch(
+        _grounding_batch_mean_kernel, (1,), (sample_stats, token_loss, pixel_loss, inv_batch, B),
+        dict(BLOCK_B=_pow2(B, 2)),
+    ))  # fmt: skip
 
     saved = dict(
         lse=lse, masks=masks_f32, token_phrase=tok_phrase, phrase_maps=phrase_maps,
@@ -581,6 +637,8 @@ def grounded_attention_backward(
     v: torch.Tensor,
     saved: dict[str, torch.Tensor | float | int],
     config: KernelConfig | None = None,
+    *,
+    launch: Callable[[_Launch], None] = _run,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the backward kernel: (dq, dk, dv) for upstream gradients on out and on the two scalar losses."""
     config = config or KernelConfig()
@@ -614,19 +672,20 @@ def grounded_attention_backward(
     grad_pixel = grad_pixel.reshape(()).to(device=device, dtype=torch.float32)
     dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
 
-    _grounded_attention_bwd_kernel[(B * H, num_splits, num_dc)](
-        q, k, v, grad_out, saved["lse"],
-        masks, saved["token_phrase"], saved["phrase_maps"], saved["ratio"], saved["tok_coef"], saved["pix_coef"],
-        saved["inv_batch"], grad_token, grad_pixel,
-        dq, dk_buf, dv_buf,
-        *q.stride(), *grad_out.stride(), *dq.stride(),
-        B, H, Lq, Lk, P, num_mb, mb_per_split, split_stride,
-        saved["scale"], saved["scale"] * LOG2E, 1.0 / H,
-        D=D, BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_DK=blocks.block_d, NUM_DK=triton.cdiv(D, blocks.block_d),
-        BLOCK_P=BLOCK_P,
-        HAS_PHRASES=P > 0, DOT_PRECISION=dot_precision, LOSS_DOT_PRECISION=dot_precision,
-        num_warps=blocks.num_warps, num_stages=blocks.num_stages,
-    )  # fmt: skip
+    launch(_Launch(
+        _grounded_attention_bwd_kernel, (B * H, num_splits, num_dc),
+        (q, k, v, grad_out, saved["lse"],
+         masks, saved["token_phrase"], saved["phrase_maps"], saved["ratio"], saved["tok_coef"], saved["pix_coef"],
+         saved["inv_batch"], grad_token, grad_pixel,
+         dq, dk_buf, dv_buf,
+         *q.stride(), *grad_out.stride(), *dq.stride(),
+         B, H, Lq, Lk, P, num_mb, mb_per_split, split_stride,
+         saved["scale"], saved["scale"] * LOG2E, 1.0 / H),
+        dict(D=D, BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_DK=blocks.block_d, NUM_DK=triton.cdiv(D, blocks.block_d),
+             BLOCK_P=BLOCK_P, HAS_PHRASES=P > 0, DOT_PRECISION=dot_precision, LOSS_DOT_PRECISION=dot_precision,
+             ROW_ALIGN=_row_align(q, grad_out, dq)),
+        blocks.num_warps, blocks.num_stages,
+    ))  # fmt: skip
     if num_splits > 1:
         dkv = dkv_buf.sum(0).to(k.dtype)  # (2, B, H, Lk, D): one reduction and one cast for both
         dk, dv = dkv[0], dkv[1]

@@ -11,6 +11,7 @@ run. It says nothing about speed.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import subprocess
@@ -49,79 +50,129 @@ def _ptxas_report(ptx: str, arch: int) -> dict[str, int]:
     }
 
 
-def _compile(fn, pointer_types: dict[str, str], constexprs: dict, num_warps: int, num_stages: int, arch: int):
+def _arg_specialization(value) -> tuple[str, object]:
+    """(type, key) of one launch argument as Triton's JIT specialises it: ints equal to 1 become constexprs, ints
+    divisible by 16 carry a divisibility hint ("D"); a pointer is 16-byte aligned unless its view offset says not."""
+    from triton.backends.compiler import BaseBackend
+    from triton.runtime.jit import native_specialize_impl
+
+    if isinstance(value, torch.Tensor):
+        aligned = (value.storage_offset() * value.element_size()) % 16 == 0
+        return "*" + TRITON_TYPES.get(value.dtype, {torch.int64: "i64", torch.int32: "i32"}.get(value.dtype)), (
+            "D" if aligned else ""
+        )
+    return native_specialize_impl(BaseBackend, value, False, True, True)
+
+
+def _compile(launch: ga._Launch, arch: int):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    constexprs = dict(constexprs)
-    for name in fn.arg_names:  # the JIT specialises unit strides; the head-dim strides are 1 in practice
-        if name.startswith("stride_") and name.endswith("d"):
-            constexprs[name] = 1
-    floats = ("scale", "scale_log2e", "inv_H")
-    signature = {
-        n: "constexpr" if n in constexprs else pointer_types.get(n, "fp32" if n in floats else "i32")
-        for n in fn.arg_names
-    }
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if signature[n].startswith("*")}
+    fn = launch.kernel
+    constexprs, signature, attrs = dict(launch.constexprs), {}, {}
+    for i, (name, value) in enumerate(zip(fn.arg_names, launch.args)):
+        kind, key = _arg_specialization(value)
+        if kind == "constexpr":
+            constexprs[name] = key
+        elif key == "D":
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        signature[name] = kind
+    for name in fn.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
     source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    options = dict(num_warps=num_warps, num_stages=num_stages)
+    options = dict(num_warps=launch.num_warps, num_stages=launch.num_stages)
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
 
 
+def planned_launches(
+    dtype: torch.dtype = torch.bfloat16,
+    head_dim: int = 40,
+    lk: int = 77,
+    phrases: int = 8,
+    *,
+    batch: int = 8,
+    heads: int = 8,
+    lq: int = 4096,
+    layout: str = "diffusers",
+    config: ga.KernelConfig | None = None,
+) -> list[ga._Launch]:
+    """The launches of one forward + backward exactly as the launchers plan them on an H100 (meta tensors: no data,
+    no device). ``layout="diffusers"``: q and dO are (B, H, Lq, d) views of (B, Lq, H·d) tensors, as the grounding
+    processor passes them; ``"contiguous"``: (B, H, Lq, d) tensors, as the benchmark makes them."""
+    meta = dict(device="meta", dtype=dtype)
+    if layout == "diffusers":
+        q = torch.empty(batch, lq, heads, head_dim, **meta).transpose(1, 2)
+    elif layout == "contiguous":
+        q = torch.empty(batch, heads, lq, head_dim, **meta)
+    else:
+        raise ValueError(f"layout must be 'diffusers' or 'contiguous', got {layout!r}")
+    k = torch.empty(batch, heads, lk, head_dim, **meta)
+    v = torch.empty_like(k)
+    masks = torch.empty(batch, phrases, lq, device="meta", dtype=torch.float32)
+    token_phrase = torch.empty(batch, lk, device="meta", dtype=torch.int64)
+    launches: list[ga._Launch] = []
+    out, token_loss, pixel_loss, saved = ga.grounded_attention_forward(
+        q, k, v, masks, token_phrase, config=config, validate_values=False, launch=launches.append
+    )
+    grad_out = torch.empty_like(q)  # the gradient of a diffusers view arrives with the view's strides
+    grad_token, grad_pixel = torch.empty_like(token_loss), torch.empty_like(pixel_loss)
+    ga.grounded_attention_backward(grad_out, grad_token, grad_pixel, q, k, v, saved, config, launch=launches.append)
+    return launches
+
+
 def compile_kernels(
-    dtype: torch.dtype = torch.bfloat16, head_dim: int = 40, lk: int = 77, phrases: int = 8, arch: int = 90
+    dtype: torch.dtype = torch.bfloat16,
+    head_dim: int = 40,
+    lk: int = 77,
+    phrases: int = 8,
+    arch: int = 90,
+    *,
+    lq: int = 4096,
+    heads: int = 8,
+    layout: str = "diffusers",
+    config: ga.KernelConfig | None = None,
 ) -> list[dict]:
-    """Compile forward, finalize, batch-mean and backward kernels with the default blocks; one report per kernel."""
+    """Compile the forward, finalize, batch-mean and backward launches the launchers plan; one report each."""
     if ga.interpreter_enabled():
         raise RuntimeError("unset TRITON_INTERPRET: the kernels must be decorated for the GPU compiler")
-    q = torch.empty(8, 8, 1024, head_dim, dtype=dtype, device="meta")
-    blocks = ga._pick_blocks(q, lk, phrases, ga.KernelConfig())
-    t, f32 = TRITON_TYPES[dtype], "*fp32"
-    precision = "ieee" if dtype == torch.float32 else "tf32"
-    num_dk = triton.cdiv(head_dim, blocks.block_d)
-    common = dict(D=head_dim, BLOCK_N=blocks.BLOCK_N, BLOCK_DK=blocks.block_d, NUM_DK=num_dk, BLOCK_P=blocks.BLOCK_P)
-    specs = [
-        (
-            "forward",
-            ga._grounded_attention_fwd_kernel,
-            dict(Q=f"*{t}", K=f"*{t}", V=f"*{t}", Out=f"*{t}", LSE=f32, Masks=f32, TokPhrase="*i64", PhraseMaps=f32,
-                 PartA=f32, PartS=f32, PartBCE=f32),
-            dict(common, BLOCK_M=blocks.block_m_fwd, HAS_PHRASES=True, DOT_PRECISION=precision),
-            blocks.num_warps, blocks.num_stages,
-        ),
-        (
-            "finalize",
-            ga._grounding_finalize_kernel,
-            dict(PartA=f32, PartS=f32, PartBCE=f32, TokPhrase="*i64", Ratio=f32, TokCoef=f32, PixCoef=f32,
-                 SampleStats=f32),
-            dict(BLOCK_N=blocks.BLOCK_N, BLOCK_P=blocks.BLOCK_P, BLOCK_MB=16),
-            4, 1,
-        ),
-        (
-            "batch_mean",
-            ga._grounding_batch_mean_kernel,
-            dict(SampleStats=f32, TokenLoss=f32, PixelLoss=f32, InvBatch=f32),
-            dict(BLOCK_B=8),
-            1, 1,
-        ),
-        (
-            "backward",
-            ga._grounded_attention_bwd_kernel,
-            dict(Q=f"*{t}", K=f"*{t}", V=f"*{t}", dOut=f"*{t}", LSE=f32, Masks=f32, TokPhrase="*i64", PhraseMaps=f32,
-                 Ratio=f32, TokCoef=f32, PixCoef=f32, InvBatch=f32, GradToken=f32, GradPixel=f32, dQ=f"*{t}",
-                 dK=f32, dV=f32),
-            dict(common, BLOCK_M=blocks.block_m_bwd, HAS_PHRASES=True, DOT_PRECISION=precision,
-                 LOSS_DOT_PRECISION=precision),
-            blocks.num_warps, blocks.num_stages,
-        ),
-    ]  # fmt: skip
     reports = []
-    for name, fn, pointer_types, constexprs, num_warps, num_stages in specs:
-        compiled = _compile(fn, pointer_types, constexprs, num_warps, num_stages, arch)
-        report = dict(kernel=name, dtype=t, head_dim=head_dim, lk=lk, shared_bytes=compiled.metadata.shared)
+    launches = planned_launches(dtype, head_dim, lk, phrases, heads=heads, lq=lq, layout=layout, config=config)
+    names = {"_grounded_attention_fwd_kernel": "forward", "_grounding_finalize_kernel": "finalize",
+             "_grounding_batch_mean_kernel": "batch_mean", "_grounded_attention_bwd_kernel": "backward"}  # fmt: skip
+    for launch in launches:
+        compiled = _compile(launch, arch)
+        report = dict(
+            kernel=names[launch.kernel.__name__], dtype=TRITON_TYPES[dtype], head_dim=head_dim, lk=lk, layout=layout,
+            shared_bytes=compiled.metadata.shared,
+        )  # fmt: skip
         report.update(_ptxas_report(compiled.asm["ptx"], arch))
+        report.update(_sass_counts(compiled.asm.get("cubin")))
         reports.append(report)
     return reports
+
+
+def _sass_counts(cubin: bytes | None) -> dict[str, int]:
+    """Counts of the instructions that say whether the code is on the intended path: tensor-core MMAs (HMMA/HGMMA),
+    16-byte global loads/stores (vectorised), 2-byte ones (scalar), local-memory traffic (spills), fp64 arithmetic."""
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not cubin or not os.path.exists(cuobjdump):
+        return {}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        sass = subprocess.run([cuobjdump, "-sass", path], capture_output=True, text=True).stdout
+    ops = re.findall(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)", sass, re.M)
+    groups = {
+        "mma": r"^(HMMA|HGMMA)",
+        "ldg128": r"^(LDG|LDGSTS)\.E.*\.128$",
+        "stg128": r"^STG\.E.*\.128$",
+        "ldst_16bit": r"^(LDG|STG)\.E\.U16$",
+        "local": r"^(LDL|STL)",
+        "fp64": r"^(D(ADD|MUL|FMA)|MUFU\.\w+64H)",
+    }
+    return {f"sass_{name}": sum(1 for op in ops if re.match(pat, op)) for name, pat in groups.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,11 +181,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--head-dims", default="40,64,80,160")
     parser.add_argument("--lk", type=int, default=77)
     parser.add_argument("--arch", type=int, default=90)
+    parser.add_argument("--layout", default="diffusers", choices=("diffusers", "contiguous"))
     args = parser.parse_args(argv)
     too_big = []
     for head_dim in map(int, args.head_dims.split(",")):
-        for report in compile_kernels(TORCH_DTYPES[args.dtype], head_dim, args.lk, arch=args.arch):
-            print(report, flush=True)
+        for report in compile_kernels(TORCH_DTYPES[args.dtype], head_dim, args.lk, arch=args.arch, layout=args.layout):
+            print(json.dumps(report), flush=True)
             if report["shared_bytes"] > H100_SHARED_BYTES:
                 too_big.append(report)
     if too_big:

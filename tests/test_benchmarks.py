@@ -43,3 +43,19 @@ def test_step_benchmark_smoke_rows(tmp_path):
     assert by_provider["tokencompose_reference"]["grounded_layers"] > 0
     assert by_provider["ldm_sdpa"]["ratio_vs_ldm_sdpa"] == 1.0
     assert all(r["ms_median"] > 0 and r["model"] == "tiny" for r in rows)
+
+
+def test_kernel_benchmark_block_size_variants(tmp_path):
+    """fused[key=value,...] providers time KernelConfig variants next to the default blocks (GPU tuning runs)."""
+    providers = "fused,fused[block_m_bwd=16,num_warps=4]"
+    assert (
+        bench_grounded_attention.main(
+            ["--smoke", "--providers", providers, "--modes", "full", "--out-dir", str(tmp_path)]
+        )
+        == 0
+    )
+    with open(tmp_path / "grounded_attention.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["provider"] for r in rows} == {"fused", "fused[block_m_bwd=16,num_warps=4]"}
+    (summary,) = tmp_path.glob("grounded_attention_summary_*.md")
+    assert "| fused (default) | fused[block_m_bwd=16,num_warps=4] |" in summary.read_text()

@@ -8,6 +8,7 @@ flash-attention's rule (error vs float64 ≤ ~2× PyTorch's own same-dtype error
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -18,6 +19,7 @@ import pytest
 import torch
 
 import kernels.grounded_attention as ga
+import kernels.grounded_attention_compile_check as ga_check
 from kernels import KernelConfig, cross_attention_with_grounding
 from kernels.reference import cross_attention_with_grounding_reference
 
@@ -319,14 +321,39 @@ def test_clear_error_without_cuda_or_interpreter(monkeypatch):
 
 
 def test_compiles_for_sm90_within_h100_shared_memory():
-    """GPU compile of every kernel (Triton AOT + bundled ptxas, no GPU needed) at the extreme SD head dims: catches
-    code the interpreter accepts but the GPU compiler refuses, and blocks that would not fit an H100."""
+    """GPU compile of every planned launch (Triton AOT + bundled ptxas/cuobjdump, no GPU needed) at the extreme SD
+    head dims, specialised as the JIT would specialise the launch: catches code the interpreter accepts but the GPU
+    compiler refuses, blocks that would not fit an H100, and the code-quality regressions that cost speed: every
+    kernel on tensor cores, 16-byte (not 2-byte) global accesses for q/out/dO/dQ (d = 40 has strides the JIT
+    cannot prove aligned, so the kernels carry alignment hints), no fp64 arithmetic."""
     pytest.importorskip("triton.backends.nvidia")
     env = dict(os.environ, TRITON_INTERPRET="0", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "kernels.grounded_attention_compile_check", "--dtype", "bf16", "--head-dims", "40,160"]
-    run = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stdout + run.stderr
-    assert run.stdout.count("'kernel'") == 8
+    reports = []
+    for layout, head_dims in (("diffusers", "40,160"), ("contiguous", "40")):
+        cmd = [sys.executable, "-m", "kernels.grounded_attention_compile_check", "--dtype", "bf16"]
+        cmd += ["--head-dims", head_dims, "--layout", layout]
+        run = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stdout + run.stderr
+        reports += [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+    assert len(reports) == 12  # forward, finalize, batch mean, backward × 3 configurations
+    for r in reports:
+        assert r["shared_bytes"] <= ga_check.H100_SHARED_BYTES, r
+        if "sass_fp64" not in r:
+            continue  # no cuobjdump in this Triton build: the SASS checks cannot run
+        assert r["sass_fp64"] == 0, r
+        if r["kernel"] in ("forward", "backward"):
+            assert r["sass_mma"] > 0 and r["sass_ldst_16bit"] == 0, r
+
+
+def test_row_alignment_hint_is_what_the_strides_allow():
+    """The ROW_ALIGN hint (elements every row offset is a multiple of) never claims more than the strides give."""
+    from kernels.grounded_attention import _row_align
+
+    assert _row_align(torch.empty(2, 8, 64, 40)) == 8  # contiguous d = 40: row stride 40
+    assert _row_align(torch.empty(2, 64, 8, 40).transpose(1, 2)) == 8  # diffusers view: head stride 40
+    assert _row_align(torch.empty(2, 64, 8, 64).transpose(1, 2), torch.empty(2, 8, 64, 64)) == 16
+    assert _row_align(torch.empty(2, 3, 10, 37)) == 1
+    assert _row_align(torch.empty(2, 3, 10, 80), torch.empty(2, 3, 10, 36)) == 4
 
 
 # ----------------------------------------------------------------------------------------------------------------------

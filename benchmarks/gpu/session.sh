@@ -76,6 +76,10 @@ part_kernel_bench() {
     step bench_kernel_bf16_eager "$PY" $bench --dtype bf16 --out-dir "$OUT/results"
     step bench_kernel_bf16_graph "$PY" $bench --dtype bf16 --timer graph --modes forward,full --out-dir "$OUT/results"
     step bench_kernel_fp16_eager "$PY" $bench --dtype fp16 --modes full --out-dir "$OUT/results"
+    # block-size variants where the compile check shows the default's trade-offs (d = 80 backward spills 364 B with
+    # one 128-wide head-dim chunk; block_d=64 has no spills but recomputes S and dP per chunk)
+    step bench_kernel_variants "$PY" $bench --dtype bf16 --models sd14 --modes full --out-dir "$OUT/results/variants" \
+        --providers "fused,fused[block_d=64],fused[block_m_bwd=16],fused[block_m_fwd=64]"
 }
 
 part_step() {
@@ -95,7 +99,7 @@ esac
 
 echo
 echo "== summaries"
-for f in "$OUT"/results/grounded_attention_summary_*.md; do
+for f in "$OUT"/results/grounded_attention_summary_*.md "$OUT"/results/variants/grounded_attention_summary_*.md; do
     [ -f "$f" ] && sed -n '1p;/^| /p;/^All targets/p' "$f"
 done
 [ -f "$OUT/pytest_gpu.txt" ] && grep -E "^(FAILED|ERROR)|passed|failed|skipped" "$OUT/pytest_gpu.txt" | tail -15
