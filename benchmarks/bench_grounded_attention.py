@@ -52,6 +52,9 @@ PROVIDERS = ("reference", "sdpa", "fused")
 MODES = ("forward", "backward", "full")
 LAMBDA_TOKEN, GAMMA_PIXEL = 1e-3, 5e-5  # DESIGN §3 loss weights: the upstream gradients of the two losses
 TARGET_VS_SDPA, TARGET_VS_REFERENCE = 1.15, 3.0  # DESIGN §7
+# Ceilings measured on this workplace's H100 (device KINDS.md, 2026-11-13): device-to-device copy ≈ 3.0 TB/s (bytes
+# read + written), 8192³ bf16 matmul ≈ 798 TFLOP/s. Used only to turn the floors below into times.
+H100_BYTES_PER_S, H100_BF16_FLOP_PER_S = 3.0e12, 798e12
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,27 @@ SD21_768 = [  # SD2.1 at 768 px: d = 64, heads = channels / 64
     Shape("sd21", "up 96x96", 5, 9216, 64),
 ]
 SMOKE_SHAPES = [Shape("smoke", "tiny", 2, 37, 40), Shape("smoke", "tiny-d80", 2, 20, 80, lk=20)]
+
+
+def floors(shape: Shape, batch: int, phrases: int, elem_bytes: int = 2) -> dict[str, float]:
+    """The least work one fused forward + backward must do (METHOD.md's two numbers), unpadded:
+    bytes — forward reads q, writes out, LSE and the phrase maps, reads the masks; backward reads q, dO, LSE, masks,
+    phrase maps and writes dQ; k, v, dK, dV (B·H·Lk·d each) once; flops — QKᵀ and PV forward, QKᵀ (recompute),
+    dO Vᵀ, dS K, dSᵀ Q, Pᵀ dO backward: 14·B·H·Lq·Lk·d."""
+    bhld = batch * shape.heads * shape.lq * shape.head_dim
+    rows = batch * shape.heads * shape.lq * 4  # fp32 LSE
+    maps = batch * phrases * shape.lq * 4  # fp32 masks or phrase maps
+    kv = 4 * batch * shape.heads * shape.lk * shape.head_dim * elem_bytes
+    fwd_bytes = 2 * bhld * elem_bytes + rows + 2 * maps
+    bwd_bytes = 3 * bhld * elem_bytes + rows + 2 * maps
+    flops = 14 * batch * shape.heads * shape.lq * shape.lk * shape.head_dim
+    total = fwd_bytes + bwd_bytes + kv
+    return {
+        "bytes": total,
+        "flops": flops,
+        "us_bytes": 1e6 * total / H100_BYTES_PER_S,
+        "us_flops": 1e6 * flops / H100_BF16_FLOP_PER_S,
+    }
 
 
 def make_inputs(shape: Shape, batch: int, phrases: int, dtype: torch.dtype, device: str, seed: int = 0):
@@ -253,8 +277,9 @@ def summarize(rows: list[dict], env: dict[str, str], dtype: str, smoke: bool = F
         *(["SMOKE RUN: CPU interpreter, timings mean nothing (the script ran end to end)."] if smoke else []),
         f"torch {env['torch']}, triton {env['triton']}; full = forward + backward; median ms (peak extra MiB)",
         "",
-        "| layer | H | Lq | d | sdpa | reference | fused | fused/sdpa (≤ 1.15) | reference/fused (≥ 3) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| layer | H | Lq | d | sdpa | reference | fused | fused/sdpa (≤ 1.15) | reference/fused (≥ 3) "
+        "| floor ms | fused/floor |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     layers = sorted({(r["model"], r["layer"], r["heads"], r["lq"], r["head_dim"]) for r in rows}, key=str)
     all_ok = True
@@ -270,11 +295,21 @@ def summarize(rows: list[dict], env: dict[str, str], dtype: str, smoke: bool = F
         ok_sdpa, ok_ref = vs_sdpa <= TARGET_VS_SDPA, vs_ref >= TARGET_VS_REFERENCE
         all_ok &= ok_sdpa and ok_ref
         mark = lambda ok: "ok" if ok else "MISS"
+        any_row = next(r for r in rows if (r["model"], r["layer"]) == (model, layer))
+        shape = Shape(model, layer, int(heads), int(lq), int(head_dim), int(any_row["lk"]))
+        floor = floors(shape, int(any_row["batch"]), int(any_row["phrases"]))
+        floor_ms = max(floor["us_bytes"], floor["us_flops"]) / 1e3
         lines.append(
             f"| {model} {layer} | {heads} | {lq} | {head_dim} | {' | '.join(cells)} | "
-            f"{vs_sdpa:.2f} {mark(ok_sdpa)} | {vs_ref:.2f} {mark(ok_ref)} |"
+            f"{vs_sdpa:.2f} {mark(ok_sdpa)} | {vs_ref:.2f} {mark(ok_ref)} | "
+            f"{floor_ms:.4f} | {ms['fused'] / floor_ms:.1f} |"
         )
-    lines += ["", f"All targets met: {'yes' if all_ok else 'no'}"]
+    lines += [
+        "",
+        f"All targets met: {'yes' if all_ok else 'no'}",
+        "floor = max(bytes / 3.0 TB/s, flops / 798 TFLOP/s): the least a fused forward + backward can take on this "
+        "workplace's H100 (bench_grounded_attention.floors)",
+    ]
     variants = sorted({r["provider"] for r in rows if r["provider"].startswith("fused[")})
     if variants:  # block-size variants against the default blocks, full mode
         lines += ["", "| layer | fused (default) | " + " | ".join(variants) + " |", "|---" * (len(variants) + 2) + "|"]
