@@ -37,6 +37,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -282,7 +283,7 @@ def summarize(rows: list[dict], env: dict[str, str], dtype: str, smoke: bool = F
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     layers = sorted({(r["model"], r["layer"], r["heads"], r["lq"], r["head_dim"]) for r in rows}, key=str)
-    all_ok = True
+    all_ok = bool(layers)  # nothing measured is not "targets met"
     for model, layer, heads, lq, head_dim in layers:
         cells, ms = [], {}
         for provider in ("sdpa", "reference", "fused"):
@@ -408,9 +409,12 @@ def main(argv: list[str] | None = None) -> int:
         print("--timer graph: backward alone is not timed (forward and full are)", file=sys.stderr)
     env = environment_info(args.smoke)
     started = time.perf_counter()
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    csv_path = args.out_dir / "grounded_attention.csv"
 
-    rows = []
+    rows, failures = [], []
     for shape in shapes:
+        shape_rows = []
         inputs = make_inputs(shape, args.batch, args.phrases, dtype, device)
         for t in inputs[:3]:
             t.requires_grad_(True)
@@ -419,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
                 mib = float("nan") if args.smoke else peak_extra_mib(provider, inputs)
                 for mode in modes:
                     median, p20, p80 = measure(provider, mode, inputs, args.smoke, args.timer)
-                    rows.append(
+                    shape_rows.append(
                         dict(
                             env, timer=args.timer, dtype=args.dtype, model=shape.model, layer=shape.layer,
                             batch=args.batch, heads=shape.heads, lq=shape.lq, lk=shape.lk, head_dim=shape.head_dim,
@@ -432,23 +436,29 @@ def main(argv: list[str] | None = None) -> int:
             except torch.cuda.OutOfMemoryError:
                 print(f"{shape.name:42s} {provider:9s} out of memory", flush=True)
                 torch.cuda.empty_cache()
+            except Exception as exc:  # one failing provider must not cost the rest of a scarce GPU session
+                failures.append(f"{shape.name} {provider}: {type(exc).__name__}: {exc}")
+                traceback.print_exc()
+                print(f"{shape.name:42s} {provider:9s} FAILED: {type(exc).__name__}: {exc}", flush=True)
             finally:
                 for t in inputs[:3]:
                     t.grad = None
+        append_rows(csv_path, shape_rows)  # per shape: a run killed at its time limit keeps what it measured
+        rows += shape_rows
 
     gpu_tag = "".join(c if c.isalnum() else "_" for c in env["gpu"]).strip("_")
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    csv_path = args.out_dir / "grounded_attention.csv"
-    append_rows(csv_path, rows)
     summary = summarize(rows, env, args.dtype, smoke=args.smoke, timer=args.timer)
     tag = f"{gpu_tag}_{args.dtype}_{args.timer}"
     (args.out_dir / f"grounded_attention_summary_{tag}.md").write_text(summary)
     title = f"grounded attention, {env['gpu']}, {args.dtype}, {args.timer} timer"
-    plot(rows, args.out_dir / f"grounded_attention_{tag}.png", title)
+    if rows:
+        plot(rows, args.out_dir / f"grounded_attention_{tag}.png", title)
     print()
     print(summary)
     print(f"wrote {csv_path}, plot and summary in {args.out_dir} ({time.perf_counter() - started:.1f} s)")
-    return 0
+    for failure in failures:
+        print(f"FAILED {failure}", file=sys.stderr)
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

@@ -59,3 +59,20 @@ def test_kernel_benchmark_block_size_variants(tmp_path):
     assert {r["provider"] for r in rows} == {"fused", "fused[block_m_bwd=16,num_warps=4]"}
     (summary,) = tmp_path.glob("grounded_attention_summary_*.md")
     assert "| fused (default) | fused[block_m_bwd=16,num_warps=4] |" in summary.read_text()
+
+
+def test_kernel_benchmark_keeps_going_past_a_failing_provider(tmp_path, capsys):
+    """A provider that fails (here an invalid block size) is reported and the exit status is 1, but the other
+    providers are still measured and written: one bad variant must not cost a GPU session its other numbers."""
+    providers = "sdpa,fused[block_d=8]"
+    assert (
+        bench_grounded_attention.main(
+            ["--smoke", "--providers", providers, "--modes", "full", "--out-dir", str(tmp_path)]
+        )
+        == 1
+    )
+    with open(tmp_path / "grounded_attention.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["provider"] for r in rows} == {"sdpa"} and len(rows) == len(bench_grounded_attention.SMOKE_SHAPES)
+    err = capsys.readouterr().err
+    assert "FAILED" in err and "block_d must be a power of two" in err

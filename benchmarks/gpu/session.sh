@@ -2,18 +2,21 @@
 # Everything issue #5 needs from a lent GPU, in as few device calls as possible (device tool: ≤ 600 s a call,
 # 30 min a session). Run from the repository root, with the wheels of carry_wheels.sh carried along:
 #
-#   benchmarks/gpu/carry_wheels.sh                                  # here, once: .gpu_wheels/ (≈ 23 MB)
-#   run(command="bash benchmarks/gpu/session.sh kernel", carry=[".gpu_wheels"])    # GPU tests + kernel benchmark
-#   run(command="bash benchmarks/gpu/session.sh step", carry=[".gpu_wheels"])      # training-step benchmark
+#   benchmarks/gpu/carry_wheels.sh                              # here, once: .gpu_wheels/ (≈ 23 MB)
+#   run(command="bash benchmarks/gpu/session.sh 1", carry=[".gpu_wheels"])   # GPU tests + bf16 kernel benchmark
+#   run(command="bash benchmarks/gpu/session.sh 2", carry=[".gpu_wheels"])   # graph timer, fp16, block variants
+#   run(command="bash benchmarks/gpu/session.sh 3", carry=[".gpu_wheels"])   # SD1.4 training-step benchmark
 #
-# Parts: env | tests | kernel-bench | kernel (= env tests kernel-bench) | step | all. Every part writes under
+# Each numbered call is sized to stay well inside the device tool's 600 s per call (estimates, not yet timed).
+# Parts: env | tests | bench | bench-extra | step, or 1 (= env tests bench), 2 (= env bench-extra), 3 (= env step),
+# all. Every part writes under
 # $OUT (the device tool's output folder; benchmarks/results/gpu_session otherwise): env.txt, pytest_gpu.{txt,xml},
 # results/grounded_attention.csv + summaries + plots, results/step_time.jsonl, one log per command. A failing
 # command does not stop the others; the last lines printed are the summaries (the device tool returns the tail).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 REPO=$PWD
-PART=${1:-kernel}
+PART=${1:-1}
 OUT=${OUT:-$REPO/benchmarks/results/gpu_session}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT/results"
@@ -71,15 +74,20 @@ part_tests() {
     cp "$OUT/pytest_gpu.log" "$OUT/pytest_gpu.txt"
 }
 
-part_kernel_bench() {
-    local bench=benchmarks/bench_grounded_attention.py
-    step bench_kernel_bf16_eager "$PY" $bench --dtype bf16 --out-dir "$OUT/results"
+BENCH=benchmarks/bench_grounded_attention.py
+
+part_bench() {
+    step bench_kernel_bf16_eager "$PY" $BENCH --dtype bf16 --out-dir "$OUT/results"
+}
+
+part_bench_extra() {
+    local bench=$BENCH
     step bench_kernel_bf16_graph "$PY" $bench --dtype bf16 --timer graph --modes forward,full --out-dir "$OUT/results"
     step bench_kernel_fp16_eager "$PY" $bench --dtype fp16 --modes full --out-dir "$OUT/results"
     # block-size variants where the compile check shows the default's trade-offs (d = 80 backward spills 364 B with
     # one 128-wide head-dim chunk; block_d=64 has no spills but recomputes S and dP per chunk)
     step bench_kernel_variants "$PY" $bench --dtype bf16 --models sd14 --modes full --out-dir "$OUT/results/variants" \
-        --providers "fused,fused[block_d=64],fused[block_m_bwd=16],fused[block_m_fwd=64]"
+        --providers "fused,fused[block_d=64],fused[block_m_bwd=16],fused[block_m_fwd=64],fused[num_splits=1]"
 }
 
 part_step() {
@@ -90,11 +98,12 @@ part_step() {
 case $PART in
     env) part_env ;;
     tests) part_env; part_tests ;;
-    kernel-bench) part_env; part_kernel_bench ;;
-    kernel) part_env; part_tests; part_kernel_bench ;;
-    step) part_env; part_step ;;
-    all) part_env; part_tests; part_kernel_bench; part_step ;;
-    *) echo "unknown part '$PART' (env | tests | kernel-bench | kernel | step | all)"; exit 2 ;;
+    bench) part_env; part_bench ;;
+    bench-extra | 2) part_env; part_bench_extra ;;
+    1) part_env; part_tests; part_bench ;;
+    step | 3) part_env; part_step ;;
+    all) part_env; part_tests; part_bench; part_bench_extra; part_step ;;
+    *) echo "unknown part '$PART' (env | tests | bench | bench-extra | step | 1 | 2 | 3 | all)"; exit 2 ;;
 esac
 
 echo
