@@ -13,10 +13,16 @@ import bench_grounded_attention  # noqa: E402
 import bench_step  # noqa: E402
 
 
+def run_kernel_bench(out_dir: Path, *args: str) -> tuple[int, list[dict]]:
+    """bench_grounded_attention --smoke with extra arguments: (exit status, the CSV rows it wrote)."""
+    status = bench_grounded_attention.main(["--smoke", "--out-dir", str(out_dir), *args])
+    with open(out_dir / "grounded_attention.csv") as f:
+        return status, list(csv.DictReader(f))
+
+
 def test_kernel_benchmark_smoke_writes_every_provider_and_mode(tmp_path):
-    assert bench_grounded_attention.main(["--smoke", "--out-dir", str(tmp_path)]) == 0
-    with open(tmp_path / "grounded_attention.csv") as f:
-        rows = list(csv.DictReader(f))
+    status, rows = run_kernel_bench(tmp_path)
+    assert status == 0
     combos = {(r["layer"], r["provider"], r["mode"]) for r in rows}
     layers = {s.layer for s in bench_grounded_attention.SMOKE_SHAPES}
     assert combos == {
@@ -47,15 +53,10 @@ def test_step_benchmark_smoke_rows(tmp_path):
 
 def test_kernel_benchmark_block_size_variants(tmp_path):
     """fused[key=value,...] providers time KernelConfig variants next to the default blocks (GPU tuning runs)."""
-    providers = "fused,fused[block_m_bwd=16,num_warps=4]"
-    assert (
-        bench_grounded_attention.main(
-            ["--smoke", "--providers", providers, "--modes", "full", "--out-dir", str(tmp_path)]
-        )
-        == 0
+    status, rows = run_kernel_bench(
+        tmp_path, "--providers", "fused,fused[block_m_bwd=16,num_warps=4]", "--modes", "full"
     )
-    with open(tmp_path / "grounded_attention.csv") as f:
-        rows = list(csv.DictReader(f))
+    assert status == 0
     assert {r["provider"] for r in rows} == {"fused", "fused[block_m_bwd=16,num_warps=4]"}
     (summary,) = tmp_path.glob("grounded_attention_summary_*.md")
     assert "| fused (default) | fused[block_m_bwd=16,num_warps=4] |" in summary.read_text()
@@ -64,15 +65,8 @@ def test_kernel_benchmark_block_size_variants(tmp_path):
 def test_kernel_benchmark_keeps_going_past_a_failing_provider(tmp_path, capsys):
     """A provider that fails (here an invalid block size) is reported and the exit status is 1, but the other
     providers are still measured and written: one bad variant must not cost a GPU session its other numbers."""
-    providers = "sdpa,fused[block_d=8]"
-    assert (
-        bench_grounded_attention.main(
-            ["--smoke", "--providers", providers, "--modes", "full", "--out-dir", str(tmp_path)]
-        )
-        == 1
-    )
-    with open(tmp_path / "grounded_attention.csv") as f:
-        rows = list(csv.DictReader(f))
+    status, rows = run_kernel_bench(tmp_path, "--providers", "sdpa,fused[block_d=8]", "--modes", "full")
+    assert status == 1
     assert {r["provider"] for r in rows} == {"sdpa"} and len(rows) == len(bench_grounded_attention.SMOKE_SHAPES)
     err = capsys.readouterr().err
     assert "FAILED" in err and "block_d must be a power of two" in err
