@@ -96,3 +96,15 @@ def test_gpu_fused_in_sd14_unet_bf16_as_close_as_reference():
         err_ref = ((ref[i] - truth[i]).norm() / truth[i].norm()).item()
         err_fused = ((fused[i] - truth[i]).norm() / truth[i].norm()).item()
         assert err_fused <= 2 * err_ref + 1e-3, (what, err_fused, err_ref)
+
+
+def test_fused_backend_refuses_per_head_token_loss():
+    """The kernel implements the mean-map token loss only: a per_head context is refused, not silently changed."""
+    unet, names = grounded_unet()
+    latents, t, text, masks, token_phrase = make_inputs()
+    install_grounding_processors(unet, names, "fused")
+    ctx = GroundingContext(
+        latent_size=(8, 8), token_phrase=token_phrase, phrase_masks=masks, token_loss_heads="per_head"
+    )
+    with pytest.raises(ValueError, match="mean_map"):
+        unet(latents, t, text, cross_attention_kwargs={"grounding": ctx})
