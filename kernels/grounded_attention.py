@@ -1,8 +1,9 @@
 """Fused cross-attention + TokenCompose grounding losses (DESIGN §3, §4; issue #5).
 
 ``cross_attention_with_grounding(q, k, v, phrase_masks, token_phrase)`` returns ``softmax(q kᵀ·scale) v`` together
-with the token and pixel losses of ``tcscale.losses.grounding_losses`` (token_loss_heads="mean_map") on the same
-probabilities, without ever storing a (B, H, Lq, Lk) tensor. Notation as in DESIGN §3: sample b, head h, query
+with the token and pixel losses of ``tcscale.losses.grounding_losses`` on the same probabilities, for either
+token-loss definition (token_loss_heads "mean_map", paper Eq. 5, or "per_head", the official code), without ever
+storing a (B, H, Lq, Lk) tensor. Notation as in DESIGN §3: sample b, head h, query
 (latent) position u < Lq, text token i/j < Lk (Lk ≤ 256, so a whole softmax row is one tile), phrase slot p < P.
 
 File layout (STYLE.md "kernel files in four layers"):
@@ -39,6 +40,7 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 MAX_LK = 256
+TOKEN_LOSS_HEADS = ("mean_map", "per_head")  # as tcscale.losses.grounding_losses
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # globals read inside @triton.jit kernels must be tl.constexpr (the compiler refuses plain globals on GPU)
 BCE_EPS = tl.constexpr(1e-12)  # torch's binary_cross_entropy backward clamps S(1 - S) at this value
@@ -62,23 +64,38 @@ def triton_available() -> bool:
 
 
 @triton.jit
+def _phrase_operands(Masks, TokPhrase, b, offs_m, offs_n, row_ok, col_ok, Lq, Lk, P, BLOCK_P: tl.constexpr):
+    """The phrase side of one block: onehot[i, p] = 1 if token i belongs to phrase p (BLOCK_N, BLOCK_P), the masks
+    M_p[u] of the block's rows (BLOCK_M, BLOCK_P), and the phrase-slot offsets and validity."""
+    offs_p = tl.arange(0, BLOCK_P)
+    p_ok = offs_p < P
+    tok_phrase = tl.load(TokPhrase + b * Lk + offs_n, mask=col_ok, other=-1)
+    onehot = ((tok_phrase[:, None] == offs_p[None, :]) & p_ok[None, :]).to(tl.float32)
+    mask_up = tl.load(
+        Masks + b * P * Lq + offs_p[None, :] * Lq + offs_m[:, None], mask=row_ok[:, None] & p_ok[None, :], other=0.0
+    )
+    return offs_p, p_ok, onehot, mask_up
+
+
+@triton.jit
 def _grounded_attention_fwd_kernel(
     Q, K, V, Out, LSE,  # q (B,H,Lq,D) any strides, k/v (B,H,Lk,D) contiguous, out like q, LSE (B,H,Lq) fp32
     Masks, TokPhrase, PhraseMaps,  # masks (B,P,Lq) fp32, token_phrase (B,Lk) int64/int32, S (B,P,Lq) fp32 (written)
-    PartA, PartS, PartBCE,  # (B, NUM_MB, BLOCK_N), (B, NUM_MB, BLOCK_N), (B, NUM_MB, BLOCK_P) fp32 partials
+    PartA, PartS, PartBCE,  # (B, NUM_MB, HP, BLOCK_N) ×2, (B, NUM_MB, BLOCK_P) fp32 partials; HP = H if PER_HEAD else 1
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_ob, stride_oh, stride_om, stride_od,
     H, Lq, Lk, P, NUM_MB,
     scale_log2e, inv_H,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, NUM_DK: tl.constexpr,
     BLOCK_P: tl.constexpr,
-    HAS_PHRASES: tl.constexpr, DOT_PRECISION: tl.constexpr, ROW_ALIGN: tl.constexpr,
+    HAS_PHRASES: tl.constexpr, DOT_PRECISION: tl.constexpr, ROW_ALIGN: tl.constexpr, PER_HEAD: tl.constexpr,
 ):  # fmt: skip
     """One program = one sample b and one block of BLOCK_M query rows, looping over all heads.
 
     Looping the heads inside the program lets it build the head-averaged map Ā = (1/H) Σ_h P_h for its rows in
     registers, which the (non-linear) pixel loss needs before anything can be reduced over u. The head dim is
     processed in chunks of BLOCK_DK columns (zero-padded past D), which bounds shared memory for d = 160 and fp32.
+    PER_HEAD (token_loss_heads="per_head"): the token-loss partials are taken per head, from P_h, not from Ā.
     """
     pid_m = tl.program_id(0)
     b = tl.program_id(1)
@@ -94,6 +111,11 @@ def _grounded_attention_fwd_kernel(
     q_row_off = tl.multiple_of(offs_m * stride_qm, ROW_ALIGN)
     o_row_off = tl.multiple_of(offs_m * stride_om, ROW_ALIGN)
     abar = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # Σ_h P_h for this block (scaled by 1/H below)
+    if HAS_PHRASES and PER_HEAD:  # the mask of each token's phrase, needed inside the head loop
+        offs_p, p_ok, onehot, mask_up = _phrase_operands(
+            Masks, TokPhrase, b, offs_m, offs_n, row_ok, col_ok, Lq, Lk, P, BLOCK_P
+        )
+        token_masks = tl.dot(mask_up, tl.trans(onehot), input_precision="ieee")  # M_{p(i)}[u]: (BLOCK_M, BLOCK_N)
     for h in range(H):
         q_rows = Q + tl.multiple_of(b * stride_qb + h * stride_qh, ROW_ALIGN) + q_row_off[:, None]
         o_rows = Out + tl.multiple_of(b * stride_ob + h * stride_oh, ROW_ALIGN) + o_row_off[:, None]
@@ -127,20 +149,19 @@ def _grounded_attention_fwd_kernel(
         tl.store(LSE + (b * H + h) * Lq + offs_m, row_max + tl.log2(row_sum), mask=row_ok)
         if HAS_PHRASES:
             abar += p
+            if PER_HEAD:  # (4b) per-head token partials a_{h,i} = Σ_u M_{p(i)}[u] P_h[u,i], s_{h,i} = Σ_u P_h[u,i]
+                p_rows = tl.where(row_ok[:, None], p, 0.0)
+                part_off = ((b * NUM_MB + pid_m) * H + h) * BLOCK_N + offs_n
+                tl.store(PartA + part_off, tl.sum(p_rows * token_masks, axis=0))
+                tl.store(PartS + part_off, tl.sum(p_rows, axis=0))
 
     if HAS_PHRASES:
         # (5) Ā[u, i] for the valid rows of this block
         abar = tl.where(row_ok[:, None], abar * inv_H, 0.0)
-        offs_p = tl.arange(0, BLOCK_P)
-        p_ok = offs_p < P
-        tok_phrase = tl.load(TokPhrase + b * Lk + offs_n, mask=col_ok, other=-1)
-        # onehot[i, p] = 1 if token i belongs to phrase p  (BLOCK_N, BLOCK_P)
-        onehot = ((tok_phrase[:, None] == offs_p[None, :]) & p_ok[None, :]).to(tl.float32)
-        mask_up = tl.load(
-            Masks + b * P * Lq + offs_p[None, :] * Lq + offs_m[:, None],
-            mask=row_ok[:, None] & p_ok[None, :],
-            other=0.0,
-        )  # M_p[u] as (BLOCK_M, BLOCK_P)
+        if not PER_HEAD:
+            offs_p, p_ok, onehot, mask_up = _phrase_operands(
+                Masks, TokPhrase, b, offs_m, offs_n, row_ok, col_ok, Lq, Lk, P, BLOCK_P
+            )
         # (6) phrase maps S_p[u] = Σ_{i∈T_p} Ā[u,i] = (Ā · onehot)[u, p]; saved for the backward's pixel gradient
         phrase_maps = tl.dot(abar, onehot, input_precision="ieee")  # (BLOCK_M, BLOCK_P)
         tl.store(
@@ -148,11 +169,12 @@ def _grounded_attention_fwd_kernel(
             phrase_maps,
             mask=row_ok[:, None] & p_ok[None, :],
         )
-        # (7) token-loss partials over this block's rows: a_i = Σ_u M_{p(i)}[u] Ā[u,i],  s_i = Σ_u Ā[u,i]
-        token_masks = tl.dot(mask_up, tl.trans(onehot), input_precision="ieee")  # M_{p(i)}[u]: (BLOCK_M, BLOCK_N)
-        part_off = (b * NUM_MB + pid_m) * BLOCK_N + offs_n
-        tl.store(PartA + part_off, tl.sum(abar * token_masks, axis=0))
-        tl.store(PartS + part_off, tl.sum(abar, axis=0))
+        if not PER_HEAD:
+            # (7) token-loss partials over this block's rows: a_i = Σ_u M_{p(i)}[u] Ā[u,i],  s_i = Σ_u Ā[u,i]
+            token_masks = tl.dot(mask_up, tl.trans(onehot), input_precision="ieee")  # M_{p(i)}[u]
+            part_off = (b * NUM_MB + pid_m) * BLOCK_N + offs_n
+            tl.store(PartA + part_off, tl.sum(abar * token_masks, axis=0))
+            tl.store(PartS + part_off, tl.sum(abar, axis=0))
         # (8) pixel-loss partials: Σ_u BCE(clamp(S_p[u], 0, 1), M_p[u]) with both logs clamped at -100 (BCELoss)
         s_clamped = tl.minimum(tl.maximum(phrase_maps, 0.0), 1.0)
         # (log of max(x, 1e-44) is exact wherever log x > -100, and ≤ -100 below: no log(0) needed. The floor is an
@@ -166,33 +188,35 @@ def _grounded_attention_fwd_kernel(
 
 
 @triton.jit
+def _sum_partials(Part, base, stride_mb, NUM_MB, offs, BLOCK_MB: tl.constexpr):
+    """Σ over the query blocks mb of Part[base + mb·stride_mb + offs], in block order (deterministic)."""
+    total = tl.zeros(offs.shape, dtype=tl.float32)
+    for mb0 in range(0, NUM_MB, BLOCK_MB):
+        offs_mb = mb0 + tl.arange(0, BLOCK_MB)
+        rows = base + offs_mb[:, None] * stride_mb + offs[None, :]
+        total += tl.sum(tl.load(Part + rows, mask=(offs_mb < NUM_MB)[:, None], other=0.0), axis=0)
+    return total
+
+
+@triton.jit
 def _grounding_finalize_kernel(
     PartA, PartS, PartBCE, TokPhrase,
-    Ratio, TokCoef, PixCoef, SampleStats,  # (B, BLOCK_N), (B, BLOCK_N), (B, BLOCK_P), (B, 3) fp32 outputs
-    Lq, Lk, P, NUM_MB,
-    BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_MB: tl.constexpr,
+    Ratio, TokCoef, PixCoef, SampleStats,  # (B, HP, BLOCK_N) ×2, (B, BLOCK_P), (B, 3) fp32 outputs
+    H, Lq, Lk, P, NUM_MB,
+    BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_MB: tl.constexpr, PER_HEAD: tl.constexpr,
 ):  # fmt: skip
     """One program per sample: reduce the forward partials (fixed order) and compute the per-sample losses and the
-    coefficients of the loss gradient. Phrases of the sample = phrase slots that some token points at."""
+    coefficients of the loss gradient. Phrases of the sample = phrase slots that some token points at.
+
+    Outputs per token (per head and token when PER_HEAD, HP = H; else HP = 1): the activation ratio r and the
+    token-loss coefficient c with ∂L_tok,b/∂P_h[u,i] = c_(h),i · (M_p(i)[u] - r_(h),i) / H (step 5)."""
     b = tl.program_id(0)
     offs_n = tl.arange(0, BLOCK_N)
     offs_p = tl.arange(0, BLOCK_P)
     col_ok = offs_n < Lk
     p_ok = offs_p < P
 
-    # (1) a_i, s_i and Σ_u BCE_p summed over the query blocks in block order (deterministic)
-    a = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    s = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    bce = tl.zeros((BLOCK_P,), dtype=tl.float32)
-    for mb0 in range(0, NUM_MB, BLOCK_MB):
-        offs_mb = mb0 + tl.arange(0, BLOCK_MB)
-        mb_ok = offs_mb < NUM_MB
-        row = (b * NUM_MB + offs_mb)[:, None]
-        a += tl.sum(tl.load(PartA + row * BLOCK_N + offs_n[None, :], mask=mb_ok[:, None], other=0.0), axis=0)
-        s += tl.sum(tl.load(PartS + row * BLOCK_N + offs_n[None, :], mask=mb_ok[:, None], other=0.0), axis=0)
-        bce += tl.sum(tl.load(PartBCE + row * BLOCK_P + offs_p[None, :], mask=mb_ok[:, None], other=0.0), axis=0)
-
-    # (2) phrase membership: |T_p| = count_p, the sample's phrases are those with count_p > 0, n_b of them
+    # (1) phrase membership: |T_p| = count_p, the sample's phrases are those with count_p > 0, n_b of them
     tok_phrase = tl.load(TokPhrase + b * Lk + offs_n, mask=col_ok, other=-1)
     onehot = ((tok_phrase[:, None] == offs_p[None, :]) & p_ok[None, :]).to(tl.float32)  # (BLOCK_N, BLOCK_P)
     is_token = tl.sum(onehot, axis=1) > 0.0
@@ -201,9 +225,28 @@ def _grounding_finalize_kernel(
     n_phrases = tl.sum(present.to(tl.float32), axis=0)
     inv_n = 1.0 / tl.maximum(n_phrases, 1.0)
 
-    # (3) token loss: r_i = a_i / s_i;  L_tok,b = (1/n_b) Σ_p (1/|T_p|) Σ_{i∈T_p} (1 - r_i)²
-    s_safe = tl.where(is_token, s, 1.0)
-    ratio = tl.where(is_token, a / s_safe, 0.0)
+    # (2) activation ratios from the partials summed over the query blocks
+    if PER_HEAD:
+        #   per head: r_{h,i} = a_{h,i} / s_{h,i};  r_i = (1/H) Σ_h r_{h,i}  (the official code's token loss).
+        #   r_{h,i} goes to Ratio now; s_{h,i} is parked in TokCoef and turned into c_{h,i} in step (5).
+        ratio = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for h in range(H):
+            base = b * NUM_MB * H * BLOCK_N + h * BLOCK_N
+            a_h = _sum_partials(PartA, base, H * BLOCK_N, NUM_MB, offs_n, BLOCK_MB)
+            s_h = tl.where(is_token, _sum_partials(PartS, base, H * BLOCK_N, NUM_MB, offs_n, BLOCK_MB), 1.0)
+            ratio_h = tl.where(is_token, a_h / s_h, 0.0)
+            tl.store(Ratio + (b * H + h) * BLOCK_N + offs_n, ratio_h)
+            tl.store(TokCoef + (b * H + h) * BLOCK_N + offs_n, s_h)
+            ratio += ratio_h
+        ratio = ratio / H
+    else:
+        #   head-averaged map: r_i = a_i / s_i with a_i = Σ_u M_p(i)[u] Ā[u,i], s_i = Σ_u Ā[u,i]  (paper Eq. 5)
+        a = _sum_partials(PartA, b * NUM_MB * BLOCK_N, BLOCK_N, NUM_MB, offs_n, BLOCK_MB)
+        s_safe = tl.where(is_token, _sum_partials(PartS, b * NUM_MB * BLOCK_N, BLOCK_N, NUM_MB, offs_n, BLOCK_MB), 1.0)
+        ratio = tl.where(is_token, a / s_safe, 0.0)
+    bce = _sum_partials(PartBCE, b * NUM_MB * BLOCK_P, BLOCK_P, NUM_MB, offs_p, BLOCK_MB)
+
+    # (3) token loss: L_tok,b = (1/n_b) Σ_p (1/|T_p|) Σ_{i∈T_p} (1 - r_i)²
     err = tl.where(is_token, (1.0 - ratio) * (1.0 - ratio), 0.0)
     per_phrase_tok = tl.sum(onehot * err[:, None], axis=0) / tl.maximum(count, 1.0)
     token_loss = tl.sum(per_phrase_tok, axis=0) * inv_n
@@ -211,13 +254,21 @@ def _grounding_finalize_kernel(
     pixel_loss = tl.sum(tl.where(present, bce, 0.0), axis=0) * inv_n / Lq
 
     # (5) backward coefficients (without the 1/B_eff batch factor and the upstream gradients, applied later):
-    #     ∂L_tok,b/∂Ā[u,i] = -2 (1 - r_i)(M_p[u] - r_i) / (n_b |T_p| s_i) = tok_coef_i · (M_p[u] - r_i)
+    #     g_i = ∂L_tok,b/∂r_i = -2 (1 - r_i) / (n_b |T_p|)
+    #     mean map: ∂r_i/∂Ā[u,i] = (M_p[u] - r_i) / s_i and ∂Ā/∂P_h = 1/H  →  c_i = g_i / s_i
+    #     per head: ∂r_i/∂P_h[u,i] = (M_p[u] - r_{h,i}) / (H s_{h,i})    →  c_{h,i} = g_i / s_{h,i}
     #     ∂L_pix,b/∂Ā[u,i] = pix_coef_p · (S_p[u] - M_p[u]) / max(S_p[u](1 - S_p[u]), 1e-12),  pix_coef_p = 1/(n_b Lq)
     count_of_token = tl.sum(onehot * count[None, :], axis=1)  # |T_{p(i)}|
-    tok_coef = tl.where(is_token, -2.0 * (1.0 - ratio) * inv_n / (s_safe * tl.maximum(count_of_token, 1.0)), 0.0)
+    g = tl.where(is_token, -2.0 * (1.0 - ratio) * inv_n / tl.maximum(count_of_token, 1.0), 0.0)
+    if PER_HEAD:
+        tl.debug_barrier()  # the parked s_{h,i} above are read back by (possibly) other threads of this program
+        for h in range(H):
+            s_h = tl.load(TokCoef + (b * H + h) * BLOCK_N + offs_n)
+            tl.store(TokCoef + (b * H + h) * BLOCK_N + offs_n, g / s_h)
+    else:
+        tl.store(Ratio + b * BLOCK_N + offs_n, ratio)
+        tl.store(TokCoef + b * BLOCK_N + offs_n, g / s_safe)
     pix_coef = tl.where(present, inv_n / Lq, 0.0)
-    tl.store(Ratio + b * BLOCK_N + offs_n, ratio)
-    tl.store(TokCoef + b * BLOCK_N + offs_n, tok_coef)
     tl.store(PixCoef + b * BLOCK_P + offs_p, pix_coef)
     tl.store(SampleStats + b * 3 + 0, token_loss)
     tl.store(SampleStats + b * 3 + 1, pixel_loss)
@@ -254,6 +305,7 @@ def _grounded_attention_bwd_kernel(
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, NUM_DK: tl.constexpr,
     BLOCK_P: tl.constexpr,
     HAS_PHRASES: tl.constexpr, DOT_PRECISION: tl.constexpr, LOSS_DOT_PRECISION: tl.constexpr, ROW_ALIGN: tl.constexpr,
+    PER_HEAD: tl.constexpr,
 ):  # fmt: skip
     """One program = one (b, h), one range of query blocks (split s) and one chunk c of BLOCK_DK head-dim columns.
 
@@ -280,6 +332,7 @@ def _grounded_attention_bwd_kernel(
         #     g_tok = ∂ℓ/∂L_token, g_pix = ∂ℓ/∂L_pixel and the batch mean's 1/B_eff:
         #     G[u,i] = c1_i · M_{p(i)}[u] + c0_i + Σ_p onehot[i,p] · gpix[u,p]
         #       c1_i = g_tok/B_eff · (-2 (1 - r_i) / (n_b |T_p| s_i)),  c0_i = -c1_i · r_i
+        #       (PER_HEAD: this head's c1_{h,i} and r_{h,i} instead, see the finalize kernel)
         #       gpix[u,p] = g_pix/B_eff · (S_p[u] - M_p[u]) / (n_b Lq · max(S_p[u](1 - S_p[u]), 1e-12)) · [0 ≤ S ≤ 1]
         offs_p = tl.arange(0, BLOCK_P)
         p_ok = offs_p < P
@@ -288,8 +341,9 @@ def _grounded_attention_bwd_kernel(
         inv_batch = tl.load(InvBatch)
         grad_token = tl.load(GradToken) * inv_batch
         grad_pixel = tl.load(GradPixel) * inv_batch
-        c1 = tl.load(TokCoef + b * BLOCK_N + offs_n) * grad_token
-        c0 = -c1 * tl.load(Ratio + b * BLOCK_N + offs_n)
+        coef_row = (b * H + h) * BLOCK_N if PER_HEAD else b * BLOCK_N
+        c1 = tl.load(TokCoef + coef_row + offs_n) * grad_token
+        c0 = -c1 * tl.load(Ratio + coef_row + offs_n)
         pix_w = tl.load(PixCoef + b * BLOCK_P + offs_p) * grad_pixel
 
     # row-alignment hints as in the forward (q, dO, dQ)
@@ -552,11 +606,15 @@ def grounded_attention_forward(
     config: KernelConfig | None = None,
     validate_values: bool = True,
     *,
+    token_loss_heads: str = "mean_map",
     launch: Callable[[_Launch], None] = _run,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor | float | int]]:
     """Launch the forward kernels. Returns (out, token_loss, pixel_loss, saved) with ``saved`` the small tensors
     (and ints) the backward needs. ``launch`` receives each planned launch (default: run it)."""
     _check_inputs(q, k, v, phrase_masks, token_phrase, validate_values, planning=launch is not _run)
+    if token_loss_heads not in TOKEN_LOSS_HEADS:
+        raise ValueError(f"token_loss_heads must be one of {TOKEN_LOSS_HEADS}, got {token_loss_heads!r}")
+    per_head = token_loss_heads == "per_head"
     config = config or KernelConfig()
     # k, v are small (B·H·Lk·d): made contiguous so the kernels address them with a compile-time head dim
     q, k, v = _dense_last_dim(q), k.contiguous(), v.contiguous()
@@ -579,11 +637,11 @@ def grounded_attention_forward(
     lse = torch.empty((B, H, Lq), device=device, dtype=torch.float32)
     f32 = dict(device=device, dtype=torch.float32)
     phrase_maps = torch.empty((B, P, Lq), **f32)
-    # the forward partials in one allocation (fewer allocator calls on the host): (B, num_mb, 2·BLOCK_N + BLOCK_P)
-    partials = torch.empty((B * num_mb * (2 * BLOCK_N + BLOCK_P),), **f32)
-    part_a = partials[: B * num_mb * BLOCK_N]
-    part_s = partials[B * num_mb * BLOCK_N : 2 * B * num_mb * BLOCK_N]
-    part_bce = partials[2 * B * num_mb * BLOCK_N :]
+    # the forward partials in one allocation (fewer allocator calls on the host): token partials a, s of shape
+    # (B, num_mb, HP, BLOCK_N) with HP = H per head or 1 for the mean map, BCE partials (B, num_mb, BLOCK_P)
+    tok_part = B * num_mb * (H if per_head else 1) * BLOCK_N
+    partials = torch.empty((2 * tok_part + B * num_mb * BLOCK_P,), **f32)
+    part_a, part_s, part_bce = partials[:tok_part], partials[tok_part : 2 * tok_part], partials[2 * tok_part :]
     dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"  # tf32 is ignored for fp16/bf16 operands
 
     launch(_Launch(
@@ -595,23 +653,26 @@ def grounded_attention_forward(
          H, Lq, Lk, P, num_mb,
          scale * LOG2E, 1.0 / H),
         dict(D=D, BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_DK=blocks.block_d, NUM_DK=triton.cdiv(D, blocks.block_d),
-             BLOCK_P=BLOCK_P, HAS_PHRASES=has_phrases, DOT_PRECISION=dot_precision, ROW_ALIGN=_row_align(q, out)),
+             BLOCK_P=BLOCK_P, HAS_PHRASES=has_phrases, DOT_PRECISION=dot_precision, ROW_ALIGN=_row_align(q, out),
+             PER_HEAD=per_head),
         blocks.num_warps, blocks.num_stages,
     ))  # fmt: skip
 
     # finalize runs even with P = 0: it then writes zeros (no token belongs to a phrase; the unwritten partials are
     # never selected), so nothing needs a zero-fill
-    coefs = torch.empty((B * (2 * BLOCK_N + BLOCK_P + 3),), **f32)
-    ratio = coefs[: B * BLOCK_N].view(B, BLOCK_N)
-    tok_coef = coefs[B * BLOCK_N : 2 * B * BLOCK_N].view(B, BLOCK_N)
-    pix_coef = coefs[2 * B * BLOCK_N : B * (2 * BLOCK_N + BLOCK_P)].view(B, BLOCK_P)
-    sample_stats = coefs[B * (2 * BLOCK_N + BLOCK_P) :].view(B, 3)
+    # per-token ratio and coefficient (B, HP, BLOCK_N), per-phrase coefficient (B, BLOCK_P), sample stats (B, 3)
+    hp = H if per_head else 1
+    coefs = torch.empty((B * (2 * hp * BLOCK_N + BLOCK_P + 3),), **f32)
+    ratio = coefs[: B * hp * BLOCK_N].view(B, hp, BLOCK_N)
+    tok_coef = coefs[B * hp * BLOCK_N : 2 * B * hp * BLOCK_N].view(B, hp, BLOCK_N)
+    pix_coef = coefs[2 * B * hp * BLOCK_N : B * (2 * hp * BLOCK_N + BLOCK_P)].view(B, BLOCK_P)
+    sample_stats = coefs[B * (2 * hp * BLOCK_N + BLOCK_P) :].view(B, 3)
     launch(_Launch(
         _grounding_finalize_kernel, (B,),
         (part_a, part_s, part_bce, tok_phrase,
          ratio, tok_coef, pix_coef, sample_stats,
-         Lq, Lk, P, num_mb),
-        dict(BLOCK_N=BLOCK_N, BLOCK_P=BLOCK_P, BLOCK_MB=min(16, triton.next_power_of_2(num_mb))),
+         H, Lq, Lk, P, num_mb),
+        dict(BLOCK_N=BLOCK_N, BLOCK_P=BLOCK_P, BLOCK_MB=min(16, triton.next_power_of_2(num_mb)), PER_HEAD=per_head),
     ))  # fmt: skip
     token_loss = torch.empty((), **f32)
     pixel_loss = torch.empty((), **f32)
@@ -623,7 +684,7 @@ def grounded_attention_forward(
 
     saved = dict(
         lse=lse, masks=masks_f32, token_phrase=tok_phrase, phrase_maps=phrase_maps,
-        ratio=ratio, tok_coef=tok_coef, pix_coef=pix_coef, inv_batch=inv_batch, scale=scale,
+        ratio=ratio, tok_coef=tok_coef, pix_coef=pix_coef, inv_batch=inv_batch, scale=scale, per_head=per_head,
     )  # fmt: skip
     return out, token_loss, pixel_loss, saved
 
@@ -683,7 +744,7 @@ def grounded_attention_backward(
          saved["scale"], saved["scale"] * LOG2E, 1.0 / H),
         dict(D=D, BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_DK=blocks.block_d, NUM_DK=triton.cdiv(D, blocks.block_d),
              BLOCK_P=BLOCK_P, HAS_PHRASES=P > 0, DOT_PRECISION=dot_precision, LOSS_DOT_PRECISION=dot_precision,
-             ROW_ALIGN=_row_align(q, grad_out, dq)),
+             ROW_ALIGN=_row_align(q, grad_out, dq), PER_HEAD=saved["per_head"]),
         blocks.num_warps, blocks.num_stages,
     ))  # fmt: skip
     if num_splits > 1:
@@ -701,14 +762,14 @@ class GroundedAttentionFunction(torch.autograd.Function):
     """(q, k, v) → (out, token_loss, pixel_loss); saves q, k, v, the row LSE and O(B·P·Lq + B·Lk) reductions."""
 
     @staticmethod
-    def forward(ctx, q, k, v, phrase_masks, token_phrase, scale, config, validate_values):
+    def forward(ctx, q, k, v, phrase_masks, token_phrase, scale, config, validate_values, token_loss_heads):
         out, token_loss, pixel_loss, saved = grounded_attention_forward(
-            q, k, v, phrase_masks, token_phrase, scale, config, validate_values
+            q, k, v, phrase_masks, token_phrase, scale, config, validate_values, token_loss_heads=token_loss_heads
         )
         tensor_keys = [key for key, value in saved.items() if isinstance(value, torch.Tensor)]
         ctx.save_for_backward(q, k, v, *(saved[key] for key in tensor_keys))
         ctx.tensor_keys = tensor_keys
-        ctx.scale = saved["scale"]
+        ctx.others = {key: value for key, value in saved.items() if key not in tensor_keys}  # scale, per_head
         ctx.config = config
         return out, token_loss, pixel_loss
 
@@ -716,10 +777,9 @@ class GroundedAttentionFunction(torch.autograd.Function):
     @once_differentiable  # no double backward
     def backward(ctx, grad_out, grad_token, grad_pixel):
         q, k, v, *tensors = ctx.saved_tensors
-        saved = dict(zip(ctx.tensor_keys, tensors))
-        saved["scale"] = ctx.scale
+        saved = dict(zip(ctx.tensor_keys, tensors), **ctx.others)
         dq, dk, dv = grounded_attention_backward(grad_out, grad_token, grad_pixel, q, k, v, saved, ctx.config)
-        return dq, dk, dv, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None
 
 
 # ======================================================================================================================
@@ -737,6 +797,7 @@ def cross_attention_with_grounding(
     *,
     config: KernelConfig | None = None,
     validate_values: bool = True,
+    token_loss_heads: str = "mean_map",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Cross-attention fused with the TokenCompose token and pixel losses (DESIGN §3, §4).
 
@@ -747,14 +808,19 @@ def cross_attention_with_grounding(
         scale: softmax scale, default 1/√d.
         config: optional block sizes (tests, tuning).
         validate_values: check token_phrase ∈ [-1, P) (one host sync), as the PyTorch reference does.
+        token_loss_heads: "mean_map" (paper Eq. 5, on the head-averaged map) or "per_head" (official code: the
+            activation ratio per head, averaged over heads), as ``grounding_losses``.
 
     Returns:
         (out (B, H, Lq, d) in q's dtype, token_loss fp32 scalar, pixel_loss fp32 scalar); all three differentiable
-        in q, k, v. The losses equal ``grounding_losses(softmax(q kᵀ·scale), phrase_masks, token_phrase)``.
+        in q, k, v. The losses equal ``grounding_losses(softmax(q kᵀ·scale), phrase_masks, token_phrase,
+        token_loss_heads=token_loss_heads)``.
     """
     if not triton_available():
         raise RuntimeError(
             "kernels.cross_attention_with_grounding (attention.backend: fused) needs a CUDA GPU or the Triton CPU "
             "interpreter (set TRITON_INTERPRET=1 before importing kernels); use attention.backend: sdpa otherwise"
         )
-    return GroundedAttentionFunction.apply(q, k, v, phrase_masks, token_phrase, scale, config, validate_values)
+    return GroundedAttentionFunction.apply(
+        q, k, v, phrase_masks, token_phrase, scale, config, validate_values, token_loss_heads
+    )

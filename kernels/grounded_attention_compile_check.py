@@ -96,6 +96,7 @@ def planned_launches(
     lq: int = 4096,
     layout: str = "diffusers",
     config: ga.KernelConfig | None = None,
+    token_loss_heads: str = "mean_map",
 ) -> list[ga._Launch]:
     """The launches of one forward + backward exactly as the launchers plan them on an H100 (meta tensors: no data,
     no device). ``layout="diffusers"``: q and dO are (B, H, Lq, d) views of (B, Lq, H·d) tensors, as the grounding
@@ -113,7 +114,15 @@ def planned_launches(
     token_phrase = torch.empty(batch, lk, device="meta", dtype=torch.int64)
     launches: list[ga._Launch] = []
     out, token_loss, pixel_loss, saved = ga.grounded_attention_forward(
-        q, k, v, masks, token_phrase, config=config, validate_values=False, launch=launches.append
+        q,
+        k,
+        v,
+        masks,
+        token_phrase,
+        config=config,
+        validate_values=False,
+        token_loss_heads=token_loss_heads,
+        launch=launches.append,
     )
     grad_out = torch.empty_like(q)  # the gradient of a diffusers view arrives with the view's strides
     grad_token, grad_pixel = torch.empty_like(token_loss), torch.empty_like(pixel_loss)
@@ -132,19 +141,30 @@ def compile_kernels(
     heads: int = 8,
     layout: str = "diffusers",
     config: ga.KernelConfig | None = None,
+    token_loss_heads: str = "mean_map",
 ) -> list[dict]:
     """Compile the forward, finalize, batch-mean and backward launches the launchers plan; one report each."""
     if ga.interpreter_enabled():
         raise RuntimeError("unset TRITON_INTERPRET: the kernels must be decorated for the GPU compiler")
     reports = []
-    launches = planned_launches(dtype, head_dim, lk, phrases, heads=heads, lq=lq, layout=layout, config=config)
+    launches = planned_launches(
+        dtype,
+        head_dim,
+        lk,
+        phrases,
+        heads=heads,
+        lq=lq,
+        layout=layout,
+        config=config,
+        token_loss_heads=token_loss_heads,
+    )
     names = {"_grounded_attention_fwd_kernel": "forward", "_grounding_finalize_kernel": "finalize",
              "_grounding_batch_mean_kernel": "batch_mean", "_grounded_attention_bwd_kernel": "backward"}  # fmt: skip
     for launch in launches:
         compiled = _compile(launch, arch)
         report = dict(
             kernel=names[launch.kernel.__name__], dtype=TRITON_TYPES[dtype], head_dim=head_dim, lk=lk, layout=layout,
-            shared_bytes=compiled.metadata.shared,
+            token_loss_heads=token_loss_heads, shared_bytes=compiled.metadata.shared,
         )  # fmt: skip
         report.update(_ptxas_report(compiled.asm["ptx"], arch))
         report.update(_sass_counts(compiled.asm.get("cubin")))
@@ -182,10 +202,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lk", type=int, default=77)
     parser.add_argument("--arch", type=int, default=90)
     parser.add_argument("--layout", default="diffusers", choices=("diffusers", "contiguous"))
+    parser.add_argument("--token-loss-heads", default="mean_map", choices=ga.TOKEN_LOSS_HEADS)
     args = parser.parse_args(argv)
     too_big = []
     for head_dim in map(int, args.head_dims.split(",")):
-        for report in compile_kernels(TORCH_DTYPES[args.dtype], head_dim, args.lk, arch=args.arch, layout=args.layout):
+        reports = compile_kernels(
+            TORCH_DTYPES[args.dtype], head_dim, args.lk, arch=args.arch, layout=args.layout,
+            token_loss_heads=args.token_loss_heads,
+        )  # fmt: skip
+        for report in reports:
             print(json.dumps(report), flush=True)
             if report["shared_bytes"] > H100_SHARED_BYTES:
                 too_big.append(report)

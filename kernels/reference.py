@@ -29,6 +29,7 @@ def cross_attention_with_grounding_reference(
     *,
     upcast: bool = False,
     validate_values: bool = True,
+    token_loss_heads: str = "mean_map",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out, token_loss, pixel_loss) with explicit probabilities; ``upcast=True`` computes everything in float64
     (the ground truth the tests measure both implementations against). ``validate_values=False`` skips the
@@ -38,6 +39,6 @@ def cross_attention_with_grounding_reference(
     attn_probs = attention_probs_reference(q, k, scale)
     out = torch.matmul(attn_probs, v)
     losses = grounding_losses(
-        attn_probs, phrase_masks, token_phrase, token_loss_heads="mean_map", validate_values=validate_values
+        attn_probs, phrase_masks, token_phrase, token_loss_heads=token_loss_heads, validate_values=validate_values
     )
     return out, losses["token"], losses["pixel"]

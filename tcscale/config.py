@@ -198,8 +198,6 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             "attention.backend=sdpa computes no attention maps: objective.name=tokencompose needs "
             "'reference' or 'fused' (use objective.name=ldm for an LDM-only run)"
         )
-    if cfg.attention.backend == "fused" and cfg.attention.token_loss_heads != "mean_map":
-        raise ConfigError("attention.backend=fused supports attention.token_loss_heads=mean_map only")
     ds = cfg.deepspeed
     autos = _find_auto(ds, "deepspeed")
     if autos:

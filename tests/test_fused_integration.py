@@ -11,11 +11,11 @@ from tests.test_grounding_processor import grounded_unet, make_inputs
 pytestmark = pytest.mark.interpret
 
 
-def forward_backward(unet, names, backend):
+def forward_backward(unet, names, backend, heads="mean_map"):
     latents, t, text, masks, token_phrase = make_inputs()
     install_grounding_processors(unet, names, backend)
     unet.zero_grad(set_to_none=True)
-    ctx = GroundingContext(latent_size=(8, 8), token_phrase=token_phrase, phrase_masks=masks)
+    ctx = GroundingContext(latent_size=(8, 8), token_phrase=token_phrase, phrase_masks=masks, token_loss_heads=heads)
     out = unet(latents, t, text, cross_attention_kwargs={"grounding": ctx}).sample
     # a non-unit mix of the three outputs, so every gradient path of the kernel is exercised
     loss = out.square().mean() + sum(0.7 * r.token + 0.3 * r.pixel for r in ctx.records)
@@ -25,10 +25,12 @@ def forward_backward(unet, names, backend):
     return out.detach(), losses, grads
 
 
-def test_fused_backend_matches_reference_through_the_unet():
+@pytest.mark.parametrize("heads", ["mean_map", "per_head"])
+def test_fused_backend_matches_reference_through_the_unet(heads):
+    """Both token-loss definitions (attention.token_loss_heads) through the fused backend equal the reference."""
     unet, names = grounded_unet()
-    out_ref, loss_ref, grad_ref = forward_backward(unet, names, "reference")
-    out_fused, loss_fused, grad_fused = forward_backward(unet, names, "fused")
+    out_ref, loss_ref, grad_ref = forward_backward(unet, names, "reference", heads)
+    out_fused, loss_fused, grad_fused = forward_backward(unet, names, "fused", heads)
     torch.testing.assert_close(out_fused, out_ref, rtol=1e-4, atol=1e-5)
     assert loss_ref.keys() == loss_fused.keys() == set(names)
     for name in names:
@@ -96,15 +98,3 @@ def test_gpu_fused_in_sd14_unet_bf16_as_close_as_reference():
         err_ref = ((ref[i] - truth[i]).norm() / truth[i].norm()).item()
         err_fused = ((fused[i] - truth[i]).norm() / truth[i].norm()).item()
         assert err_fused <= 2 * err_ref + 1e-3, (what, err_fused, err_ref)
-
-
-def test_fused_backend_refuses_per_head_token_loss():
-    """The kernel implements the mean-map token loss only: a per_head context is refused, not silently changed."""
-    unet, names = grounded_unet()
-    latents, t, text, masks, token_phrase = make_inputs()
-    install_grounding_processors(unet, names, "fused")
-    ctx = GroundingContext(
-        latent_size=(8, 8), token_phrase=token_phrase, phrase_masks=masks, token_loss_heads="per_head"
-    )
-    with pytest.raises(ValueError, match="mean_map"):
-        unet(latents, t, text, cross_attention_kwargs={"grounding": ctx})

@@ -64,21 +64,23 @@ def make_inputs(
     return q, k, v, phrase_masks, token_phrase.to(device)
 
 
-def run_fused(inputs, grads, config=None, scale=None):
+def run_fused(inputs, grads, config=None, scale=None, heads="mean_map"):
     q, k, v, masks, token_phrase = inputs
     q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    out, token_loss, pixel_loss = cross_attention_with_grounding(q, k, v, masks, token_phrase, scale, config=config)
+    out, token_loss, pixel_loss = cross_attention_with_grounding(
+        q, k, v, masks, token_phrase, scale, config=config, token_loss_heads=heads
+    )
     grad_out, grad_token, grad_pixel = grads
     torch.autograd.backward([out, token_loss, pixel_loss], [grad_out, grad_token, grad_pixel])
     return out.detach(), token_loss.detach(), pixel_loss.detach(), q.grad, k.grad, v.grad
 
 
-def run_reference(inputs, grads, *, upcast: bool, scale=None):
+def run_reference(inputs, grads, *, upcast: bool, scale=None, heads="mean_map"):
     q, k, v, masks, token_phrase = inputs
     dtype = torch.float64 if upcast else q.dtype  # float64 leaves: the truth's gradients are float64 too
     q, k, v = (t.detach().to(dtype).requires_grad_() for t in (q, k, v))
     out, token_loss, pixel_loss = cross_attention_with_grounding_reference(
-        q, k, v, masks, token_phrase, scale, upcast=upcast
+        q, k, v, masks, token_phrase, scale, upcast=upcast, token_loss_heads=heads
     )
     grad_out, grad_token, grad_pixel = grads
     torch.autograd.backward(
@@ -135,16 +137,22 @@ SHAPES = {
 
 
 @pytest.mark.interpret
+@pytest.mark.parametrize("heads", ["mean_map", "per_head"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("shape", list(SHAPES), ids=list(SHAPES))
-def test_matches_reference_and_float64(shape, dtype):
+def test_matches_reference_and_float64(shape, dtype, heads):
+    """out, both losses and dq, dk, dv against the same-dtype PyTorch reference and float64, for both token-loss
+    definitions (mean_map: paper Eq. 5 on the head-averaged map; per_head: the official code's ratio per head)."""
     B, H, Lq, Lk, D, P, config = SHAPES[shape]
     inputs = make_inputs(B, H, Lq, Lk, D, P, dtype)
     grads = make_grads((B, H, Lq, D), dtype)
-    fused = run_fused(inputs, grads, config)
-    ref = run_reference(inputs, grads, upcast=False)
-    truth = run_reference(inputs, grads, upcast=True)
+    fused = run_fused(inputs, grads, config, heads=heads)
+    ref = run_reference(inputs, grads, upcast=False, heads=heads)
+    truth = run_reference(inputs, grads, upcast=True, heads=heads)
     assert fused[1] > 0 and fused[2] > 0  # the losses are not trivially zero
+    if heads == "per_head":  # the two definitions really differ on these inputs (H > 1)
+        other = run_reference(inputs, grads, upcast=True, heads="mean_map")
+        assert abs(truth[1].item() - other[1].item()) > 1e-3 * abs(truth[1].item())
     if dtype == torch.float32:
         for name, a, r, t in zip(NAMES, fused, ref, truth):
             assert_close_scaled(a, t, 2e-5, f"{name} vs float64")
@@ -179,14 +187,19 @@ def test_edge_shapes(B, H, Lq, Lk, D, P, fractional_masks):
 
 
 @pytest.mark.interpret
-def test_loss_gradients_alone_match_float64():
+@pytest.mark.parametrize("heads", ["mean_map", "per_head"])
+def test_loss_gradients_alone_match_float64(heads):
     """Each loss's gradient on its own (the out gradient cannot hide an error in the folded-in loss gradient)."""
     B, H, Lq, Lk, D, P, config = SHAPES["sd-like"]
     q, k, v, masks, token_phrase = make_inputs(B, H, Lq, Lk, D, P, torch.float32, seed=3)
     q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
-    _, token64, pixel64 = cross_attention_with_grounding_reference(q64, k64, v64, masks, token_phrase)
+    _, token64, pixel64 = cross_attention_with_grounding_reference(
+        q64, k64, v64, masks, token_phrase, token_loss_heads=heads
+    )
     qf, kf, vf = (t.clone().requires_grad_() for t in (q, k, v))
-    _, token, pixel = cross_attention_with_grounding(qf, kf, vf, masks, token_phrase, config=config)
+    _, token, pixel = cross_attention_with_grounding(
+        qf, kf, vf, masks, token_phrase, config=config, token_loss_heads=heads
+    )
     for fused_loss, loss64 in ((token, token64), (pixel, pixel64)):
         grads = torch.autograd.grad(fused_loss, (qf, kf, vf), retain_graph=True)
         grads64 = torch.autograd.grad(loss64, (q64, k64), retain_graph=True)
@@ -237,8 +250,8 @@ def test_noncontiguous_views_custom_scale_and_determinism():
 
 
 @pytest.mark.interpret
-@pytest.mark.parametrize("P", [4, 0], ids=["phrases", "zero-phrase-slots"])
-def test_every_buffer_written_before_read_and_int32_token_phrase(monkeypatch, P):
+@pytest.mark.parametrize("P, heads", [(4, "mean_map"), (4, "per_head"), (0, "per_head")])
+def test_every_buffer_written_before_read_and_int32_token_phrase(monkeypatch, P, heads):
     """The launchers allocate without zero-fills: with every torch.empty / empty_like poisoned (NaN, or a huge
     integer), forward and backward give bit-identical results, so no kernel reads memory nothing wrote. An int32
     token_phrase gives the same results as int64 (both are read in place)."""
@@ -246,9 +259,9 @@ def test_every_buffer_written_before_read_and_int32_token_phrase(monkeypatch, P)
     config = KernelConfig(block_m_fwd=16, block_m_bwd=16, num_splits=2)
     inputs = make_inputs(B, H, Lq, Lk, D, P, torch.float32, seed=7)
     grads = make_grads((B, H, Lq, D), torch.float32)
-    clean = run_fused(inputs, grads, config)
+    clean = run_fused(inputs, grads, config, heads=heads)
     int32_inputs = (*inputs[:4], inputs[4].to(torch.int32))
-    for name, a, b_ in zip(NAMES, clean, run_fused(int32_inputs, grads, config)):
+    for name, a, b_ in zip(NAMES, clean, run_fused(int32_inputs, grads, config, heads=heads)):
         assert torch.equal(a, b_), f"{name}: int32 token_phrase differs from int64"
 
     empty, empty_like = torch.empty, torch.empty_like
@@ -258,7 +271,7 @@ def test_every_buffer_written_before_read_and_int32_token_phrase(monkeypatch, P)
 
     monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(empty(*a, **k)))
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(empty_like(*a, **k)))
-    poisoned = run_fused(inputs, grads, config)
+    poisoned = run_fused(inputs, grads, config, heads=heads)
     monkeypatch.undo()
     for name, a, b_ in zip(NAMES, clean, poisoned):
         assert torch.isfinite(b_).all() and torch.equal(a, b_), f"{name} changes when fresh buffers hold garbage"
@@ -329,13 +342,14 @@ def test_compiles_for_sm90_within_h100_shared_memory():
     pytest.importorskip("triton.backends.nvidia")
     env = dict(os.environ, TRITON_INTERPRET="0", OMP_NUM_THREADS="1")
     reports = []
-    for layout, head_dims in (("diffusers", "40,160"), ("contiguous", "40")):
+    for layout, head_dims, heads in (("diffusers", "40,160", "mean_map"), ("contiguous", "40", "per_head")):
         cmd = [sys.executable, "-m", "kernels.grounded_attention_compile_check", "--dtype", "bf16"]
-        cmd += ["--head-dims", head_dims, "--layout", layout]
+        cmd += ["--head-dims", head_dims, "--layout", layout, "--token-loss-heads", heads]
         run = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
         assert run.returncode == 0, run.stdout + run.stderr
         reports += [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
     assert len(reports) == 12  # forward, finalize, batch mean, backward × 3 configurations
+    assert {r["token_loss_heads"] for r in reports} == {"mean_map", "per_head"}
     for r in reports:
         assert r["shared_bytes"] <= ga_check.H100_SHARED_BYTES, r
         if "sass_fp64" not in r:
@@ -375,6 +389,19 @@ def test_gpu_sd_shapes_flash_rule(shape, dtype):
     fused = run_fused(inputs, grads)
     ref = run_reference(inputs, grads, upcast=False)
     truth = run_reference(inputs, grads, upcast=True)
+    assert_flash_rule(fused, ref, truth, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(8, 4096, 40), (20, 576, 64)], ids=["H8-Lq4096-d40", "H20-Lq576-d64"])
+def test_gpu_per_head_token_loss_flash_rule(shape):
+    """token_loss_heads="per_head" in bf16 at SD shapes: within the flash rule of the bf16 PyTorch reference."""
+    H, Lq, D = shape
+    inputs = make_inputs(8, H, Lq, 77, D, 8, torch.bfloat16, device="cuda", logit_scale=1.0)
+    grads = make_grads((8, H, Lq, D), torch.bfloat16, device="cuda", out_weight=1.0)
+    fused = run_fused(inputs, grads, heads="per_head")
+    ref = run_reference(inputs, grads, upcast=False, heads="per_head")
+    truth = run_reference(inputs, grads, upcast=True, heads="per_head")
     assert_flash_rule(fused, ref, truth, atol=1e-5)
 
 

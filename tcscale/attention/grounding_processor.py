@@ -178,13 +178,15 @@ class GroundingAttnProcessor:
         if self.backend == "fused":
             from kernels import cross_attention_with_grounding
 
-            if ctx.token_loss_heads != "mean_map":  # the config refuses this too; direct API users get the same
-                raise ValueError(
-                    f"attention.backend=fused computes token_loss_heads='mean_map' only, got {ctx.token_loss_heads!r}"
-                )
-
             out, token, pixel = cross_attention_with_grounding(
-                q, k, v, masks, token_phrase, scale=attn.scale, validate_values=not ctx.token_phrase_checked
+                q,
+                k,
+                v,
+                masks,
+                token_phrase,
+                scale=attn.scale,
+                validate_values=not ctx.token_phrase_checked,
+                token_loss_heads=ctx.token_loss_heads,
             )
         else:
             # softmax in fp32: bf16 probabilities would make the loss ratios noisy
