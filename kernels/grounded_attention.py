@@ -491,7 +491,7 @@ def _pick_blocks(q: torch.Tensor, Lk: int, P: int, config: KernelConfig) -> _Blo
     small_tiles = BLOCK_N <= 128 and low_precision  # fp32 dots run on FMA units: keep their tiles small
     block_m_fwd = config.block_m_fwd or (32 if small_tiles and block_d <= 64 else 16)
     if config.block_m_fwd is None:
-        while block_m_fwd > 16 and B * triton.cdiv(Lq, block_m_fwd) < _num_sms(q.device):  # fill the SMs
+        while block_m_fwd > 16 and B * _cdiv(Lq, block_m_fwd) < _num_sms(q.device):  # fill the SMs
             block_m_fwd //= 2
     block_m_bwd = config.block_m_bwd or (32 if small_tiles and block_d <= 128 else 16)
     _check_pow2("block_m_fwd", block_m_fwd)
@@ -506,8 +506,18 @@ def _pick_blocks(q: torch.Tensor, Lk: int, P: int, config: KernelConfig) -> _Blo
     return _Blocks(BLOCK_N, _pow2(P), block_d, block_m_fwd, block_m_bwd, config.num_warps or 8, num_stages)
 
 
+# Plain-Python integer helpers for the launchers: triton.cdiv / next_power_of_2 are constexpr-function wrappers
+# costing microseconds per call on the host, and the launchers call them about 15 times per forward + backward.
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length() if n > 0 else 0  # as triton.next_power_of_2
+
+
 def _pow2(n: int, minimum: int = 16) -> int:
-    return max(minimum, triton.next_power_of_2(n))
+    return max(minimum, _next_pow2(n))
 
 
 H100_SMS = 132
@@ -626,7 +636,7 @@ def grounded_attention_forward(
 
     blocks = _pick_blocks(q, Lk, P, config)
     BLOCK_N, BLOCK_P, block_m = blocks.BLOCK_N, blocks.BLOCK_P, blocks.block_m_fwd
-    num_mb = triton.cdiv(Lq, block_m)
+    num_mb = _cdiv(Lq, block_m)
     has_phrases = P > 0
 
     # No conversion kernels and no zero-fills: fp32 masks and int64/int32 token_phrase are read as they are (the
@@ -652,7 +662,7 @@ def grounded_attention_forward(
          *q.stride(), *out.stride(),
          H, Lq, Lk, P, num_mb,
          scale * LOG2E, 1.0 / H),
-        dict(D=D, BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_DK=blocks.block_d, NUM_DK=triton.cdiv(D, blocks.block_d),
+        dict(D=D, BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_DK=blocks.block_d, NUM_DK=_cdiv(D, blocks.block_d),
              BLOCK_P=BLOCK_P, HAS_PHRASES=has_phrases, DOT_PRECISION=dot_precision, ROW_ALIGN=_row_align(q, out),
              PER_HEAD=per_head),
         blocks.num_warps, blocks.num_stages,
@@ -672,7 +682,7 @@ def grounded_attention_forward(
         (part_a, part_s, part_bce, tok_phrase,
          ratio, tok_coef, pix_coef, sample_stats,
          H, Lq, Lk, P, num_mb),
-        dict(BLOCK_N=BLOCK_N, BLOCK_P=BLOCK_P, BLOCK_MB=min(16, triton.next_power_of_2(num_mb)), PER_HEAD=per_head),
+        dict(BLOCK_N=BLOCK_N, BLOCK_P=BLOCK_P, BLOCK_MB=min(16, _next_pow2(num_mb)), PER_HEAD=per_head),
     ))  # fmt: skip
     token_loss = torch.empty((), **f32)
     pixel_loss = torch.empty((), **f32)
@@ -712,14 +722,14 @@ def grounded_attention_backward(
     device = q.device
     blocks = _pick_blocks(q, Lk, P, config)
     BLOCK_N, BLOCK_P, block_m = blocks.BLOCK_N, blocks.BLOCK_P, blocks.block_m_bwd
-    num_dc = triton.cdiv(D, blocks.block_d)  # one program per head-dim chunk
-    num_mb = triton.cdiv(Lq, block_m)
+    num_dc = _cdiv(D, blocks.block_d)  # one program per head-dim chunk
+    num_mb = _cdiv(Lq, block_m)
     if config.num_splits is None:  # split the query axis until there are ~2 programs per SM
-        num_splits = min(num_mb, max(1, triton.cdiv(2 * _num_sms(device), B * H * num_dc)))
+        num_splits = min(num_mb, max(1, _cdiv(2 * _num_sms(device), B * H * num_dc)))
     else:
         num_splits = max(1, min(config.num_splits, num_mb))
-    mb_per_split = triton.cdiv(num_mb, num_splits)
-    num_splits = triton.cdiv(num_mb, mb_per_split)
+    mb_per_split = _cdiv(num_mb, num_splits)
+    num_splits = _cdiv(num_mb, mb_per_split)
 
     dq = torch.empty_like(q)
     if num_splits == 1:
@@ -742,7 +752,7 @@ def grounded_attention_backward(
          *q.stride(), *grad_out.stride(), *dq.stride(),
          B, H, Lq, Lk, P, num_mb, mb_per_split, split_stride,
          saved["scale"], saved["scale"] * LOG2E, 1.0 / H),
-        dict(D=D, BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_DK=blocks.block_d, NUM_DK=triton.cdiv(D, blocks.block_d),
+        dict(D=D, BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_DK=blocks.block_d, NUM_DK=_cdiv(D, blocks.block_d),
              BLOCK_P=BLOCK_P, HAS_PHRASES=P > 0, DOT_PRECISION=dot_precision, LOSS_DOT_PRECISION=dot_precision,
              ROW_ALIGN=_row_align(q, grad_out, dq), PER_HEAD=saved["per_head"]),
         blocks.num_warps, blocks.num_stages,
