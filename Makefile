@@ -6,7 +6,7 @@ STAMP     := $(VENV)/.tcscale-installed
 NPROC     ?= 2
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast lint format demo bench-loader bench-kernel clean
+.PHONY: setup test test-fast lint format demo bench-loader bench-kernel gpu-wheels clean
 
 $(STAMP): pyproject.toml
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -40,6 +40,9 @@ bench-loader: $(STAMP)
 
 bench-kernel: $(STAMP)  ## needs a CUDA GPU
 	$(VPY) benchmarks/bench_grounded_attention.py
+
+gpu-wheels: $(STAMP)  ## .gpu_wheels/: what a lent GPU machine lacks, to carry to benchmarks/gpu/session.sh
+	VPY=$(VPY) benchmarks/gpu/carry_wheels.sh
 
 clean:
 	rm -rf runs .pytest_cache
