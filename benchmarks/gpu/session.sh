@@ -3,7 +3,7 @@
 # 30 min a session). Run from the repository root, with the wheels of carry_wheels.sh carried along:
 #
 #   benchmarks/gpu/carry_wheels.sh                              # here, once: .gpu_wheels/ (≈ 23 MB)
-#   run(command="bash benchmarks/gpu/session.sh 1", carry=[".gpu_wheels"])   # GPU tests + bf16 kernel benchmark
+#   run(command="COMMIT=<sha> bash benchmarks/gpu/session.sh 1", carry=[".gpu_wheels"])  # tests + bf16 benchmark
 #   run(command="bash benchmarks/gpu/session.sh 2", carry=[".gpu_wheels"])   # graph timer, fp16, block variants
 #   run(command="bash benchmarks/gpu/session.sh 3", carry=[".gpu_wheels"])   # SD1.4 training-step benchmark
 #
@@ -63,7 +63,8 @@ for name in ("diffusers", "transformers", "tokenizers", "huggingface_hub", "omeg
 p = torch.cuda.get_device_properties(0)
 print("device", p.name, "SMs", p.multi_processor_count, "memory GiB", round(p.total_memory / 2**30, 1))
 EOF
-        git -C "$REPO" log -1 --format='commit %H %s' 2>/dev/null || echo "commit: (no git metadata)"
+        # the device tool copies the working tree without .git: pass COMMIT=$(git rev-parse HEAD) in the command
+        git -C "$REPO" log -1 --format='commit %H %s' 2>/dev/null || echo "commit ${COMMIT:-unknown (set COMMIT=...)}"
     } >"$OUT/env.txt" 2>&1
     cat "$OUT/env.txt"
 }
