@@ -378,31 +378,29 @@ def test_row_alignment_hint_is_what_the_strides_allow():
 GPU_SHAPES = [(8, 4096, 40), (8, 1024, 80), (8, 256, 160), (5, 9216, 64), (10, 2304, 64), (20, 576, 64)]
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("shape", GPU_SHAPES, ids=[f"H{h}-Lq{lq}-d{d}" for h, lq, d in GPU_SHAPES])
-def test_gpu_sd_shapes_flash_rule(shape, dtype):
+def _gpu_flash_rule(shape, dtype, heads="mean_map"):
     H, Lq, D = shape
     B, Lk, P = 8, 77, 8
     inputs = make_inputs(B, H, Lq, Lk, D, P, dtype, device="cuda", logit_scale=1.0)
     grads = make_grads((B, H, Lq, D), dtype, device="cuda", out_weight=1.0)
-    fused = run_fused(inputs, grads)
-    ref = run_reference(inputs, grads, upcast=False)
-    truth = run_reference(inputs, grads, upcast=True)
+    fused = run_fused(inputs, grads, heads=heads)
+    ref = run_reference(inputs, grads, upcast=False, heads=heads)
+    truth = run_reference(inputs, grads, upcast=True, heads=heads)
     assert_flash_rule(fused, ref, truth, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=[f"H{h}-Lq{lq}-d{d}" for h, lq, d in GPU_SHAPES])
+def test_gpu_sd_shapes_flash_rule(shape, dtype):
+    _gpu_flash_rule(shape, dtype)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape", [(8, 4096, 40), (20, 576, 64)], ids=["H8-Lq4096-d40", "H20-Lq576-d64"])
 def test_gpu_per_head_token_loss_flash_rule(shape):
     """token_loss_heads="per_head" in bf16 at SD shapes: within the flash rule of the bf16 PyTorch reference."""
-    H, Lq, D = shape
-    inputs = make_inputs(8, H, Lq, 77, D, 8, torch.bfloat16, device="cuda", logit_scale=1.0)
-    grads = make_grads((8, H, Lq, D), torch.bfloat16, device="cuda", out_weight=1.0)
-    fused = run_fused(inputs, grads, heads="per_head")
-    ref = run_reference(inputs, grads, upcast=False, heads="per_head")
-    truth = run_reference(inputs, grads, upcast=True, heads="per_head")
-    assert_flash_rule(fused, ref, truth, atol=1e-5)
+    _gpu_flash_rule(shape, torch.bfloat16, heads="per_head")
 
 
 @pytest.mark.gpu
