@@ -164,17 +164,20 @@ def test_matches_reference_and_float64(shape, dtype, heads):
 @pytest.mark.interpret
 @pytest.mark.parametrize(
     "B, H, Lq, Lk, D, P, fractional_masks",
-    [(1, 1, 5, 3, 8, 1, False), (2, 2, 16, 77, 64, 16, True)],
-    ids=["one-tiny-sample", "16-phrases-soft-masks"],
+    [(1, 1, 5, 3, 8, 1, False), (2, 2, 16, 77, 64, 16, True), (64, 5, 4, 6, 8, 2, False)],
+    ids=["one-tiny-sample", "16-phrases-soft-masks", "batch-64"],
 )
 def test_edge_shapes(B, H, Lq, Lk, D, P, fractional_masks):
     """Lq below one block, Lk = 3, d = 8 (padded to 16), one sample; 16 phrase slots (BLOCK_P full) with masks in
-    [0, 1] (the reference accepts them)."""
+    [0, 1] (the reference accepts them); a batch of 64 with 5 heads whose sample 1 has no phrase (batch mean over
+    B_eff = 63)."""
     q, k, v, masks, token_phrase = make_inputs(B, H, Lq, Lk, D, P, torch.float32, seed=7)
     if B == 1:
         token_phrase[0, 1:] = 0  # tokens 1, 2 form the only phrase
-    else:
+    elif B == 2:
         token_phrase[:, 1 : 1 + 2 * P] = torch.arange(P).repeat_interleave(2)  # 16 phrases x 2 tokens, both samples
+    else:
+        assert (token_phrase[1] == -1).all() and (token_phrase[0] >= 0).any()  # make_inputs: sample 1 has none
     if fractional_masks:
         masks = torch.rand(masks.shape, generator=torch.Generator().manual_seed(8))
     inputs = (q, k, v, masks, token_phrase)
