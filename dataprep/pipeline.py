@@ -20,7 +20,6 @@ rerun after a kill does only what is missing. Models load lazily, once per proce
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -49,7 +48,7 @@ from dataprep.stages.noun_phrases import (
     TaggerNounPhraseExtractor,
     extract_noun_phrases,
 )
-from dataprep.writer import MASK_FORMATS, write_shards
+from dataprep.writer import MASK_FORMATS, check_or_start_manifest, write_shards
 from tcscale.config import merge_structured
 
 log = logging.getLogger(__name__)
@@ -221,20 +220,15 @@ class Pipeline:
 
     # -- bookkeeping ------------------------------------------------------------------------------------------
     def _check_manifest(self) -> None:
-        manifest = self.work_dir / f"{self.cfg.prefix}-manifest.json"
         want = {"input": str(Path(self.cfg.input).resolve()), "num_items": len(self.items)}
         want["samples_per_shard"] = self.cfg.samples_per_shard
-        if manifest.is_file():
-            have = json.loads(manifest.read_text())
-            for key, value in want.items():
-                if have.get(key) != value:
-                    raise DataprepConfigError(
-                        f"{manifest}: {key} was {have.get(key)!r} when this work_dir was started, now {value!r}; "
-                        "use a new work_dir or the same input and samples_per_shard"
-                    )
-            return
-        self.work_dir.mkdir(parents=True, exist_ok=True)
-        write_jsonl_atomic(manifest, [want])
+        check_or_start_manifest(
+            self.work_dir / f"{self.cfg.prefix}-manifest.json",
+            want,
+            started="this work_dir was started",
+            hint="use a new work_dir or the same input and samples_per_shard",
+            error=DataprepConfigError,
+        )
 
     def shard_items(self, shard: int) -> list[Item]:
         k = self.cfg.samples_per_shard

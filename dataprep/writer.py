@@ -169,18 +169,19 @@ def write_shard(
     return stats
 
 
-def _check_manifest(out: Path, prefix: str, num_items: int, samples_per_shard: int) -> None:
-    manifest = out / f"{prefix}-manifest.json"
-    want = {"prefix": prefix, "num_items": num_items, "samples_per_shard": samples_per_shard}
-    if manifest.exists():
+def check_or_start_manifest(
+    manifest: Path, want: dict[str, Any], *, started: str, hint: str, error: type[Exception] = ValueError
+) -> None:
+    """Refuse to resume into ``manifest``'s folder with other parameters than it was started with; start it if new.
+
+    ``started`` ("these shards were started") and ``hint`` (what to do instead) go in the error."""
+    if manifest.is_file():
         have = json.loads(manifest.read_text())
         for key, value in want.items():
             if have.get(key) != value:
-                raise ValueError(
-                    f"{manifest}: {key} was {have.get(key)!r} when these shards were started, now {value!r}; "
-                    "use a new output folder or the same parameters"
-                )
+                raise error(f"{manifest}: {key} was {have.get(key)!r} when {started}, now {value!r}; {hint}")
         return
+    manifest.parent.mkdir(parents=True, exist_ok=True)
     tmp = manifest.with_name(manifest.name + ".tmp")
     tmp.write_text(json.dumps(want, indent=1))
     os.replace(tmp, manifest)
@@ -221,7 +222,12 @@ def write_shards(
     out.mkdir(parents=True, exist_ok=True)
     n = len(items)
     num_shards = max(1, math.ceil(n / samples_per_shard))
-    _check_manifest(out, prefix, n, samples_per_shard)
+    check_or_start_manifest(
+        out / f"{prefix}-manifest.json",
+        {"prefix": prefix, "num_items": n, "samples_per_shard": samples_per_shard},
+        started="these shards were started",
+        hint="use a new output folder or the same parameters",
+    )
     wanted = sorted(set(range(num_shards) if shard_ids is None else shard_ids))
     bad = [i for i in wanted if not 0 <= i < num_shards]
     if bad:

@@ -179,3 +179,7 @@ def test_cli_plan_and_missing_stage_output(prepared, tmp_path: Path, capsys) -> 
     assert "grounded-000000.jsonl is missing" in err
     assert launcher.main(["--config", str(config), "grounding.box_thresh=0.1"]) == 2
     assert "grounding.box_thresh" in capsys.readouterr().err
+    # the work_dir was started with samples_per_shard=2: resuming it with 3 would misnumber every shard
+    assert launcher.main(["--config", str(config), "--stages", "shards", "samples_per_shard=3"]) == 2
+    err = capsys.readouterr().err
+    assert "grounded-manifest.json: samples_per_shard was 2 when this work_dir was started, now 3" in err
