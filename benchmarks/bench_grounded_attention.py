@@ -146,7 +146,8 @@ def parse_variant(provider: str):
 
 def make_provider(provider: str, inputs) -> Callable[[], list[torch.Tensor]]:
     """A closure running one forward and returning the outputs that backward differentiates."""
-    from kernels import cross_attention_with_grounding, cross_attention_with_grounding_reference
+    from kernels import cross_attention_with_grounding
+    from tcscale.attention.reference import cross_attention_with_grounding_reference
 
     q, k, v, phrase_masks, token_phrase = inputs
     if provider == "sdpa":

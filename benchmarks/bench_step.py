@@ -31,11 +31,10 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # `python benchmarks/bench_step.py` from a checkout without an install
     sys.path.insert(0, str(REPO))
 
-from tcscale.attention.grounding_processor import install_grounding_processors, select_layers  # noqa: E402
-from tcscale.config import AttentionConfig, ModelConfig, ObjectiveConfig  # noqa: E402
+from tcscale.config import ModelConfig, TrainConfig  # noqa: E402
 from tcscale.models.architectures import build_random_components  # noqa: E402
 from tcscale.models.sd import load_components  # noqa: E402
-from tcscale.objectives.tokencompose import DiffusionObjective  # noqa: E402
+from tcscale.objectives import OBJECTIVES, BuildContext  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "step_time.jsonl"
 
@@ -69,17 +68,16 @@ def time_provider(name: str, args, device: torch.device, dtype: torch.dtype) -> 
     comps.vae.requires_grad_(False).to(device, torch.float32)
     comps.text_encoder.requires_grad_(False).to(device, dtype)
     unet = comps.unet.to(device, dtype).train()
-    obj_cfg = ObjectiveConfig(name="ldm" if name == "ldm_sdpa" else "tokencompose")
-    names = []
-    if name == "ldm_sdpa":
-        objective = DiffusionObjective(comps, obj_cfg, None, dtype)
-    else:
-        backend = name.split("_")[-1]
-        grounded = AttentionConfig(backend=backend)  # the default grounded layers: mid + every up block attn2
-        names = select_layers(unet, grounded.blocks, grounded.resolutions, args.resolution // 8)
-        install_grounding_processors(unet, names, backend)
-        objective = DiffusionObjective(comps, obj_cfg, grounded, dtype, names)
-    opt = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=1e-6)
+    # the objectives as a run builds them (default grounded layers: mid + every up block attn2)
+    cfg = TrainConfig(max_steps=1)
+    cfg.data.resolution = args.resolution
+    cfg.objective.name = "ldm" if name == "ldm_sdpa" else "tokencompose"
+    if name != "ldm_sdpa":
+        cfg.attention.backend = name.split("_")[-1]
+    spec = OBJECTIVES[cfg.objective.name]
+    objective = spec.build(getattr(cfg.objective, spec.name), BuildContext(cfg, comps, dtype, device, args.batch))
+    names = objective.plan.layers if objective.plan is not None else ()
+    opt = torch.optim.AdamW(objective.trainable_parameters(), lr=1e-6)
     batch = synthetic_batch(args.batch, args.resolution)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times = []
@@ -87,7 +85,7 @@ def time_provider(name: str, args, device: torch.device, dtype: torch.dtype) -> 
         gen = torch.Generator(device=device).manual_seed(i)
         sync()
         t0 = time.perf_counter()
-        out = objective(unet, batch, device, gen)
+        out = objective(unet, batch, gen)
         out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

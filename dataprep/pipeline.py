@@ -407,7 +407,3 @@ def _merge(items: list[Item], done: list[Item]) -> list[Item]:
     """Put processed items back in order among the failed ones (which pass through unchanged)."""
     by_key = {it["key"]: it for it in done}
     return [by_key.get(it["key"], it) for it in items]
-
-
-def run_pipeline(cfg: DataprepConfig) -> dict[str, Any]:
-    return Pipeline(cfg).run()

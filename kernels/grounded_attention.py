@@ -39,8 +39,9 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
+from kernels.modes import TOKEN_LOSS_HEADS
+
 MAX_LK = 256
-TOKEN_LOSS_HEADS = ("mean_map", "per_head")  # as tcscale.losses.grounding_losses
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # globals read inside @triton.jit kernels must be tl.constexpr (the compiler refuses plain globals on GPU)
 BCE_EPS = tl.constexpr(1e-12)  # torch's binary_cross_entropy backward clamps S(1 - S) at this value
@@ -304,7 +305,7 @@ def _grounded_attention_bwd_kernel(
     scale, scale_log2e, inv_H,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, NUM_DK: tl.constexpr,
     BLOCK_P: tl.constexpr,
-    HAS_PHRASES: tl.constexpr, DOT_PRECISION: tl.constexpr, LOSS_DOT_PRECISION: tl.constexpr, ROW_ALIGN: tl.constexpr,
+    HAS_PHRASES: tl.constexpr, DOT_PRECISION: tl.constexpr, ROW_ALIGN: tl.constexpr,
     PER_HEAD: tl.constexpr,
 ):  # fmt: skip
     """One program = one (b, h), one range of query blocks (split s) and one chunk c of BLOCK_DK head-dim columns.
@@ -404,9 +405,9 @@ def _grounded_attention_bwd_kernel(
             gpix = tl.where((s_map >= 0.0) & (s_map <= 1.0) & row_ok[:, None], gpix * pix_w[None, :], 0.0)
             # (one-hot dots: exact for binary masks in tf32; gpix rounds to tf32 (2^-11) for 16-bit inputs, far
             #  below the bf16/fp16 rounding of the reference's own loss gradient, and much cheaper than fp32 FMAs)
-            token_masks = tl.dot(mask_up, tl.trans(onehot), input_precision=LOSS_DOT_PRECISION)  # M_{p(i)}[u]
+            token_masks = tl.dot(mask_up, tl.trans(onehot), input_precision=DOT_PRECISION)  # M_{p(i)}[u]
             grad_abar = c1[None, :] * token_masks + c0[None, :]
-            grad_abar += tl.dot(gpix, tl.trans(onehot), input_precision=LOSS_DOT_PRECISION)
+            grad_abar += tl.dot(gpix, tl.trans(onehot), input_precision=DOT_PRECISION)
             dp += grad_abar * inv_H
         # (4) softmax backward over the full row: dS = P ⊙ (dP - Σ_j P[u,j] dP[u,j]), with dP already holding G/H
         delta = tl.sum(p * dp, axis=1)
@@ -753,7 +754,7 @@ def grounded_attention_backward(
          B, H, Lq, Lk, P, num_mb, mb_per_split, split_stride,
          saved["scale"], saved["scale"] * LOG2E, 1.0 / H),
         dict(D=D, BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_DK=blocks.block_d, NUM_DK=_cdiv(D, blocks.block_d),
-             BLOCK_P=BLOCK_P, HAS_PHRASES=P > 0, DOT_PRECISION=dot_precision, LOSS_DOT_PRECISION=dot_precision,
+             BLOCK_P=BLOCK_P, HAS_PHRASES=P > 0, DOT_PRECISION=dot_precision,
              ROW_ALIGN=_row_align(q, grad_out, dq), PER_HEAD=saved["per_head"]),
         blocks.num_warps, blocks.num_stages,
     ))  # fmt: skip
@@ -829,7 +830,7 @@ def cross_attention_with_grounding(
     if not triton_available():
         raise RuntimeError(
             "kernels.cross_attention_with_grounding (attention.backend: fused) needs a CUDA GPU or the Triton CPU "
-            "interpreter (set TRITON_INTERPRET=1 before importing kernels); use attention.backend: sdpa otherwise"
+            "interpreter (set TRITON_INTERPRET=1 before importing kernels); use attention.backend: reference otherwise"
         )
     return GroundedAttentionFunction.apply(
         q, k, v, phrase_masks, token_phrase, scale, config, validate_values, token_loss_heads

@@ -1,23 +1,32 @@
 """Run configuration: dataclass schema <- YAML file <- CLI dotlist overrides, merged strictly.
 
-An unknown key, a mistyped value or an invalid choice is a `ConfigError` naming the dotted key.
-The merged config is written into the run directory (`config.yaml`) by the trainer.
+An unknown key, a mistyped value or an invalid choice is a `ConfigError` naming the dotted key. Choice fields are
+`Literal` types (OmegaConf checks them). The `objective` section has one sub-section per registered objective
+(`tcscale.objectives.OBJECTIVES`), built from the registry when a config is loaded, so registering an objective
+adds its options here without editing this file; `imports` names modules (or .py files) that register more. The
+merged config is written into the run directory (`config.yaml`) by the trainer.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
-from dataclasses import asdict, dataclass, field
+import sys
+from dataclasses import asdict, dataclass, field, make_dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from tcscale.attention.masks import MaskInterpolation
+from tcscale.attention.plan import Block
 from tcscale.data.config import DataConfig
 
 T = TypeVar("T")
+PredictionType = Literal["epsilon", "v_prediction"]
 
 
 class ConfigError(ValueError):
@@ -35,7 +44,7 @@ class TinyModelConfig:
     text_layers: int = 2  # CLIP text transformer layers
     text_heads: int = 2  # CLIP text attention heads
     vae_block_out_channels: list[int] = field(default_factory=lambda: [8, 16, 16, 16])  # 4 blocks: 8x downsampling
-    prediction_type: str = "epsilon"  # scheduler prediction type of the tiny pipeline
+    prediction_type: PredictionType = "epsilon"  # scheduler prediction type of the tiny pipeline
     seed: int = 0  # weight init seed
 
 
@@ -44,41 +53,32 @@ class ModelConfig:
     pretrained: str | None = None  # hub id or local diffusers pipeline dir (SD1.4/1.5/2.1); null -> tiny models
     revision: str | None = None  # hub revision for `pretrained`
     variant: str | None = None  # weights variant for `pretrained`, e.g. "fp16"
-    prediction_type: str | None = None  # override: "epsilon" | "v_prediction"; null -> the scheduler's own
+    prediction_type: PredictionType | None = None  # override of the scheduler's own; null -> keep it
     gradient_checkpointing: bool = False  # non-reentrant activation checkpointing in the U-Net
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
 
 
 @dataclass
 class AttentionConfig:
-    backend: str = "reference"  # "reference" (explicit probabilities) | "sdpa" (no grounding) | "fused" (Triton)
-    blocks: list[str] = field(default_factory=lambda: ["mid", "up"])  # grounded attn2 layers: "down"/"mid"/"up"
+    """The grounded cross-attention layers (objectives that ground: tokencompose) and how masks reach them."""
+
+    backend: Literal["reference", "fused"] = "reference"  # grounded layers: explicit probabilities | Triton kernel
+    blocks: list[Block] = field(default_factory=lambda: ["mid", "up"])  # grounded attn2 layers: down / mid / up
     resolutions: list[int] | None = None  # keep layers whose latent side is listed (e.g. [16, 32]); null -> all
-    token_loss_heads: str = "mean_map"  # "mean_map" (paper Eq. 5) | "per_head" (official code)
-    mask_interpolation: str = "bilinear"  # mode of F.interpolate for masks -> layer resolution
-    mask_threshold: float = 0.0  # binarise resized masks with > threshold
+    mask_interpolation: MaskInterpolation = "bilinear"  # F.interpolate mode for masks -> layer resolution
+    mask_threshold: float = 0.0  # binarise resized masks with > threshold (official: > 0)
 
 
 @dataclass
-class SepEnConfig:
-    concepts: str = "pairs"  # "pairs" | "large" | path to a concept list (one object noun per line)
-    split: str = "seen"  # large-scale list split to train on: "seen" | "unseen" | "all"
-    objects_per_prompt: int = 2  # K >= 2 objects per composed prompt
-    map_resolution: int = 16  # latent side of the maps L_sep / L_en use (16 for SD1.4 at 512 px)
-    lambda_sep: float = 1.0  # weight of L_sep
-    lambda_en: float = 0.5  # weight of L_en
-    lambda_norm: float = 0.0  # weight of L_norm (0.5 for large-scale training; 0 disables the frozen copy)
-    gaussian_sigma: float = 0.5  # sigma of the 3x3 Gaussian smoothing in L_en
+class ObjectiveChoice:
+    """`objective.name` picks a registered objective; `objective.<name>` holds each one's options."""
+
+    name: str = "tokencompose"  # a key of tcscale.objectives.OBJECTIVES (tokencompose | ldm | sepen | ...)
 
 
-@dataclass
-class ObjectiveConfig:
-    name: str = "tokencompose"  # "tokencompose" | "ldm" | "sepen"
-    token_loss_weight: float = 1e-3  # lambda in L = L_LDM + sum_m (lambda L_token + gamma L_pixel)
-    pixel_loss_weight: float = 5e-5  # gamma
-    snr_gamma: float | None = None  # min-SNR weighting gamma (5.0 is the usual value); null -> plain MSE
-    noise_offset: float = 0.0  # noise offset scale (0 disables)
-    sepen: SepEnConfig = field(default_factory=SepEnConfig)
+def objective_config() -> ObjectiveChoice:
+    """Default `objective` section: the choice plus one sub-section per registered objective."""
+    return objective_schema()()
 
 
 @dataclass
@@ -107,7 +107,7 @@ class ValidationConfig:
 
 @dataclass
 class EMAConfig:
-    enabled: bool = False  # keep an exponential moving average of the trainable U-Net weights
+    enabled: bool = False  # keep an exponential moving average of the trainable U-Net weights (ZeRO 0-2)
     decay: float = 0.9999  # EMA decay per optimizer step
 
 
@@ -119,9 +119,10 @@ class TrainConfig:
     max_steps: int = MISSING  # optimizer steps to train
     resume: str | None = None  # null | "latest" | path of a checkpoint tag directory
     log_to_stdout_every: int = 1  # print a metrics line every N optimizer steps on rank 0
+    imports: list[str] = field(default_factory=list)  # modules or .py files imported first (register objectives)
     model: ModelConfig = field(default_factory=ModelConfig)
     attention: AttentionConfig = field(default_factory=AttentionConfig)
-    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    objective: ObjectiveChoice = field(default_factory=objective_config)
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
@@ -130,22 +131,28 @@ class TrainConfig:
     deepspeed: dict[str, Any] = field(default_factory=dict)  # DeepSpeed config, verbatim (no "auto" values)
 
 
-CHOICES: dict[str, tuple[Any, ...]] = {
-    "attention.backend": ("reference", "sdpa", "fused"),
-    "attention.token_loss_heads": ("mean_map", "per_head"),
-    "attention.mask_interpolation": ("bilinear", "nearest", "bicubic", "area"),
-    "objective.name": ("tokencompose", "ldm", "sepen"),
-    "objective.sepen.split": ("seen", "unseen", "all"),
-    "data.source": ("synthetic", "webdataset"),
-    "data.synthetic.phrase": ("colour_shape", "shape"),
-    "model.prediction_type": (None, "epsilon", "v_prediction"),
-    "model.tiny.prediction_type": ("epsilon", "v_prediction"),
-}
-BLOCKS = ("down", "mid", "up")
 DEEPSPEED_REQUIRED = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping")
+_SCHEMAS: dict[tuple, type] = {}
 
 
-def _get(cfg: TrainConfig, dotted: str) -> Any:
+def objective_schema() -> type:
+    """The `objective` section's dataclass for the objectives registered now (cached per registry content):
+    `name` (a Literal of the registered names) and one field per objective holding its config dataclass."""
+    from tcscale.objectives import OBJECTIVES
+
+    key = tuple((name, spec.config) for name, spec in sorted(OBJECTIVES.items()))
+    schema = _SCHEMAS.get(key)
+    if schema is None:
+        names = tuple(name for name, _ in key)
+        fields = [("name", Literal.__getitem__(names), field(default="tokencompose"))]
+        fields += [(name, cls, field(default_factory=cls)) for name, cls in key]
+        schema = make_dataclass("ObjectiveConfig", fields, bases=(ObjectiveChoice,))
+        schema.__module__ = __name__
+        _SCHEMAS[key] = schema
+    return schema
+
+
+def _get(cfg: Any, dotted: str) -> Any:
     obj: Any = cfg
     for part in dotted.split("."):
         obj = getattr(obj, part)
@@ -160,14 +167,18 @@ def _find_auto(obj: Any, prefix: str) -> list[str]:
     return [prefix] if isinstance(obj, str) and obj.strip().lower() == "auto" else []
 
 
+def expected_vae_factor(model: ModelConfig) -> int:
+    """Pixels per latent cell of the configured VAE: the tiny VAE's blocks; 8 for every released SD VAE."""
+    if model.pretrained is None:
+        return 2 ** (len(model.tiny.vae_block_out_channels) - 1)
+    return 8
+
+
 def validate(cfg: TrainConfig) -> TrainConfig:
-    """Checks beyond types: choices, ranges and the DeepSpeed section. Raises ConfigError naming the key."""
-    for key, allowed in CHOICES.items():
-        if _get(cfg, key) not in allowed:
-            raise ConfigError(f"{key}={_get(cfg, key)!r} is not one of {list(allowed)}")
-    for block in cfg.attention.blocks:
-        if block not in BLOCKS:
-            raise ConfigError(f"attention.blocks: {block!r} is not one of {list(BLOCKS)}")
+    """Checks beyond types: ranges, the DeepSpeed section, and the chosen objective's own checks (its spec's
+    `check`). Raises ConfigError naming the key."""
+    from tcscale.objectives import OBJECTIVES
+
     positive = {
         "max_steps": cfg.max_steps,
         "data.resolution": cfg.data.resolution,
@@ -180,24 +191,16 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key} must be > 0, got {value}")
-    for key in ("checkpoint.every_steps", "validation.every_steps", "objective.noise_offset"):
+    for key in ("checkpoint.every_steps", "validation.every_steps"):
         if _get(cfg, key) < 0:
             raise ConfigError(f"{key} must be >= 0, got {_get(cfg, key)}")
-    if cfg.data.resolution % 8:
+    factor = expected_vae_factor(cfg.model)
+    if cfg.data.resolution % factor:
         raise ConfigError(
-            f"data.resolution must be a multiple of 8 (the VAE downsamples 8x), got {cfg.data.resolution}"
-        )
-    if cfg.objective.sepen.objects_per_prompt < 2:
-        raise ConfigError(
-            f"objective.sepen.objects_per_prompt must be >= 2, got {cfg.objective.sepen.objects_per_prompt}"
+            f"data.resolution must be a multiple of {factor} (the VAE downsamples {factor}x), got {cfg.data.resolution}"
         )
     if not 0.0 < cfg.ema.decay < 1.0:
         raise ConfigError(f"ema.decay must be in (0, 1), got {cfg.ema.decay}")
-    if cfg.objective.name == "tokencompose" and cfg.attention.backend == "sdpa":
-        raise ConfigError(
-            "attention.backend=sdpa computes no attention maps: objective.name=tokencompose needs "
-            "'reference' or 'fused' (use objective.name=ldm for an LDM-only run)"
-        )
     ds = cfg.deepspeed
     autos = _find_auto(ds, "deepspeed")
     if autos:
@@ -215,20 +218,23 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"deepspeed.zero_optimization.stage must be 0..3, got {stage!r}")
     if ds.get("fp16", {}).get("enabled") and ds.get("bf16", {}).get("enabled"):
         raise ConfigError("deepspeed: fp16.enabled and bf16.enabled are both true; pick one")
+    if cfg.ema.enabled and stage == 3:
+        raise ConfigError("ema.enabled with deepspeed.zero_optimization.stage=3 is not supported (use ZeRO-2)")
+    check = OBJECTIVES[cfg.objective.name].check
+    if check is not None:
+        try:
+            check(cfg)
+        except ConfigError:
+            raise
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     return cfg
 
 
-def merge_structured(
-    schema: type[T],
-    path: str | os.PathLike | None,
-    overrides: list[str] | tuple[str, ...],
-    error: type[Exception] = ConfigError,
-) -> T:
-    """Dataclass defaults <- YAML file <- `key=value` overrides, merged strictly by OmegaConf.
-
-    An unknown key, a value of the wrong type or a required key left unset raises `error` naming the key.
-    """
-    merged: Any = OmegaConf.structured(schema)
+def read_layers(
+    path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...], error: type[Exception] = ConfigError
+) -> list[tuple[str, Any]]:
+    """[(source, OmegaConf node)] of a YAML file and `key=value` overrides, in merge order."""
     layers = []
     if path is not None:
         path = Path(path)
@@ -246,6 +252,12 @@ def merge_structured(
         raise error(f"override {bad[0]!r} is not of the form key=value")
     if overrides:
         layers.append(("command line", OmegaConf.from_dotlist(list(overrides))))
+    return layers
+
+
+def merge_layers(schema: type[T], layers: list[tuple[str, Any]], error: type[Exception] = ConfigError) -> T:
+    """Dataclass defaults <- each layer, merged strictly by OmegaConf; the dataclass instance."""
+    merged: Any = OmegaConf.structured(schema)
     for source, layer in layers:
         try:
             merged = OmegaConf.merge(merged, layer)
@@ -260,9 +272,65 @@ def merge_structured(
     return cfg
 
 
+def merge_structured(
+    schema: type[T],
+    path: str | os.PathLike | None,
+    overrides: list[str] | tuple[str, ...],
+    error: type[Exception] = ConfigError,
+) -> T:
+    """Dataclass defaults <- YAML file <- `key=value` overrides, merged strictly by OmegaConf.
+
+    An unknown key, a value of the wrong type or a required key left unset raises `error` naming the key.
+    """
+    return merge_layers(schema, read_layers(path, overrides, error), error)
+
+
+def import_plugins(modules: list[str]) -> None:
+    """Import each entry of `imports`: a module name (``my_lab.objectives``) or a path to a .py file."""
+    for entry in modules:
+        try:
+            if entry.endswith(".py"):
+                path = Path(entry).expanduser().resolve()
+                if not path.is_file():
+                    raise ConfigError(f"imports: file not found: {entry}")
+                name = f"tcscale_plugin_{path.stem}"
+                if name in sys.modules:
+                    continue
+                spec = importlib.util.spec_from_file_location(name, path)
+                module = importlib.util.module_from_spec(spec)
+                sys.modules[name] = module  # dataclass annotations resolve through sys.modules
+                try:
+                    spec.loader.exec_module(module)
+                except BaseException:
+                    del sys.modules[name]
+                    raise
+            else:
+                importlib.import_module(entry)
+        except ConfigError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any failure of a user module is a config error naming it
+            raise ConfigError(f"imports: cannot import {entry!r}: {type(exc).__name__}: {exc}") from None
+
+
+def _imports_of(layers: list[tuple[str, Any]]) -> list[str]:
+    found: list[str] = []
+    for source, layer in layers:
+        value = OmegaConf.select(layer, "imports", default=None)
+        if value is None:
+            continue
+        value = OmegaConf.to_object(value) if OmegaConf.is_config(value) else value
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{source}: config key 'imports': a list of module names or .py paths, got {value!r}")
+        found = value
+    return found
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
-    """Merge schema defaults <- YAML file <- `key=value` overrides, strictly, and validate."""
-    return validate(merge_structured(TrainConfig, path, overrides))
+    """Merge schema defaults <- YAML file <- `key=value` overrides, strictly, and validate. The modules named by
+    `imports` are imported first, so the objectives they register are part of the schema."""
+    layers = read_layers(path, overrides)
+    import_plugins(_imports_of(layers))
+    return validate(merge_layers(TrainConfig, layers))
 
 
 def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:

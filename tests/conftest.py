@@ -1,7 +1,9 @@
-"""Shared pytest set-up.
+"""Shared pytest set-up and fixtures.
 
-Without a GPU, Triton kernels run under the interpreter: TRITON_INTERPRET must be set before any
-kernel module is imported (decoration time), so it is set here, before test modules load.
+Without a GPU, Triton kernels run under the interpreter: TRITON_INTERPRET must be set before any kernel module is
+imported (decoration time), so it is set here, before test modules load. `pyproject.toml` puts the repository root
+and benchmarks/ on the path (no sys.path edits in tests); builders live in tests/helpers/ and reach test modules as
+the fixtures below.
 """
 
 from __future__ import annotations
@@ -20,7 +22,12 @@ HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_CONFIG = REPO / "configs" / "tiny_cpu.yaml"
 
 
 def pytest_collection_modifyitems(config, items):
@@ -28,3 +35,84 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not HAS_CUDA:
             item.add_marker(skip_gpu)
+
+
+# -- runs ---------------------------------------------------------------------------------------------
+@pytest.fixture
+def tiny_config():
+    """`tiny_config(run_dir, *overrides)`: configs/tiny_cpu.yaml for a 2-step run in `run_dir`, no periodic
+    checkpoints (a final one is written), overrides applied last."""
+    from tcscale.config import load_config
+
+    def make(run_dir: Path, *overrides: str):
+        return load_config(
+            TINY_CONFIG, [f"output_dir={run_dir}", "max_steps=2", "checkpoint.every_steps=0", *overrides]
+        )
+
+    return make
+
+
+@pytest.fixture
+def launch():
+    """Real multi-process runs through the README's launch commands (tests/helpers/launch.py)."""
+    from tests.helpers import launch as helpers
+
+    return helpers
+
+
+@pytest.fixture
+def run_outputs():
+    """Readers of what a run left behind: `final_weights(run_dir)`, `mlflow_runs(run_dir, experiment)`."""
+    from tests.helpers import launch as helpers
+
+    return helpers
+
+
+# -- grounded attention on a tiny U-Net ---------------------------------------------------------------
+@pytest.fixture
+def grounding_inputs():
+    """`grounding_inputs(B=2, side=8, seed=0)` -> (latents, t, text, masks (B, 2, 8·side, 8·side), token_phrase)."""
+    from tests.helpers.grounding import make_inputs
+
+    return make_inputs
+
+
+@pytest.fixture
+def grounded_unet():
+    """`grounded_unet(seed=0)` -> (tiny U-Net with reference grounding processors on mid + up, its plan)."""
+    from tests.helpers.grounding import grounded_unet as build
+
+    return build
+
+
+# -- data and dataprep --------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def tiny_dataprep_models(tmp_path_factory):
+    """Tiny CLIP, flair tagger, Grounding DINO and SAM-HQ built once per session (tests/helpers/dataprep_models)."""
+    from tests.helpers.dataprep_models import build_tiny_models
+
+    return build_tiny_models(tmp_path_factory.mktemp("dataprep_tiny_models"))
+
+
+@pytest.fixture(scope="session")
+def write_photos():
+    """`write_photos(folder, names=...)`: scikit-image's bundled photos saved as JPEG files."""
+    from tests.helpers.dataprep_models import write_photos as write
+
+    return write
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A running single-node Slurm cluster; skips when Slurm/munge are not installed (see .ci/install_slurm.sh)."""
+    from tests.helpers.slurm import running_cluster
+
+    yield from running_cluster()
+
+
+@pytest.fixture(scope="session")
+def sd_tokenizer():
+    """The SD1.x CLIP tokenizer, built offline from open_clip's BPE vocabulary."""
+    from tcscale.models.tokenizer import sd_clip_tokenizer
+
+    return sd_clip_tokenizer()

@@ -3,16 +3,11 @@ those of the real grounded layers (built on the meta device: shapes only, no mem
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
+import bench_grounded_attention as bench
 import pytest
 
-from tcscale.attention.grounding_processor import layer_latent_side, select_layers
+from tcscale.attention.plan import layer_latent_side, select_layers
 from tcscale.models.architectures import architecture, build_random_components
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import bench_grounded_attention as bench  # noqa: E402
 
 # parameter counts of the released checkpoints (diffusers layout): U-Net, VAE, text encoder
 PUBLISHED = {

@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import csv
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import bench_grounded_attention  # noqa: E402
-import bench_step  # noqa: E402
+import bench_grounded_attention
+import bench_step
 
 
 def run_kernel_bench(out_dir: Path, *args: str) -> tuple[int, list[dict]]:

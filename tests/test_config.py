@@ -43,7 +43,8 @@ def test_paper_settings():
         assert "scheduler" not in ds  # constant lr
         assert ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] in (1, 4)
         assert cfg.max_steps == steps and cfg.data.resolution == res
-        assert cfg.objective.token_loss_weight == 1e-3 and cfg.objective.pixel_loss_weight == 5e-5
+        tc = cfg.objective.tokencompose
+        assert tc.token_loss_weight == 1e-3 and tc.pixel_loss_weight == 5e-5
     assert sd21.model.prediction_type == "v_prediction"
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tcscale.data.align import PhraseAligner
-from tcscale.data.align_report import alignment_report, read_tokencompose_metadata
+from tcscale.data.align_report import alignment_report, metadata_rows
 from tcscale.models.tokenizer import sd_clip_tokenizer
 
 # ../shared beside the checkout (CI's layout); TCSCALE_SHARED_DIR points elsewhere. CI sets it, so there a
@@ -57,6 +57,6 @@ def test_alignment_on_official_tokencompose_metadata():
         if "TCSCALE_SHARED_DIR" in os.environ:
             pytest.fail(f"{METADATA} not found (TCSCALE_SHARED_DIR={os.environ['TCSCALE_SHARED_DIR']})")
         pytest.skip(f"{METADATA} not present (set TCSCALE_SHARED_DIR)")
-    report = alignment_report(read_tokencompose_metadata(METADATA), sd_clip_tokenizer())
+    report = alignment_report(metadata_rows(METADATA), sd_clip_tokenizer())
     assert report["samples"] == 4526 and report["phrases_with_mask"] > 13000
     assert report["aligned_fraction"] >= 0.99, report["dropped"]

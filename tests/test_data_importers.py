@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +11,7 @@ from PIL import Image
 
 from dataprep.importers.tokencompose import import_tokencompose, load_binary_mask
 from tcscale.data.samples import decode_masks
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/ as a folder or a package
-from data_fixtures import make_tokencompose_dir  # noqa: E402
+from tests.helpers.data import make_tokencompose_dir
 
 
 def _samples(folder: Path, pattern: str) -> dict[str, dict]:

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import io
 import json
-import sys
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,9 +20,7 @@ from tcscale.data import DataConfig, DataConfigError, build_train_loader
 from tcscale.data.loader import ShardStream, resolve_shards
 from tcscale.data.samples import ProcessSettings, SampleProcessor
 from tcscale.models.tokenizer import sd_clip_tokenizer
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/ as a folder or a package
-from data_fixtures import PHOTO_SAMPLES, make_coco_dir, make_tokencompose_dir, records  # noqa: E402
+from tests.helpers.data import PHOTO_SAMPLES, make_coco_dir, make_tokencompose_dir, records
 
 R = 32
 
@@ -36,7 +32,7 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def processor(tokenizer):
-    return SampleProcessor(tokenizer, ProcessSettings(resolution=R, layer_sizes=((4, 4),)))
+    return SampleProcessor(tokenizer, ProcessSettings(resolution=R, layer_sizes=((4, 4),), full_masks=True))
 
 
 def _one_pass(urls, processor, *, world_size=2, workers=2, batch=3, seed=0, shuffle=4) -> list[dict]:
@@ -192,7 +188,9 @@ def test_webdataset_stream_is_reproducible_and_batches_have_the_contract_shapes(
         random_flip=True,
         center_crop=False,
     )
-    kw = dict(rank=1, world_size=2, micro_batch_size=3, seed=5, start_step=7, layer_sizes=[(4, 4), (2, 2)])
+    kw = dict(
+        rank=1, world_size=2, micro_batch_size=3, seed=5, start_step=7, layer_sizes=[(4, 4), (2, 2)], full_masks=True
+    )
     a, b = iter(build_train_loader(cfg, tokenizer, **kw)), iter(build_train_loader(cfg, tokenizer, **kw))
     for _ in range(5):
         x, y = next(a), next(b)

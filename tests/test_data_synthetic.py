@@ -72,7 +72,7 @@ def _same(a: dict, b: dict) -> bool:
 
 def test_synthetic_batches_are_a_function_of_seed_rank_step_and_resume_exactly(tokenizer):
     cfg = _cfg(random_flip=True, center_crop=True)
-    kw = dict(rank=1, world_size=2, micro_batch_size=3, seed=11, layer_sizes=[(8, 8), (4, 4)])
+    kw = dict(rank=1, world_size=2, micro_batch_size=3, seed=11, layer_sizes=[(8, 8), (4, 4)], full_masks=True)
     run = build_train_loader(cfg, tokenizer, **kw)
     it = iter(run)
     full = [next(it) for _ in range(8)]
@@ -99,7 +99,7 @@ def test_synthetic_batches_are_a_function_of_seed_rank_step_and_resume_exactly(t
 
 def test_synthetic_with_workers_matches_in_process(tokenizer):
     cfg0, cfg2 = _cfg(), _cfg(num_workers=2)
-    kw = dict(rank=0, world_size=1, micro_batch_size=2, seed=0, start_step=3, layer_sizes=[(8, 8)])
+    kw = dict(rank=0, world_size=1, micro_batch_size=2, seed=0, start_step=3, layer_sizes=[(8, 8)], full_masks=True)
     a, b = iter(build_train_loader(cfg0, tokenizer, **kw)), iter(build_train_loader(cfg2, tokenizer, **kw))
     for _ in range(4):
         assert _same(next(a), next(b))
@@ -117,7 +117,9 @@ def test_synthetic_epoch_covers_world_once_across_ranks(tokenizer):
 
 def test_synthetic_masks_sit_under_their_tokens_and_colours(tokenizer):
     cfg = _cfg(random_flip=True)
-    loader = build_train_loader(cfg, tokenizer, rank=0, world_size=1, micro_batch_size=8, seed=2, layer_sizes=[(8, 8)])
+    loader = build_train_loader(
+        cfg, tokenizer, rank=0, world_size=1, micro_batch_size=8, seed=2, layer_sizes=[(8, 8)], full_masks=True
+    )
     batch = next(iter(loader))
     b, p = batch["phrase_masks"].shape[:2]
     for i in range(b):
@@ -155,3 +157,19 @@ def test_small_synthetic_world_is_fast(tokenizer):
     assert float(np.median(times)) < 0.02, f"median batch time {np.median(times) * 1e3:.1f} ms"
     c = loader.counters()
     assert c["samples_seen"] == 50 * 4 and c["phrases_kept"] > 0
+
+
+def test_layer_masks_replace_full_masks_and_follow_the_rule(tokenizer):
+    """With layer grids (a grounding plan) the batch carries the layer masks only, equal to the mask rule applied to
+    the full-resolution masks that `full_masks=True` adds; without grids the full masks travel."""
+    from tcscale.attention.masks import MaskRule
+
+    rule = MaskRule("nearest", 0.5)
+    kw = dict(rank=0, world_size=1, micro_batch_size=4, seed=3, layer_sizes=[(8, 8), (4, 4)], mask_rule=rule)
+    lean = next(iter(build_train_loader(_cfg(), tokenizer, **kw)))
+    full = next(iter(build_train_loader(_cfg(), tokenizer, **kw, full_masks=True)))
+    assert "phrase_masks" not in lean and "phrase_masks" in full
+    for size in ((8, 8), (4, 4)):
+        torch.testing.assert_close(lean["layer_masks"][size], rule.apply(full["phrase_masks"], size))
+    plain = next(iter(build_train_loader(_cfg(), tokenizer, rank=0, world_size=1, micro_batch_size=4, seed=3)))
+    assert "phrase_masks" in plain and plain["layer_masks"] == {}

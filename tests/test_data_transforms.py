@@ -82,7 +82,7 @@ def test_off_centre_object_through_shards_and_every_layer_resolution(tmp_path):
     cfg = DataConfig(source="webdataset", shards=str(tmp_path / "g-000000.tar"), resolution=R, shuffle_buffer=1)
     sizes = [(15, 15), (8, 8), (4, 4)]
     loader = build_train_loader(
-        cfg, sd_clip_tokenizer(), rank=0, world_size=1, micro_batch_size=1, seed=0, layer_sizes=sizes
+        cfg, sd_clip_tokenizer(), rank=0, world_size=1, micro_batch_size=1, seed=0, layer_sizes=sizes, full_masks=True
     )
     batch = next(iter(loader))
     full = batch["phrase_masks"][0, 0]

@@ -16,16 +16,16 @@ from dataprep.stages.caption_choice import ClipCaptionScorer, choose_captions
 from dataprep.stages.common import StageError
 from dataprep.stages.grounding import GroundingDinoDetector, SamHqSegmenter, ground_items, load_masks
 from dataprep.stages.noun_phrases import FlairPosTagger, TaggerNounPhraseExtractor
-from tests.dataprep_tiny_models import PHOTOS, TinyModels, tiny_models_cached, write_photos
+from tests.helpers.dataprep_models import PHOTOS, TinyModels
 
 
 @pytest.fixture(scope="session")
-def tiny(tmp_path_factory) -> TinyModels:
-    return tiny_models_cached(tmp_path_factory)
+def tiny(tiny_dataprep_models) -> TinyModels:
+    return tiny_dataprep_models
 
 
 @pytest.fixture(scope="module")
-def photos(tmp_path_factory) -> dict[str, Path]:
+def photos(tmp_path_factory, write_photos) -> dict[str, Path]:
     paths = write_photos(tmp_path_factory.mktemp("photos"))
     return {p.stem: p for p in paths}
 

@@ -15,7 +15,7 @@ import webdataset as wds
 import yaml
 from PIL import Image
 
-from tests.dataprep_tiny_models import PHOTOS, TinyModels, tiny_models_cached, write_photos
+from tests.helpers.dataprep_models import PHOTOS, TinyModels
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,9 +55,9 @@ def _config(tiny: TinyModels, root: Path, input_path: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
+def prepared(tmp_path_factory, tiny_dataprep_models, write_photos):
     """Stages run one at a time through the CLI: caption choice + noun phrases, then grounding, then shards."""
-    tiny = tiny_models_cached(tmp_path_factory)
+    tiny = tiny_dataprep_models
     root = tmp_path_factory.mktemp("dataprep_e2e")
     photos = write_photos(root / "images")
     lines = [{"image": p.name, "captions": PHOTOS[p.stem][1], "license": "skimage"} for p in photos]

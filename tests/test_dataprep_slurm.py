@@ -10,14 +10,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.dataprep_tiny_models import PHOTOS, tiny_models_cached, write_photos
-from tests.slurm_cluster import SlurmCluster, running_cluster
+from tests.helpers.dataprep_models import PHOTOS
+from tests.helpers.slurm import SlurmCluster
 
 REPO = Path(__file__).resolve().parents[1]
 SBATCH = REPO / "launchers" / "slurm" / "dataprep.sbatch"
@@ -32,14 +31,16 @@ def test_sbatch_syntax_and_usage(tmp_path: Path) -> None:
     assert "#SBATCH --requeue" in header and any("%A_%a" in ln for ln in header)
 
 
-@pytest.fixture(scope="module")
-def slurm() -> Iterator[SlurmCluster]:
-    yield from running_cluster()
+@pytest.fixture
+def slurm(slurm_cluster) -> SlurmCluster:
+    return slurm_cluster
 
 
 @pytest.mark.slow
-def test_array_tasks_each_process_their_shard(slurm: SlurmCluster, tmp_path: Path, tmp_path_factory) -> None:
-    tiny = tiny_models_cached(tmp_path_factory)
+def test_array_tasks_each_process_their_shard(
+    slurm: SlurmCluster, tmp_path: Path, tiny_dataprep_models, write_photos
+) -> None:
+    tiny = tiny_dataprep_models
     photos = write_photos(tmp_path / "images")
     lines = [{"image": p.name, "captions": PHOTOS[p.stem][1]} for p in photos]
     (tmp_path / "images" / "captions.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))

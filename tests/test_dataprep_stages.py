@@ -34,7 +34,6 @@ from dataprep.stages.noun_phrases import (
     extract_noun_phrases,
     merge_noun_runs,
 )
-from tests.dataprep_tiny_models import write_photos
 
 
 class FakeTagger:
@@ -194,7 +193,7 @@ class FakeSegmenter:
         return out
 
 
-def test_ground_items_with_fakes(tmp_path: Path) -> None:
+def test_ground_items_with_fakes(tmp_path: Path, write_photos) -> None:
     astronaut, chelsea = write_photos(tmp_path / "img", ("astronaut", "chelsea"))
     items = [
         {"id": "a.1", "key": "a_1", "image": str(astronaut), "phrases": ["astronaut", "space suit", "flag"]},
@@ -278,7 +277,7 @@ def test_shard_ranges() -> None:
         shards_for_run(cfg, 8, env={})
 
 
-def test_load_input_formats(tmp_path: Path) -> None:
+def test_load_input_formats(tmp_path: Path, write_photos) -> None:
     (p,) = write_photos(tmp_path / "imgs", ("chelsea",))
     lines = [
         {"id": "cat.1", "image": "chelsea.jpg", "captions": ["a cat", "a tabby cat"], "coco_id": 7},

@@ -5,18 +5,19 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tcscale.attention.grounding_processor import GroundingContext, install_grounding_processors
-from tests.test_grounding_processor import grounded_unet, make_inputs
+from tcscale.attention.plan import GroundingPlan
+from tcscale.attention.processors import install_grounding_processors
+from tcscale.attention.recorders import LossRecorder
 
 pytestmark = pytest.mark.interpret
 
 
-def forward_backward(unet, names, backend, heads="mean_map"):
-    latents, t, text, masks, token_phrase = make_inputs()
+def forward_backward(unet, names, backend, inputs, heads="mean_map"):
+    latents, t, text, masks, token_phrase = inputs
     install_grounding_processors(unet, names, backend)
     unet.zero_grad(set_to_none=True)
-    ctx = GroundingContext(latent_size=(8, 8), token_phrase=token_phrase, phrase_masks=masks, token_loss_heads=heads)
-    out = unet(latents, t, text, cross_attention_kwargs={"grounding": ctx}).sample
+    with LossRecorder((8, 8), token_phrase, phrase_masks=masks, token_loss_heads=heads) as ctx:
+        out = unet(latents, t, text, cross_attention_kwargs=ctx.kwargs).sample
     # a non-unit mix of the three outputs, so every gradient path of the kernel is exercised
     loss = out.square().mean() + sum(0.7 * r.token + 0.3 * r.pixel for r in ctx.records)
     loss.backward()
@@ -26,11 +27,13 @@ def forward_backward(unet, names, backend, heads="mean_map"):
 
 
 @pytest.mark.parametrize("heads", ["mean_map", "per_head"])
-def test_fused_backend_matches_reference_through_the_unet(heads):
-    """Both token-loss definitions (attention.token_loss_heads) through the fused backend equal the reference."""
-    unet, names = grounded_unet()
-    out_ref, loss_ref, grad_ref = forward_backward(unet, names, "reference", heads)
-    out_fused, loss_fused, grad_fused = forward_backward(unet, names, "fused", heads)
+def test_fused_backend_matches_reference_through_the_unet(heads, grounded_unet, grounding_inputs):
+    """Both token-loss definitions (objective.tokencompose.token_loss_heads) through the fused backend equal the
+    reference."""
+    unet, plan = grounded_unet()
+    names = list(plan.layers)
+    out_ref, loss_ref, grad_ref = forward_backward(unet, names, "reference", grounding_inputs(), heads)
+    out_fused, loss_fused, grad_fused = forward_backward(unet, names, "fused", grounding_inputs(), heads)
     torch.testing.assert_close(out_fused, out_ref, rtol=1e-4, atol=1e-5)
     assert loss_ref.keys() == loss_fused.keys() == set(names)
     for name in names:
@@ -47,9 +50,8 @@ def _sd14_run(unet, names, backend, dtype, inputs):
     latents, t, text, masks, token_phrase = inputs
     install_grounding_processors(unet, names, backend)
     unet.zero_grad(set_to_none=True)
-    ctx = GroundingContext(latent_size=(64, 64), token_phrase=token_phrase, phrase_masks=masks)
-    ctx.check_token_phrase()
-    out = unet(latents.to(dtype), t, text.to(dtype), cross_attention_kwargs={"grounding": ctx}).sample
+    with LossRecorder((64, 64), token_phrase, phrase_masks=masks) as ctx:
+        out = unet(latents.to(dtype), t, text.to(dtype), cross_attention_kwargs=ctx.kwargs).sample
     loss = 1e-3 * out.float().square().mean() + sum(r.token + r.pixel for r in ctx.records)
     loss.backward()
     losses = torch.stack([torch.stack([r.token, r.pixel]) for r in ctx.records]).double().flatten()
@@ -63,13 +65,13 @@ def test_gpu_fused_in_sd14_unet_bf16_as_close_as_reference():
     per-layer losses and U-Net gradients are within 2x the bf16 reference backend's error against fp32."""
     import copy
 
-    from tcscale.attention.grounding_processor import select_layers
     from tcscale.models.architectures import architecture, random_unet
 
     torch.manual_seed(0)
     with torch.device("cuda"):
         unet32 = random_unet(architecture("sd14"))
-    names = select_layers(unet32, ["mid", "up"], None, 64)
+    names = list(GroundingPlan.build(unet32, blocks=["mid", "up"], resolutions=None, image_resolution=512,
+                                     scale_factor=8).layers)  # fmt: skip
     assert len(names) == 10
     g = torch.Generator().manual_seed(1)
     masks = torch.zeros(2, 3, 512, 512)

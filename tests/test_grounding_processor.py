@@ -9,40 +9,17 @@ import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor2_0
 
-from tcscale.attention.grounding_processor import (
-    GroundingContext,
-    install_grounding_processors,
-    layer_latent_side,
-    select_layers,
-)
 from tcscale.attention.masks import masks_to_layer
+from tcscale.attention.plan import layer_latent_side, select_layers
+from tcscale.attention.processors import install_grounding_processors
+from tcscale.attention.recorders import LossRecorder, MapCapture, ProbsRecorder
 from tcscale.config import TinyModelConfig
 from tcscale.losses import grounding_losses
-from tcscale.models.sd import tiny_unet
+from tcscale.models.architectures import tiny_unet
 
 
-def make_inputs(B=2, side=8, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    latents = torch.randn(B, 4, side, side, generator=g)
-    t = torch.tensor([10, 500])[:B]
-    text = torch.randn(B, 77, 32, generator=g)
-    masks = torch.zeros(B, 2, side * 8, side * 8)
-    masks[0, 0, :32, :32] = 1
-    masks[0, 1, 20:, 30:] = 1
-    masks[1, 0, 10:50, 5:40] = 1
-    token_phrase = torch.full((B, 77), -1, dtype=torch.long)
-    token_phrase[0, [2, 3]] = 0
-    token_phrase[0, 6] = 1
-    token_phrase[1, 4] = 0
-    return latents, t, text, masks, token_phrase
-
-
-def grounded_unet(seed=0):
-    torch.manual_seed(seed)
-    unet = tiny_unet(TinyModelConfig(), 8)
-    names = select_layers(unet, ["mid", "up"], None, 8)
-    install_grounding_processors(unet, names, "reference")
-    return unet, names
+def recorder(masks, token_phrase, **kw) -> LossRecorder:
+    return LossRecorder((8, 8), token_phrase, phrase_masks=masks, **kw)
 
 
 def test_layer_selection_on_sd14_layout():
@@ -61,18 +38,26 @@ def test_layer_selection_on_sd14_layout():
     ]
 
 
-def test_output_unchanged_and_losses_match_reference():
-    unet, names = grounded_unet()
+def test_output_unchanged_and_losses_match_reference(grounded_unet, grounding_inputs):
+    unet, plan = grounded_unet()
+    names = list(plan.layers)
     plain = copy.deepcopy(unet)
     plain.set_attn_processor(AttnProcessor2_0())
-    latents, t, text, masks, token_phrase = make_inputs()
-    ctx = GroundingContext(latent_size=(8, 8), token_phrase=token_phrase, phrase_masks=masks)
+    latents, t, text, masks, token_phrase = grounding_inputs()
     with torch.no_grad():
-        out = unet(latents, t, text, cross_attention_kwargs={"grounding": ctx}).sample
+        with recorder(masks, token_phrase) as ctx:
+            out = unet(latents, t, text, cross_attention_kwargs=ctx.kwargs).sample
         ref = plain(latents, t, text).sample
         no_ctx = unet(latents, t, text).sample
-    assert torch.allclose(out, ref, atol=1e-5) and torch.allclose(no_ctx, ref, atol=1e-5)
+        with ProbsRecorder((8, 8)) as probs, MapCapture((8, 8)) as maps:
+            out_probs = unet(latents, t, text, cross_attention_kwargs=probs.kwargs).sample
+            out_maps = unet(latents, t, text, cross_attention_kwargs=maps.kwargs).sample
+    for other in (out, no_ctx, out_probs, out_maps):  # every recorder computes the same attention output
+        assert torch.allclose(other, ref, atol=1e-5)
     assert sorted(r.name for r in ctx.records) == sorted(names) and len(names) == 5
+    assert sorted(r.name for r in probs.records) == sorted(names) and set(maps.maps) == set(names)
+    for r in probs.records:  # the head average of the recorded probabilities is what the capture keeps
+        torch.testing.assert_close(maps.maps[r.name], r.probs.mean(1))
 
     # independent recomputation of one layer's losses from its own q, k
     name = names[-1]
@@ -82,8 +67,8 @@ def test_output_unchanged_and_losses_match_reference():
         lambda m, a, kw: captured.update(h=a[0], e=kw["encoder_hidden_states"]), with_kwargs=True
     )
     with torch.no_grad():
-        ctx2 = GroundingContext(latent_size=(8, 8), token_phrase=token_phrase, phrase_masks=masks)
-        unet(latents, t, text, cross_attention_kwargs={"grounding": ctx2})
+        with recorder(masks, token_phrase) as ctx2:
+            unet(latents, t, text, cross_attention_kwargs=ctx2.kwargs)
         h, e = captured["h"], captured["e"]
         B, Lq, _ = h.shape
         heads = attn_mod.heads
@@ -98,17 +83,16 @@ def test_output_unchanged_and_losses_match_reference():
     assert rec.pixel.item() == pytest.approx(expected["pixel"].item(), rel=1e-5)
 
 
-def grounding_grads(unet, use_checkpointing: bool):
-    latents, t, text, masks, token_phrase = make_inputs()
+def grounding_grads(unet, inputs, use_checkpointing: bool):
+    latents, t, text, masks, token_phrase = inputs
     unet.zero_grad(set_to_none=True)
     if use_checkpointing:
         unet.enable_gradient_checkpointing()
     else:
         unet.disable_gradient_checkpointing()
     unet.train()
-    ctx = GroundingContext(latent_size=(8, 8), token_phrase=token_phrase, phrase_masks=masks)
-    unet(latents, t, text, cross_attention_kwargs={"grounding": ctx})
-    ctx.recording = False
+    with recorder(masks, token_phrase) as ctx:
+        unet(latents, t, text, cross_attention_kwargs=ctx.kwargs)
     n_records = len(ctx.records)
     loss = sum(r.token + r.pixel for r in ctx.records)  # grounding terms only: no LDM gradient at all
     loss.backward()
@@ -116,10 +100,11 @@ def grounding_grads(unet, use_checkpointing: bool):
     return {n: p.grad.clone() for n, p in unet.named_parameters() if p.grad is not None}
 
 
-def test_grounding_gradients_survive_activation_checkpointing():
-    unet, names = grounded_unet()
-    plain = grounding_grads(unet, use_checkpointing=False)
-    ckpt = grounding_grads(unet, use_checkpointing=True)
+def test_grounding_gradients_survive_activation_checkpointing(grounded_unet, grounding_inputs):
+    unet, plan = grounded_unet()
+    names = plan.layers
+    plain = grounding_grads(unet, grounding_inputs(), use_checkpointing=False)
+    ckpt = grounding_grads(unet, grounding_inputs(), use_checkpointing=True)
     # the grounding terms reach the U-Net's weights: the grounded layers' q/k and layers before them
     for key in (
         f"{names[0]}.to_k.weight",
@@ -133,12 +118,12 @@ def test_grounding_gradients_survive_activation_checkpointing():
         assert torch.allclose(plain[key], ckpt[key], rtol=1e-4, atol=1e-7), key
 
 
-def test_sample_without_phrases_gives_zero_terms_and_runs():
+def test_sample_without_phrases_gives_zero_terms_and_runs(grounded_unet, grounding_inputs):
     unet, _ = grounded_unet()
-    latents, t, text, masks, _ = make_inputs()
+    latents, t, text, masks, _ = grounding_inputs()
     token_phrase = torch.full((2, 77), -1, dtype=torch.long)
-    ctx = GroundingContext(latent_size=(8, 8), token_phrase=token_phrase, phrase_masks=masks)
-    out = unet(latents, t, text, cross_attention_kwargs={"grounding": ctx}).sample
+    with recorder(masks, token_phrase) as ctx:
+        out = unet(latents, t, text, cross_attention_kwargs=ctx.kwargs).sample
     assert torch.isfinite(out).all()
     assert all(r.token.item() == 0 and r.pixel.item() == 0 for r in ctx.records)
     sum(r.token + r.pixel for r in ctx.records).backward()  # still a graph: every rank runs backward
@@ -153,22 +138,35 @@ def test_fused_backend_without_gpu_is_a_clear_error(monkeypatch):
         install_grounding_processors(unet, select_layers(unet, ["up"], None, 8), "fused")
 
 
-def test_token_phrase_checked_once_per_forward():
-    """The objective validates token_phrase once for the batch (naming the range); a checked context makes the
-    layers skip their own validation, with the same losses as unchecked layers."""
+def test_recorder_records_only_inside_its_block(grounded_unet, grounding_inputs):
+    """Closed after its `with` block, a recorder computes the same values but records nothing more (what an
+    activation checkpoint's recompute relies on); never opened, it records nothing at all."""
+    unet, plan = grounded_unet()
+    latents, t, text, masks, token_phrase = grounding_inputs()
+    rec = recorder(masks, token_phrase)
+    with torch.no_grad():
+        unet(latents, t, text, cross_attention_kwargs=rec.kwargs)
+        assert rec.records == []
+        with rec:
+            unet(latents, t, text, cross_attention_kwargs=rec.kwargs)
+        unet(latents, t, text, cross_attention_kwargs=rec.kwargs)
+    assert sorted(r.name for r in rec.records) == sorted(plan.layers)
+
+
+def test_token_phrase_checked_once_per_forward(grounded_unet, grounding_inputs):
+    """The recorder validates token_phrase once for the batch (naming the range); a validated recorder makes the
+    layers skip their own validation, with the same losses as unvalidated layers."""
     unet, _ = grounded_unet()
-    latents, t, text, masks, token_phrase = make_inputs()
+    latents, t, text, masks, token_phrase = grounding_inputs()
     bad = token_phrase.clone()
     bad[1, 5] = masks.shape[1]  # a phrase slot that does not exist
-    ctx = GroundingContext(latent_size=(8, 8), token_phrase=bad, phrase_masks=masks)
     with pytest.raises(ValueError, match=rf"token_phrase values .* P={masks.shape[1]} .* \[-1, {masks.shape[1]}\]"):
-        ctx.check_token_phrase()
-    assert not ctx.token_phrase_checked
+        recorder(masks, bad)
+    assert not recorder(masks, bad, validate=False).validated
     losses = []
     for check in (False, True):
-        ctx = GroundingContext(latent_size=(8, 8), token_phrase=token_phrase, phrase_masks=masks)
-        if check:
-            ctx.check_token_phrase()
-        unet(latents, t, text, cross_attention_kwargs={"grounding": ctx})
+        with recorder(masks, token_phrase, validate=check) as ctx:
+            unet(latents, t, text, cross_attention_kwargs=ctx.kwargs)
+        assert ctx.validated == check
         losses.append([(r.token.item(), r.pixel.item()) for r in ctx.records])
     assert losses[0] == losses[1] and len(losses[0]) > 0

@@ -21,7 +21,7 @@ import torch
 import kernels.grounded_attention as ga
 import kernels.grounded_attention_compile_check as ga_check
 from kernels import KernelConfig, cross_attention_with_grounding
-from kernels.reference import cross_attention_with_grounding_reference
+from tcscale.attention.reference import cross_attention_with_grounding_reference
 
 REPO = Path(__file__).resolve().parents[1]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
-from tcscale.config import load_config
 from tcscale.losses.diffusion import diffusion_target, ldm_loss, sample_noise
-from tcscale.models.sd import sd_noise_scheduler
+from tcscale.models.architectures import sd_noise_scheduler
 from tcscale.train import trainer as trainer_mod
-
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml"
 
 
 def alphas(scheduler, t):
@@ -49,18 +44,17 @@ def test_v_prediction_target_and_noise_offset():
     assert torch.allclose(diff, diff[:, :, :1, :1].expand_as(diff)) and diff.abs().max() > 0
 
 
-def test_ema_and_keep_last_k(tmp_path):
-    cfg = load_config(
-        CONFIG,
-        [
-            f"output_dir={tmp_path}",
+def test_ema_and_keep_last_k(tmp_path, tiny_config):
+    cfg = tiny_config(
+        tmp_path,
+        *[
             "max_steps=4",
             "checkpoint.every_steps=1",
             "checkpoint.keep_last=2",
             "ema.enabled=true",
             "ema.decay=0.5",
-            "objective.snr_gamma=5.0",
-            "objective.noise_offset=0.05",
+            "objective.ldm.snr_gamma=5.0",
+            "objective.ldm.noise_offset=0.05",
             "tracking.enabled=false",
         ],
     )

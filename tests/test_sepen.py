@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from tcscale.data.align import find_subsequence
 from tcscale.losses.sepen import (
     enhance_loss,
     gaussian_kernel_3x3,
@@ -19,7 +20,6 @@ from tcscale.losses.sepen import (
 )
 from tcscale.objectives.sepen_prompts import (
     SepEnPromptSampler,
-    find_subsequence,
     large_concepts,
     load_concept_file,
     noun_token_positions,

@@ -14,13 +14,11 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from slurm_cluster import SlurmCluster, running_cluster  # noqa: E402
+from tests.helpers.slurm import SlurmCluster
 
 REPO = Path(__file__).resolve().parents[1]
 SBATCH = REPO / "launchers" / "slurm" / "train.sbatch"
@@ -28,9 +26,9 @@ ENV_SH = REPO / "launchers" / "slurm" / "env.sh"
 WAIT_S = 60  # every wait on the cluster is bounded by this
 
 
-@pytest.fixture(scope="module")
-def slurm() -> Iterator[SlurmCluster]:
-    yield from running_cluster()
+@pytest.fixture
+def slurm(slurm_cluster) -> SlurmCluster:
+    return slurm_cluster
 
 
 STANDIN = textwrap.dedent(

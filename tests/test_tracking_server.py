@@ -14,7 +14,7 @@ import pytest
 
 from tcscale.config import load_config
 from tcscale.train.trainer import train
-from tests.train_helpers import free_port
+from tests.helpers.launch import free_port
 
 pytestmark = pytest.mark.slow
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml"

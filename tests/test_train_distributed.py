@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.train_helpers import final_weights, mlflow_runs, run_and_kill_at, run_deepspeed
+from tests.helpers.launch import final_weights, mlflow_runs, run_and_kill_at, run_deepspeed
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 CONFIG = "configs/tiny_cpu.yaml"
@@ -25,8 +25,8 @@ def test_two_ranks_overfit_fixed_data_with_gradient_checkpointing(tmp_path, stag
             f"deepspeed.zero_optimization.stage={stage}",
             "model.gradient_checkpointing=true",
             "data.synthetic.num_samples=4",
-            "objective.token_loss_weight=1.0",
-            "objective.pixel_loss_weight=1.0",
+            "objective.tokencompose.token_loss_weight=1.0",
+            "objective.tokencompose.pixel_loss_weight=1.0",
             "deepspeed.optimizer.params.lr=1e-3",
             "checkpoint.every_steps=0",
         ],

@@ -8,24 +8,31 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tcscale.config import load_config
 from tcscale.models.sd import ModelLoadError
 from tcscale.train import trainer as trainer_mod
 from tcscale.train.export import export_pipeline
-from tests.train_helpers import final_weights, mlflow_runs
-
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml"
 
 
-def cfg_for(tmp_path: Path, *overrides: str):
-    return load_config(CONFIG, [f"output_dir={tmp_path}", "max_steps=2", "checkpoint.every_steps=0", *overrides])
+@pytest.fixture
+def cfg_for(tiny_config):
+    return tiny_config
+
+
+@pytest.fixture
+def final_weights(run_outputs):
+    return run_outputs.final_weights
+
+
+@pytest.fixture
+def mlflow_runs(run_outputs):
+    return run_outputs.mlflow_runs
 
 
 def base_unet_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(run_dir / "base_model" / "unet" / "diffusion_pytorch_model.safetensors")
 
 
-def test_sepen_trains_only_cross_attention_keys(tmp_path):
+def test_sepen_trains_only_cross_attention_keys(tmp_path, cfg_for, final_weights):
     cfg = cfg_for(
         tmp_path,
         "objective.name=sepen",
@@ -43,7 +50,7 @@ def test_sepen_trains_only_cross_attention_keys(tmp_path):
     assert all(k.endswith("attn2.to_k.weight") for k in changed), sorted(changed)
 
 
-def test_export_loads_into_diffusers_pipeline_and_generates(tmp_path):
+def test_export_loads_into_diffusers_pipeline_and_generates(tmp_path, cfg_for, final_weights):
     from diffusers import StableDiffusionPipeline
 
     run = tmp_path / "run"
@@ -63,7 +70,7 @@ def test_export_loads_into_diffusers_pipeline_and_generates(tmp_path):
     assert image.size == (64, 64)
 
 
-def test_validation_logs_images_and_attention_heatmaps(tmp_path):
+def test_validation_logs_images_and_attention_heatmaps(tmp_path, cfg_for, mlflow_runs):
     cfg = cfg_for(tmp_path, "max_steps=1", "validation.every_steps=1", "validation.num_inference_steps=2")
     trainer_mod.train(cfg)
     client, runs = mlflow_runs(tmp_path, "tcscale-tiny")
@@ -73,10 +80,10 @@ def test_validation_logs_images_and_attention_heatmaps(tmp_path):
     assert str(tmp_path) in runs[0].info.artifact_uri  # artifacts stay in the run directory
 
 
-def test_nonfinite_loss_names_step_and_term_and_writes_no_checkpoint(tmp_path, monkeypatch):
-    from tcscale.objectives import tokencompose
+def test_nonfinite_loss_names_step_and_term_and_writes_no_checkpoint(tmp_path, monkeypatch, cfg_for, mlflow_runs):
+    from tcscale.objectives import ldm
 
-    real = tokencompose.ldm_loss
+    real = ldm.ldm_loss
     calls = {"n": 0}
 
     def flaky(*args, **kwargs):
@@ -84,7 +91,7 @@ def test_nonfinite_loss_names_step_and_term_and_writes_no_checkpoint(tmp_path, m
         loss = real(*args, **kwargs)
         return loss * float("nan") if calls["n"] == 2 else loss
 
-    monkeypatch.setattr(tokencompose, "ldm_loss", flaky)
+    monkeypatch.setattr(ldm, "ldm_loss", flaky)
     cfg = cfg_for(tmp_path, "max_steps=3", "checkpoint.every_steps=1")
     with pytest.raises(trainer_mod.NonFiniteLossError, match=r"step 2 .*'ldm'"):
         trainer_mod.train(cfg)
@@ -95,13 +102,13 @@ def test_nonfinite_loss_names_step_and_term_and_writes_no_checkpoint(tmp_path, m
     assert runs[0].info.status == "FAILED"
 
 
-def test_missing_model_path_is_a_clear_error(tmp_path):
+def test_missing_model_path_is_a_clear_error(tmp_path, cfg_for):
     cfg = cfg_for(tmp_path, f"model.pretrained={tmp_path / 'no_such_model'}")
     with pytest.raises(ModelLoadError, match="no_such_model"):
         trainer_mod.train(cfg)
 
 
-def test_preemption_signal_checkpoints_and_marks_the_run(tmp_path, monkeypatch):
+def test_preemption_signal_checkpoints_and_marks_the_run(tmp_path, monkeypatch, cfg_for):
     class SetAfterFirstStep:
         reads = 0
 
@@ -123,7 +130,7 @@ def test_preemption_signal_checkpoints_and_marks_the_run(tmp_path, monkeypatch):
     assert again.step == 2 and again.run_id == result.run_id
 
 
-def test_trains_from_webdataset_shards(tmp_path):
+def test_trains_from_webdataset_shards(tmp_path, cfg_for):
     """Grounded shards (written by dataprep) feed the trainer through the loader interface."""
     from dataprep.synthetic_shards import write_synthetic_shards
 
@@ -138,7 +145,7 @@ def test_trains_from_webdataset_shards(tmp_path):
     assert m["loss/token"] > 0 and m["loss/pixel"] > 0 and m["data/samples_seen"] >= 4
 
 
-def test_bf16_run_with_validation_exports_fp32_weights(tmp_path):
+def test_bf16_run_with_validation_exports_fp32_weights(tmp_path, cfg_for, final_weights):
     """The GPU configs' precision path (bf16 U-Net and text encoder, fp32 VAE) on CPU: train, validate, export."""
     run = tmp_path / "run"
     cfg = cfg_for(run, "deepspeed.bf16.enabled=true", "validation.every_steps=2", "validation.num_inference_steps=2")
@@ -151,10 +158,9 @@ def test_bf16_run_with_validation_exports_fp32_weights(tmp_path):
     assert all(torch.equal(exported[k], weights[k]) for k in weights)
 
 
-def test_validation_heatmap_phrases():
-    from tcscale.models.tokenizer import sd_clip_tokenizer
+def test_validation_heatmap_phrases(sd_tokenizer):
     from tcscale.train.validation import phrase_tokens
 
-    got = phrase_tokens(sd_clip_tokenizer(), "a photo of a cat and a wine glass, next to a red circle")
+    got = phrase_tokens(sd_tokenizer, "a photo of a cat and a wine glass, next to a red circle")
     # ids: SOT a photo of a cat(5) and a wine(8) glass(9) ,(10) next(11) to a red(14) circle(15) EOT
     assert got == [("cat", [5]), ("wine glass", [8, 9]), ("next", [11]), ("red circle", [14, 15])]

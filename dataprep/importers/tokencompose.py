@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import re
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -33,6 +32,7 @@ from PIL import Image
 
 from dataprep.record import GroundedRecord
 from dataprep.writer import write_shards
+from tcscale.data.metadata import MetadataRow, read_tokencompose_metadata
 
 PROVENANCE = {
     "importer": "tokencompose_official",
@@ -40,23 +40,6 @@ PROVENANCE = {
     "segmenter": "SAM (official TokenCompose release)",
     "noun_parser": "official TokenCompose release",
 }
-
-
-def read_metadata(path: str | Path) -> list[dict]:
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                row["file_name"], row["text"] = str(row["file_name"]), str(row["text"])
-                row["attn_list"] = [(str(p), m) for p, m in row["attn_list"]]
-            except (ValueError, KeyError, TypeError) as exc:
-                raise ValueError(f"{path}:{lineno}: not a TokenCompose metadata line: {exc}") from exc
-            row["_line"] = lineno
-            rows.append(row)
-    return rows
 
 
 def sample_key(file_name: str) -> str:
@@ -97,8 +80,8 @@ class TokenComposeImporter:
         self.provenance = {**PROVENANCE, **(provenance or {})}
         self.counts: Counter = Counter()
 
-    def record(self, row: dict) -> GroundedRecord | None:
-        img_path = self.image_root / row["file_name"]
+    def record(self, row: MetadataRow) -> GroundedRecord | None:
+        img_path = self.image_root / row.file_name
         try:
             data = img_path.read_bytes()
             with Image.open(io.BytesIO(data)) as im:
@@ -109,7 +92,7 @@ class TokenComposeImporter:
             print(f"tokencompose import: {img_path} skipped: {exc}")
             return None
         phrases, masks = [], []
-        for text, rel in row["attn_list"]:
+        for text, rel in row.attn_list:
             mask = None
             if rel is not None:
                 path = self.mask_path(str(rel))
@@ -126,18 +109,18 @@ class TokenComposeImporter:
                         self.counts["mask_unreadable"] += 1
             phrases.append(text)
             masks.append(mask)
-        stem = Path(row["file_name"]).stem
+        stem = Path(row.file_name).stem
         return GroundedRecord(
-            key=sample_key(row["file_name"]),
+            key=sample_key(row.file_name),
             image=data,
-            caption=row["text"],
+            caption=row.text,
             phrases=phrases,
             masks=masks,
             source={
                 "dataset": "tokencompose_coco",
-                "file_name": row["file_name"],
+                "file_name": row.file_name,
                 "image_id": int(stem) if stem.isdigit() else stem,
-                "metadata_line": row["_line"],
+                "metadata_line": row.line,
             },
             provenance=self.provenance,
         )
@@ -166,8 +149,8 @@ def import_tokencompose(
     progress: bool = True,
 ) -> dict:
     metadata = Path(metadata)
-    rows = read_metadata(metadata)
-    keys = Counter(sample_key(r["file_name"]) for r in rows)
+    rows = list(read_tokencompose_metadata(metadata))
+    keys = Counter(sample_key(r.file_name) for r in rows)
     dup = [k for k, n in keys.items() if n > 1]
     if dup:
         raise ValueError(f"{metadata}: {len(dup)} file names map to the same sample key (first: {dup[0]})")

@@ -1,1 +1,1 @@
-"""Cross-attention processors that expose grounding losses, and mask resizing."""
+"""Grounded cross-attention: the plan (which layers, which mask rule), the processors, the recorders, the reference."""

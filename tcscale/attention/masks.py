@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
+
+MaskInterpolation = Literal["bilinear", "nearest", "bicubic", "area"]
 
 
 def masks_to_layer(
@@ -31,3 +36,16 @@ def masks_to_layer(
         kwargs = {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
         x = F.interpolate(x, size=tuple(size), mode=mode, **kwargs)
     return (x > threshold).float().reshape(*lead, size[0] * size[1])
+
+
+@dataclass(frozen=True)
+class MaskRule:
+    """How a full-resolution phrase mask becomes a layer mask (DESIGN §3): resize with `interpolation`
+    (no antialias), binarise with `> threshold`."""
+
+    interpolation: MaskInterpolation = "bilinear"
+    threshold: float = 0.0
+
+    def apply(self, phrase_masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """(..., H, W) masks -> (..., h*w) float32 {0, 1} masks at `size`."""
+        return masks_to_layer(phrase_masks, size, mode=self.interpolation, threshold=self.threshold)

@@ -15,6 +15,7 @@ reason, never asserted:
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -120,14 +121,34 @@ class PhraseAligner:
             reasons[i] = reason
         return Alignment(input_ids=list(ids), positions=positions, reasons=reasons)
 
+    def first_occurrence(self, caption: str, phrase: str) -> list[int] | None:
+        """Token positions (in input_ids) of the phrase's first whole-word occurrence in the caption, ignoring
+        what other phrases claim; None when it does not occur within max_length."""
+        ids, full, tokens = self._content(caption)
+        pid = self.phrase_ids(phrase)
+        start = self._find(full, tokens, pid, any(t.endswith("</w>") for t in tokens)) if pid else None
+        offset = 1 if self.bos_id is not None and ids and ids[0] == self.bos_id else 0
+        if start is None or start + len(pid) > min(len(full), self.max_length - offset - 1):
+            return None
+        return [offset + start + k for k in range(len(pid))]
+
     @staticmethod
     def _find(full: list[int], tokens: list[str], pid: list[int], word_marks: bool, begin: int = 0) -> int | None:
-        n, m = len(full), len(pid)
-        first = pid[0]
-        for s in range(begin, n - m + 1):
-            if full[s] != first or full[s : s + m] != pid:
-                continue
-            if word_marks and s > 0 and not tokens[s - 1].endswith("</w>"):
-                continue  # would start inside a word
-            return s
+        s = begin
+        while (s := find_subsequence(full, pid, s)) is not None:
+            if not (word_marks and s > 0 and not tokens[s - 1].endswith("</w>")):  # not starting inside a word
+                return s
+            s += 1
         return None
+
+
+def find_subsequence(ids: Sequence[int], sub: Sequence[int], start: int = 0) -> int | None:
+    """Index of the first occurrence of ``sub`` in ``ids`` at or after ``start``, else None."""
+    n = len(sub)
+    if n == 0:
+        return None
+    sub = list(sub)
+    for i in range(start, len(ids) - n + 1):
+        if ids[i] == sub[0] and list(ids[i : i + n]) == sub:
+            return i
+    return None

@@ -18,19 +18,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from tcscale.data.align import PhraseAligner
+from tcscale.data.metadata import read_tokencompose_metadata
 
 
-def read_tokencompose_metadata(path: str | Path) -> Iterator[tuple[str, str, list[tuple[str, object]]]]:
+def metadata_rows(path: str | Path) -> Iterator[tuple[str, str, list[tuple[str, object]]]]:
     """(sample id, caption, [(phrase, mask path or None)]) per line of a TokenCompose metadata.jsonl."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                yield str(row["file_name"]), str(row["text"]), [(str(p), m) for p, m in row["attn_list"]]
-            except (ValueError, KeyError, TypeError) as exc:
-                raise ValueError(f"{path}:{lineno}: not a TokenCompose metadata line: {exc}") from exc
+    for row in read_tokencompose_metadata(path):
+        yield row.file_name, row.text, list(row.attn_list)
 
 
 def read_shard_json(pattern: str) -> Iterator[tuple[str, str, list[tuple[str, object]]]]:
@@ -86,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
         from tcscale.models.tokenizer import sd_clip_tokenizer
 
         tokenizer = sd_clip_tokenizer()
-    rows = read_shard_json(args.source) if ".tar" in args.source else read_tokencompose_metadata(args.source)
+    rows = read_shard_json(args.source) if ".tar" in args.source else metadata_rows(args.source)
     report = alignment_report(rows, tokenizer)
     print(
         f"{report['aligned']} / {report['phrases_with_mask']} phrases with a mask aligned "

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal, get_args
+
+PhraseMode = Literal["colour_shape", "shape"]  # synthetic world: grounded phrase "red circle" | "circle"
+PHRASE_MODES: tuple[str, ...] = get_args(PhraseMode)
 
 
 class DataConfigError(ValueError):
@@ -14,12 +18,12 @@ class SyntheticDataConfig:
     num_samples: int = 64  # distinct samples in the synthetic shapes world (the stream cycles over them)
     max_objects: int = 3  # objects per image, 1..max_objects (at most 6, shapes are distinct per image)
     seed: int = 1234  # world seed: same seed, same images, captions and masks
-    phrase: str = "colour_shape"  # grounded phrase per object: "colour_shape" ("red circle") | "shape" ("circle")
+    phrase: PhraseMode = "colour_shape"  # grounded phrase per object: "red circle" | "circle"
 
 
 @dataclass
 class DataConfig:
-    source: str = "synthetic"  # "synthetic" (shapes world with exact masks, generated in memory) | "webdataset"
+    source: Literal["synthetic", "webdataset"] = "synthetic"  # shapes world (exact masks, in memory) | shards
     shards: str | None = None  # brace-named shard URL(s) for source=webdataset, e.g. data/grounded-{000000..000127}.tar
     resolution: int = 64  # training image side in pixels (512 for SD1.4, 768 for SD2.1)
     center_crop: bool = True  # resize shorter side then center crop (paper); False: random crop

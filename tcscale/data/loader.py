@@ -17,8 +17,10 @@ Determinism and resume
 
 Batches (B = micro_batch_size, P = max phrases in the batch, at least 1):
   pixel_values (B, 3, R, R) float32 in [-1, 1]     input_ids (B, 77) int64
-  phrase_masks (B, P, R, R) float32 in {0, 1}      token_phrase (B, 77) int64, phrase slot or -1
-  layer_masks {(h, w): (B, P, h*w) float32}         captions list[str], keys list[str]
+  token_phrase (B, 77) int64, phrase slot or -1     layer_masks {(h, w): (B, P, h*w) float32 in {0, 1}}
+  captions list[str], keys list[str]
+  phrase_masks (B, P, R, R) float32 in {0, 1}: only when asked for (`full_masks`), or when no layer grid is given —
+  a run with a grounding plan gets every grounded layer's masks ready and no full-resolution ones.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
+from tcscale.attention.masks import MaskRule
 from tcscale.data.config import DataConfig, DataConfigError
 from tcscale.data.samples import (
     Counters,
@@ -51,6 +54,8 @@ from tcscale.data.synthetic import SyntheticWorld
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
+
+    from tcscale.attention.plan import GroundingPlan
 
 log = logging.getLogger("tcscale.data")
 _RENDER_CACHE_BYTES = 256 << 20  # synthetic samples are cached once rendered while the world fits in this
@@ -87,7 +92,7 @@ def resolve_shards(cfg: DataConfig) -> list[str]:
     return urls
 
 
-def _settings(cfg: DataConfig, layer_sizes, layer_mask_mode: str, layer_mask_threshold: float) -> ProcessSettings:
+def _settings(cfg: DataConfig, layer_sizes, mask_rule: MaskRule | None, full_masks: bool | None) -> ProcessSettings:
     sizes = tuple((int(s), int(s)) if isinstance(s, int) else (int(s[0]), int(s[1])) for s in layer_sizes)
     return ProcessSettings(
         resolution=cfg.resolution,
@@ -96,8 +101,8 @@ def _settings(cfg: DataConfig, layer_sizes, layer_mask_mode: str, layer_mask_thr
         max_phrases=cfg.max_phrases,
         min_phrases=cfg.min_phrases,
         layer_sizes=sizes,
-        layer_mask_mode=layer_mask_mode,
-        layer_mask_threshold=layer_mask_threshold,
+        mask_rule=mask_rule or MaskRule(),
+        full_masks=full_masks,
     )
 
 
@@ -302,8 +307,8 @@ class TrainLoader:
         seed: int,
         start_step: int = 0,
         layer_sizes=(),
-        layer_mask_mode: str = "bilinear",
-        layer_mask_threshold: float = 0.0,
+        mask_rule: MaskRule | None = None,
+        full_masks: bool | None = None,
     ):
         if cfg.source not in ("synthetic", "webdataset"):
             raise DataConfigError(f"data.source={cfg.source!r} is not one of ['synthetic', 'webdataset']")
@@ -319,7 +324,7 @@ class TrainLoader:
         self.rank, self.world_size, self.micro_batch_size, self.seed = rank, world_size, micro_batch_size, seed
         self.start_step = start_step
         self.step = start_step
-        self.settings = _settings(cfg, layer_sizes, layer_mask_mode, layer_mask_threshold)
+        self.settings = _settings(cfg, layer_sizes, mask_rule, full_masks)
         if cfg.source == "synthetic" and cfg.min_phrases > 0:
             # every synthetic image has >= 1 grounded object; skipping would break the pure step -> batch map
             warnings.warn("data.min_phrases applies to source=webdataset only; ignored for synthetic", stacklevel=2)
@@ -391,12 +396,6 @@ class TrainLoader:
         if stream is not None and hasattr(stream, "_shutdown_workers"):
             stream._shutdown_workers()
 
-    def epoch_batches(self) -> Iterator[dict]:
-        """The batches left in the current epoch (steps_per_epoch per full epoch)."""
-        end = (self.epoch + 1) * self.cfg.steps_per_epoch
-        while self.step < end:
-            yield self.next_batch()
-
     # -- checkpoint + tracking ---------------------------------------------------------------------
     def counters(self) -> dict[str, int]:
         """Samples seen, samples skipped by reason (`skipped/<reason>`), phrases kept / dropped by reason."""
@@ -445,16 +444,19 @@ def build_train_loader(
     micro_batch_size: int,
     seed: int,
     start_step: int = 0,
+    plan: GroundingPlan | None = None,
     layer_sizes: list[tuple[int, int]] = (),
-    layer_mask_mode: str = "bilinear",
-    layer_mask_threshold: float = 0.0,
+    mask_rule: MaskRule | None = None,
+    full_masks: bool | None = None,
 ) -> TrainLoader:
     """The trainer's dataset entry point (see the module docstring).
 
-    `start_step` = micro-batches this rank already consumed; `layer_sizes` = the (h, w) grids of the
-    grounded cross-attention layers; `layer_mask_mode` / `layer_mask_threshold` = the DESIGN §3 rule
-    (pass `cfg.attention.mask_interpolation` / `cfg.attention.mask_threshold`).
+    `start_step` = micro-batches this rank already consumed. Masks: `plan` (the run's `GroundingPlan`) gives the
+    layer grids and the mask rule; without one, `layer_sizes` / `mask_rule` give them directly (benchmarks,
+    tests). `full_masks` keeps the full-resolution masks in the batch too (default: only without layer grids).
     """
+    if plan is not None:
+        layer_sizes, mask_rule = plan.layer_sizes, plan.mask_rule
     return TrainLoader(
         cfg,
         tokenizer,
@@ -464,6 +466,6 @@ def build_train_loader(
         seed=seed,
         start_step=start_step,
         layer_sizes=layer_sizes,
-        layer_mask_mode=layer_mask_mode,
-        layer_mask_threshold=layer_mask_threshold,
+        mask_rule=mask_rule,
+        full_masks=full_masks,
     )

@@ -12,14 +12,14 @@ from __future__ import annotations
 import io
 import json
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image
 
-from tcscale.attention.masks import masks_to_layer
+from tcscale.attention.masks import MaskRule
 from tcscale.data.align import PhraseAligner
 from tcscale.data.transforms import crop_params, transform_image_and_masks
 
@@ -121,9 +121,13 @@ class ProcessSettings:
     random_flip: bool = False
     max_phrases: int = 16
     min_phrases: int = 0
-    layer_sizes: tuple[tuple[int, int], ...] = ()
-    layer_mask_mode: str = "bilinear"
-    layer_mask_threshold: float = 0.0
+    layer_sizes: tuple[tuple[int, int], ...] = ()  # (h, w) grids to make layer masks for (the grounding plan's)
+    mask_rule: MaskRule = field(default_factory=MaskRule)  # full-resolution mask -> layer mask
+    full_masks: bool | None = None  # keep the (P, R, R) masks in the batch; None: only when there are no layer sizes
+
+    @property
+    def keeps_full_masks(self) -> bool:
+        return not self.layer_sizes if self.full_masks is None else self.full_masks
 
 
 class SampleProcessor:
@@ -160,32 +164,37 @@ class SampleProcessor:
         for size in st.layer_sizes:
             size = (int(size[0]), int(size[1]))
             if phrase_masks.shape[0]:
-                layer_masks[size] = masks_to_layer(
-                    phrase_masks, size, mode=st.layer_mask_mode, threshold=st.layer_mask_threshold
-                )
+                layer_masks[size] = st.mask_rule.apply(phrase_masks, size)
             else:
                 layer_masks[size] = torch.zeros(0, size[0] * size[1])
         counters["phrases_kept"] += len(keep)
         counters["samples_seen"] += 1
-        return {
+        sample = {
             "key": raw.key,
             "caption": raw.caption,
             "pixel_values": pixel_values,
             "input_ids": torch.tensor(al.input_ids, dtype=torch.int64),
-            "phrase_masks": phrase_masks,
+            "num_phrases": len(keep),
             "token_phrase": token_phrase,
             "layer_masks": layer_masks,
         }
+        if st.keeps_full_masks:
+            sample["phrase_masks"] = phrase_masks
+        return sample
 
 
 def collate(samples: list[dict]) -> dict:
-    """Stack samples; pad the phrase axis to P = max phrases in the batch (at least 1) with zero masks."""
+    """Stack samples; pad the phrase axis to P = max phrases in the batch (at least 1) with zero masks. The
+    full-resolution `phrase_masks` are in the batch only when the samples carry them (see ProcessSettings)."""
     b = len(samples)
-    p_max = max(1, max(s["phrase_masks"].shape[0] for s in samples))
-    r = samples[0]["pixel_values"].shape[-1]
-    phrase_masks = torch.zeros(b, p_max, r, r)
-    for i, s in enumerate(samples):
-        phrase_masks[i, : s["phrase_masks"].shape[0]] = s["phrase_masks"]
+    p_max = max(1, max(s["num_phrases"] for s in samples))
+    batch = {}
+    if "phrase_masks" in samples[0]:
+        r = samples[0]["pixel_values"].shape[-1]
+        phrase_masks = torch.zeros(b, p_max, r, r)
+        for i, s in enumerate(samples):
+            phrase_masks[i, : s["phrase_masks"].shape[0]] = s["phrase_masks"]
+        batch["phrase_masks"] = phrase_masks
     layer_masks = {}
     for size in samples[0]["layer_masks"]:
         lm = torch.zeros(b, p_max, size[0] * size[1])
@@ -193,12 +202,14 @@ def collate(samples: list[dict]) -> dict:
             m = s["layer_masks"][size]
             lm[i, : m.shape[0]] = m
         layer_masks[size] = lm
-    return {
-        "pixel_values": torch.stack([s["pixel_values"] for s in samples]),
-        "input_ids": torch.stack([s["input_ids"] for s in samples]),
-        "phrase_masks": phrase_masks,
-        "token_phrase": torch.stack([s["token_phrase"] for s in samples]),
-        "layer_masks": layer_masks,
-        "captions": [s["caption"] for s in samples],
-        "keys": [s["key"] for s in samples],
-    }
+    batch.update(
+        {
+            "pixel_values": torch.stack([s["pixel_values"] for s in samples]),
+            "input_ids": torch.stack([s["input_ids"] for s in samples]),
+            "token_phrase": torch.stack([s["token_phrase"] for s in samples]),
+            "layer_masks": layer_masks,
+            "captions": [s["caption"] for s in samples],
+            "keys": [s["key"] for s in samples],
+        }
+    )
+    return batch

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
+from tcscale.data.config import PHRASE_MODES
+
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
     "green": (40, 170, 60),
@@ -33,7 +35,6 @@ SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond", "hexagon",
 # Held out: colour i with shape i+1 (a Latin-square diagonal): red square, green triangle, blue diamond,
 # yellow hexagon, purple star, orange circle.
 HELD_OUT: frozenset[tuple[str, str]] = frozenset((c, SHAPES[(i + 1) % len(SHAPES)]) for i, c in enumerate(COLOURS))
-PHRASE_MODES = ("colour_shape", "shape")
 
 
 @dataclass

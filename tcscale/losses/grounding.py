@@ -12,7 +12,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-TOKEN_LOSS_HEADS = ("mean_map", "per_head")
+from kernels.modes import TOKEN_LOSS_HEADS, TokenLossHeads
+
+__all__ = ["TOKEN_LOSS_HEADS", "TokenLossHeads", "check_token_phrase", "grounding_losses", "phrase_token_onehot"]
 
 
 def check_token_phrase(token_phrase: torch.Tensor, num_phrases: int) -> None:

@@ -1,10 +1,13 @@
-"""The released Stable Diffusion architectures, built with random weights (no checkpoint, no model hub).
+"""Model shapes built with random weights: the tiny SD-shaped models of CPU runs and tests, and the released Stable
+Diffusion architectures (no checkpoint, no model hub).
 
-For step-time benchmarks and scale tests on machines that cannot reach the hub (the lent GPU machines cannot
-reach anything): a step's shapes, FLOPs and memory depend on the architecture, not on the weight values. The
-hyper-parameters are those of the released checkpoints' ``config.json`` files (CompVis/stable-diffusion-v1-4 for
-``sd14``; stabilityai/stable-diffusion-2-1 for ``sd21``, a v-prediction model at 768 px whose text encoder is
-OpenCLIP ViT-H/14 used to its penultimate layer, hence 23 layers).
+Tiny (`build_tiny_components`, from `model.tiny`): the SD1.x layout at tiny widths, with the real SD1.x tokenizer.
+Released (`build_random_components`, `architecture(name)`): for step-time benchmarks, memory planning and scale
+tests on machines that cannot reach the hub (the lent GPU machines cannot reach anything): a step's shapes, FLOPs
+and memory depend on the architecture, not on the weight values. The hyper-parameters are those of the released
+checkpoints' ``config.json`` files (CompVis/stable-diffusion-v1-4 for ``sd14``; stabilityai/stable-diffusion-2-1 for
+``sd21``, a v-prediction model at 768 px whose text encoder is OpenCLIP ViT-H/14 used to its penultimate layer,
+hence 23 layers).
 """
 
 from __future__ import annotations
@@ -12,10 +15,86 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from tcscale.models.sd import SDComponents, sd_noise_scheduler
+from tcscale.config import TinyModelConfig
+from tcscale.models.sd import SDComponents
+from tcscale.models.tokenizer import sd_clip_tokenizer
+
+
+def tiny_unet(cfg: TinyModelConfig, latent_size: int) -> UNet2DConditionModel:
+    n = len(cfg.block_out_channels)
+    return UNet2DConditionModel(
+        sample_size=latent_size,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=tuple(cfg.block_out_channels),
+        layers_per_block=cfg.layers_per_block,
+        down_block_types=("CrossAttnDownBlock2D",) * n,
+        up_block_types=("CrossAttnUpBlock2D",) * n,
+        cross_attention_dim=cfg.cross_attention_dim,
+        attention_head_dim=cfg.attention_head_dim,
+        norm_num_groups=min(32, cfg.block_out_channels[0]),
+    )
+
+
+def tiny_vae(cfg: TinyModelConfig, resolution: int) -> AutoencoderKL:
+    n = len(cfg.vae_block_out_channels)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=tuple(cfg.vae_block_out_channels),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=min(32, cfg.vae_block_out_channels[0]),
+        sample_size=resolution,
+    )
+
+
+def tiny_text_encoder(cfg: TinyModelConfig, vocab_size: int) -> CLIPTextModel:
+    return CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=vocab_size,
+            hidden_size=cfg.cross_attention_dim,
+            intermediate_size=2 * cfg.cross_attention_dim,
+            num_hidden_layers=cfg.text_layers,
+            num_attention_heads=cfg.text_heads,
+            max_position_embeddings=77,
+            projection_dim=cfg.cross_attention_dim,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+        )
+    )
+
+
+def sd_noise_scheduler(prediction_type: str) -> DDPMScheduler:
+    """SD1.x training noise schedule (scaled-linear betas 0.00085..0.012, 1000 steps)."""
+    return DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        clip_sample=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
+    )
+
+
+def build_tiny_components(cfg: TinyModelConfig, resolution: int) -> SDComponents:
+    """Tiny random-init SD components (seeded by cfg.seed) with the real SD1.x tokenizer."""
+    if resolution % 8:
+        raise ValueError(f"resolution must be a multiple of 8, got {resolution}")
+    tokenizer = sd_clip_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        unet = tiny_unet(cfg, resolution // 8)
+        vae = tiny_vae(cfg, resolution)
+        text_encoder = tiny_text_encoder(cfg, len(tokenizer))
+    return SDComponents(unet, vae, text_encoder, tokenizer, sd_noise_scheduler(cfg.prediction_type))
 
 
 @dataclass(frozen=True)

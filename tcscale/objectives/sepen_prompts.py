@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from tcscale.data.align import PhraseAligner
+
 CONCEPTS_DIR = Path(__file__).resolve().parent / "concepts"
 DEFAULT_TEMPLATES: tuple[str, ...] = ("a photo of {objects}", "{objects}")
 SINGLE_TEMPLATES: tuple[str, ...] = ("a photo of {objects}",)
@@ -110,17 +112,6 @@ def join_objects(nouns: Sequence[str]) -> str:
     return ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
-def find_subsequence(ids: Sequence[int], sub: Sequence[int], start: int = 0) -> int | None:
-    """Index of the first occurrence of ``sub`` in ``ids`` at or after ``start``, else None."""
-    n = len(sub)
-    if n == 0:
-        return None
-    for i in range(start, len(ids) - n + 1):
-        if list(ids[i : i + n]) == list(sub):
-            return i
-    return None
-
-
 @lru_cache(maxsize=1)
 def _default_tokenizer() -> Any:
     from tcscale.models.tokenizer import sd_clip_tokenizer
@@ -130,12 +121,10 @@ def _default_tokenizer() -> Any:
 
 def noun_token_positions(tokenizer: Any, prompt: str, noun: str) -> tuple[int, ...]:
     """Positions (in the padded input_ids, SOT = 0) of all BPE tokens of ``noun``'s first occurrence in ``prompt``."""
-    ids = tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length).input_ids
-    noun_ids = tokenizer(noun, add_special_tokens=False).input_ids
-    pos = find_subsequence(ids, noun_ids)
+    pos = PhraseAligner(tokenizer, max_length=tokenizer.model_max_length).first_occurrence(prompt, noun)
     if pos is None:
         raise ValueError(f"noun {noun!r} not found in the tokenized prompt {prompt!r} (truncated?)")
-    return tuple(range(pos, pos + len(noun_ids)))
+    return tuple(pos)
 
 
 class SepEnPromptSampler:
@@ -189,6 +178,7 @@ class SepEnPromptSampler:
         self.single_templates = tuple(single_templates)
         self.seed = int(seed)
         self.tokenizer = tokenizer if tokenizer is not None else _default_tokenizer()
+        self.aligner = PhraseAligner(self.tokenizer, max_length=self.tokenizer.model_max_length)
 
     @classmethod
     def from_concepts(
@@ -234,18 +224,12 @@ class SepEnPromptSampler:
     def compose(self, template: str, objects: Sequence[str]) -> ObjectPrompt | None:
         """Fill ``template`` with ``objects``; None when an object's first occurrence is not itself (ambiguous)."""
         text = template.format(objects=join_objects(objects))
-        tok = self.tokenizer
-        ids = tok(text, truncation=True, max_length=tok.model_max_length).input_ids
-        prefix = template.split("{objects}")[0]
-        cursor = 1 + len(tok(prefix, add_special_tokens=False).input_ids)  # SOT + template prefix
+        alignment = self.aligner.align(text, list(objects))  # the loader's rule: longer phrases claim first
         positions = []
-        for noun in objects:
-            noun_ids = tok(noun, add_special_tokens=False).input_ids
-            own = find_subsequence(ids, noun_ids, start=cursor)  # where this object was placed
-            if own is None or find_subsequence(ids, noun_ids) != own:
+        for noun, pos in zip(objects, alignment.positions):
+            if pos is None or self.aligner.first_occurrence(text, noun) != pos:
                 return None
-            positions.append(tuple(range(own, own + len(noun_ids))))
-            cursor = own + len(noun_ids)
+            positions.append(tuple(pos))
         return ObjectPrompt(text=text, objects=tuple(objects), token_positions=tuple(positions))
 
     def _draw(self, rng: np.random.Generator, templates: Sequence[str], k: int | None) -> ObjectPrompt:

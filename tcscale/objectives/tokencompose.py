@@ -1,4 +1,8 @@
-"""TokenCompose objective: L = L_LDM + sum_m (lambda L_token^(m) + gamma L_pixel^(m)); with no layers, LDM only."""
+"""TokenCompose objective: L = L_LDM + Σ_m (λ L_token^(m) + γ L_pixel^(m)) over the grounded layers (DESIGN §3).
+
+The grounded layers come from `attention` (blocks, resolutions, mask rule) as a `GroundingPlan`; the loader makes
+each batch's layer masks from the same plan. The L_LDM term is configured by `objective.ldm`.
+"""
 
 from __future__ import annotations
 
@@ -6,83 +10,55 @@ from dataclasses import dataclass
 
 import torch
 
-from tcscale.attention.grounding_processor import GroundingContext
-from tcscale.config import AttentionConfig, ObjectiveConfig
-from tcscale.losses.diffusion import diffusion_target, ldm_loss, sample_noise
-from tcscale.models.sd import SDComponents
+from tcscale.attention.plan import GroundingPlan, vae_scale_factor
+from tcscale.attention.processors import install_grounding_processors
+from tcscale.attention.recorders import LossRecorder
+from tcscale.losses.grounding import TokenLossHeads
+from tcscale.objectives.base import BuildContext, StepOutput, register_objective
+from tcscale.objectives.ldm import LDMObjective, check_ldm_options
 
 
 @dataclass
-class StepOutput:
-    loss: torch.Tensor  # scalar the engine backpropagates
-    terms: dict[str, torch.Tensor]  # named scalar terms (detached use only), e.g. {"ldm": .., "token": ..}
+class TokenComposeConfig:
+    token_loss_weight: float = 1e-3  # λ: weight of L_token, per grounded layer (paper 1e-3)
+    pixel_loss_weight: float = 5e-5  # γ: weight of L_pixel, per grounded layer (paper 5e-5)
+    token_loss_heads: TokenLossHeads = "mean_map"  # ratio on the head-averaged map (paper Eq. 5) | per_head (official)
 
 
-class DiffusionObjective:
-    """LDM loss on VAE latents of the batch images, plus the grounding terms when a collector is given."""
+class TokenComposeObjective(LDMObjective):
+    """L_LDM plus the token and pixel losses of every grounded layer, summed over layers."""
 
-    def __init__(
-        self,
-        comps: SDComponents,
-        cfg: ObjectiveConfig,
-        attention: AttentionConfig | None,
-        compute_dtype: torch.dtype,
-        layer_names: list[str] = (),
-    ):
-        """attention: the grounding options, or None for LDM-only (no grounding processors installed)."""
-        self.comps = comps
-        self.cfg = cfg
-        self.attention = attention
-        self.compute_dtype = compute_dtype
-        self.layer_names = list(layer_names)  # the grounded attn2 layers (processors installed by the trainer)
-
-    def trainable_parameters(self, unet: torch.nn.Module) -> list[torch.nn.Parameter]:
-        return [p for p in unet.parameters() if p.requires_grad]
-
-    @torch.no_grad()
-    def encode(
-        self, batch: dict, device: torch.device, generator: torch.Generator
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        vae, text_encoder = self.comps.vae, self.comps.text_encoder
-        pixels = batch["pixel_values"].to(device, vae.dtype)
-        latents = vae.encode(pixels).latent_dist.sample(generator) * vae.config.scaling_factor
-        text = text_encoder(batch["input_ids"].to(device))[0]
-        return latents.float(), text.to(self.compute_dtype)
-
-    def __call__(self, unet, batch: dict, device: torch.device, generator: torch.Generator) -> StepOutput:
-        latents, text = self.encode(batch, device, generator)
-        scheduler = self.comps.noise_scheduler
-        noise = sample_noise(latents, generator, self.cfg.noise_offset)
-        B = latents.shape[0]
-        timesteps = torch.randint(
-            0, scheduler.config.num_train_timesteps, (B,), generator=generator, device=device
-        ).long()
-        noisy = scheduler.add_noise(latents, noise, timesteps)
-        target = diffusion_target(scheduler, latents, noise, timesteps)
-
-        if self.attention is None:
-            pred = unet(noisy.to(self.compute_dtype), timesteps, text).sample
-            ldm = ldm_loss(pred, target, timesteps, scheduler, self.cfg.snr_gamma)
-            return StepOutput(ldm, {"ldm": ldm})
-
-        att = self.attention
-        ctx = GroundingContext(
-            latent_size=tuple(latents.shape[-2:]),
-            token_phrase=batch["token_phrase"].to(device),
-            phrase_masks=batch.get("phrase_masks"),
-            layer_masks={k: v.to(device) for k, v in (batch.get("layer_masks") or {}).items()},
-            token_loss_heads=att.token_loss_heads,
-            mask_interpolation=att.mask_interpolation,
-            mask_threshold=att.mask_threshold,
+    def __init__(self, cfg: TokenComposeConfig, ctx: BuildContext):
+        super().__init__(ctx.cfg.objective.ldm, ctx)
+        self.tc = cfg
+        self.plan = GroundingPlan.from_config(
+            self.module, ctx.cfg.attention, ctx.cfg.data.resolution, vae_scale_factor(ctx.comps.vae)
         )
-        ctx.check_token_phrase()  # once per batch; the grounded layers then never synchronise to validate it
-        pred = unet(noisy.to(self.compute_dtype), timesteps, text, cross_attention_kwargs={"grounding": ctx}).sample
-        ctx.recording = False  # an activation checkpoint's recompute during backward must not record again
-        records = ctx.records
-        if not records:
-            raise RuntimeError("tokencompose: no grounded layer recorded a loss (are the processors installed?)")
-        ldm = ldm_loss(pred, target, timesteps, scheduler, self.cfg.snr_gamma)
-        token = torch.stack([r.token for r in records]).sum()
-        pixel = torch.stack([r.pixel for r in records]).sum()
-        loss = ldm + self.cfg.token_loss_weight * token + self.cfg.pixel_loss_weight * pixel
+        install_grounding_processors(self.module, self.plan, ctx.cfg.attention.backend)
+
+    def __call__(self, model, batch: dict, generator: torch.Generator) -> StepOutput:
+        nb = self.noised(batch, generator)
+        layer_masks = {k: v.to(self.device) for k, v in (batch.get("layer_masks") or {}).items()}
+        phrase_masks = batch.get("phrase_masks")
+        with LossRecorder(
+            tuple(nb.latents.shape[-2:]),
+            batch["token_phrase"].to(self.device),
+            layer_masks=layer_masks,
+            phrase_masks=None if phrase_masks is None else phrase_masks.to(self.device),
+            mask_rule=self.plan.mask_rule,
+            token_loss_heads=self.tc.token_loss_heads,
+        ) as rec:
+            pred = model(nb.noisy, nb.timesteps, nb.text, cross_attention_kwargs=rec.kwargs).sample
+        ldm = self.ldm_loss(pred, nb)
+        token, pixel = rec.total("token"), rec.total("pixel")
+        loss = ldm + self.tc.token_loss_weight * token + self.tc.pixel_loss_weight * pixel
         return StepOutput(loss, {"ldm": ldm, "token": token, "pixel": pixel})
+
+
+register_objective(
+    "tokencompose",
+    TokenComposeConfig,
+    TokenComposeObjective,
+    check=check_ldm_options,
+    description="L_LDM + λ L_token + γ L_pixel on the grounded cross-attention layers (Wang et al., CVPR 2024)",
+)

@@ -40,18 +40,15 @@ def git_commit() -> str:
 
 
 def versions() -> dict[str, str]:
-    import deepspeed
-    import diffusers
-    import torch
-    import transformers
+    from importlib.metadata import PackageNotFoundError, version
 
-    return {
-        "version.python": platform.python_version(),
-        "version.torch": torch.__version__,
-        "version.deepspeed": deepspeed.__version__,
-        "version.diffusers": diffusers.__version__,
-        "version.transformers": transformers.__version__,
-    }
+    out = {"version.python": platform.python_version()}
+    for package in ("torch", "deepspeed", "diffusers", "transformers"):
+        try:
+            out[f"version.{package}"] = version(package)
+        except PackageNotFoundError:
+            out[f"version.{package}"] = "not installed"
+    return out
 
 
 class NullTracker:

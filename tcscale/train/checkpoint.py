@@ -1,10 +1,10 @@
-"""All-rank DeepSpeed checkpoints, published atomically, pruned to the newest k.
+"""All-rank DeepSpeed checkpoints, published atomically, pruned to the newest k: the `Checkpointer`.
 
-Layout: <output_dir>/checkpoints/step<N>/ (DeepSpeed's files) and checkpoints/latest (the tag of
-the newest complete checkpoint, DeepSpeed's own convention). Every rank writes its shards into
-`tmp-step<N>`; after a barrier, rank 0 renames it to `step<N>`, then rewrites `latest` through a
-temp file. An interrupted save therefore never becomes `latest`. Assumes the checkpoint directory
-is on a file system shared by all nodes (the usual cluster set-up).
+Layout: <output_dir>/checkpoints/step<N>/ (DeepSpeed's files, plus `<name>.pt` of each extra state such as the
+EMA weights) and checkpoints/latest (the tag of the newest complete checkpoint, DeepSpeed's own convention). Every
+rank writes its shards into `tmp-step<N>`; after a barrier, rank 0 writes the extra states into it, renames it to
+`step<N>`, then rewrites `latest` through a temp file. An interrupted save therefore never becomes `latest`.
+Assumes the checkpoint directory is on a file system shared by all nodes (the usual cluster set-up).
 """
 
 from __future__ import annotations
@@ -12,16 +12,23 @@ from __future__ import annotations
 import os
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from tcscale.train.distributed import barrier, broadcast_object
+from tcscale.train.distributed import DistEnv, barrier, broadcast_object
 
 TAG_RE = re.compile(r"^step(\d+)$")
 
 
 class CheckpointError(RuntimeError):
     pass
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 def tag_for(step: int) -> str:
@@ -58,49 +65,75 @@ def resolve_resume(resume: str | None, ckpt_dir: Path) -> tuple[Path, str] | Non
     return path.parent, path.name
 
 
-def save_checkpoint(
-    engine,
-    ckpt_dir: Path,
-    step: int,
-    client_state: dict[str, Any],
-    keep_last: int,
-    is_rank0: bool,
-    extra: dict[str, Any] | None = None,
-):
-    """Collective: every rank must call it. `extra` {file name: object} is torch-saved by rank 0 into the
-    checkpoint before it is published (e.g. the EMA weights)."""
-    tag = tag_for(step)
-    tmp_tag = f"tmp-{tag}"
-    if is_rank0:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(ckpt_dir / tmp_tag, ignore_errors=True)
-    barrier()
-    engine.save_checkpoint(str(ckpt_dir), tag=tmp_tag, client_state=client_state, save_latest=False)
-    if is_rank0:
-        import torch
+@dataclass
+class Resumed:
+    """What a loaded checkpoint hands back to the trainer."""
 
-        for name, obj in (extra or {}).items():
-            torch.save(obj, ckpt_dir / tmp_tag / name)
-    barrier()
-    if is_rank0:
-        final = ckpt_dir / tag
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(ckpt_dir / tmp_tag, final)
-        tmp_latest = ckpt_dir / "latest.tmp"
-        tmp_latest.write_text(tag)
-        os.replace(tmp_latest, ckpt_dir / "latest")
-        for _, old in list_checkpoints(ckpt_dir)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-    barrier()
-    return ckpt_dir / tag
+    path: Path
+    client_state: dict[str, Any]
+
+    @property
+    def step(self) -> int:
+        return int(self.client_state["step"])
 
 
-def load_checkpoint(engine, load_dir: Path, tag: str) -> dict[str, Any]:
-    """Collective: load weights + optimizer + scheduler states; returns the client state."""
-    path, client_state = engine.load_checkpoint(
-        str(load_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
-    )
-    if path is None:
-        raise CheckpointError(f"DeepSpeed could not load checkpoint {load_dir / tag}")
-    return broadcast_object(client_state)
+class Checkpointer:
+    """Owns every save and load of one run: the engine's states, the trainer's client state, extra states
+    (e.g. {"ema": EMAModel}) and pruning to `keep_last`. Collective: every rank calls `save` and `resume`."""
+
+    def __init__(
+        self, ckpt_dir: Path, engine, env: DistEnv, *, keep_last: int, extras: dict[str, Stateful] | None = None
+    ):
+        self.dir = Path(ckpt_dir)
+        self.engine = engine
+        self.env = env
+        self.keep_last = keep_last
+        self.extras = dict(extras or {})
+
+    def save(self, step: int, client_state: dict[str, Any]) -> Path:
+        tag = tag_for(step)
+        tmp_tag = f"tmp-{tag}"
+        rank0 = self.env.is_rank0
+        if rank0:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(self.dir / tmp_tag, ignore_errors=True)
+        barrier()
+        self.engine.save_checkpoint(str(self.dir), tag=tmp_tag, client_state=client_state, save_latest=False)
+        if rank0:
+            import torch
+
+            for name, obj in self.extras.items():
+                torch.save(obj.state_dict(), self.dir / tmp_tag / f"{name}.pt")
+        barrier()
+        if rank0:
+            final = self.dir / tag
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(self.dir / tmp_tag, final)
+            tmp_latest = self.dir / "latest.tmp"
+            tmp_latest.write_text(tag)
+            os.replace(tmp_latest, self.dir / "latest")
+            for _, old in list_checkpoints(self.dir)[: -self.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+        barrier()
+        return self.dir / tag
+
+    def resume(self, resume: str | None) -> Resumed | None:
+        """Load the checkpoint `resume` names ("latest", a tag directory, or None: start fresh): weights, optimizer
+        and scheduler states, the extra states; returns the client state (rank 0's, on every rank)."""
+        found = resolve_resume(resume, self.dir)
+        if found is None:
+            return None
+        load_dir, tag = found
+        path, client_state = self.engine.load_checkpoint(
+            str(load_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        if path is None:
+            raise CheckpointError(f"DeepSpeed could not load checkpoint {load_dir / tag}")
+        for name, obj in self.extras.items():
+            file = load_dir / tag / f"{name}.pt"
+            if file.is_file():
+                import torch
+
+                obj.load_state_dict(torch.load(file, map_location="cpu"))
+        return Resumed(load_dir / tag, broadcast_object(client_state))

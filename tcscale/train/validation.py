@@ -1,9 +1,9 @@
 """Validation images and per-phrase cross-attention heatmaps, logged to MLflow by rank 0.
 
 Collective: every rank runs the same generation (under ZeRO-3 each U-Net forward gathers the
-partitioned weights from all ranks), rank 0 logs. Heatmaps, one per phrase of the prompt, use the grounding
-processors' capture mode: the head-averaged maps of the grounded layers, summed over sampler steps (conditional half
-of the classifier-free-guidance batch), upsampled to the image and averaged over layers.
+partitioned weights from all ranks), rank 0 logs. Heatmaps, one per phrase of the prompt, come from a `MapCapture`
+on the grounding plan's layers: the head-averaged maps, summed over sampler steps (conditional half of the
+classifier-free-guidance batch), upsampled to the image and averaged over layers.
 """
 
 from __future__ import annotations
@@ -13,7 +13,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from tcscale.attention.grounding_processor import GroundingContext
+from tcscale.attention.plan import GroundingPlan, vae_scale_factor
+from tcscale.attention.processors import observe
+from tcscale.attention.recorders import MapCapture
 from tcscale.config import TrainConfig
 
 STOPWORDS = {"a", "an", "the", "of", "and", "with", "photo", "picture", "image", "in", "on", "at", "to", "is", "its"}
@@ -81,32 +83,35 @@ def generate(unet, comps, prompt: str, cfg: TrainConfig, device: torch.device, c
         requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
-    side = cfg.data.resolution // 8
-    ctx = GroundingContext(latent_size=(side, side), mode="capture") if capture else None
+    side = cfg.data.resolution // pipe.vae_scale_factor
     gen = torch.Generator(device=device).manual_seed(cfg.validation.seed)
-    latents = pipe(
-        prompt,
-        height=cfg.data.resolution,
-        width=cfg.data.resolution,
-        num_inference_steps=cfg.validation.num_inference_steps,
-        guidance_scale=cfg.validation.guidance_scale,
-        generator=gen,
-        output_type="latent",
-        cross_attention_kwargs={"grounding": ctx} if ctx is not None else None,
-    ).images
+    with MapCapture((side, side)) as capture_maps:
+        latents = pipe(
+            prompt,
+            height=cfg.data.resolution,
+            width=cfg.data.resolution,
+            num_inference_steps=cfg.validation.num_inference_steps,
+            guidance_scale=cfg.validation.guidance_scale,
+            generator=gen,
+            output_type="latent",
+            cross_attention_kwargs=capture_maps.kwargs if capture else None,
+        ).images
     vae = comps.vae
     image = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
     pil = pipe.image_processor.postprocess(image.float(), output_type="pil")[0]
-    maps = None
-    if ctx is not None:
-        maps = {k: v[-1].cpu() for k, v in ctx.captured.items()}  # last row: the conditional half
+    maps = {k: v[-1].cpu() for k, v in capture_maps.maps.items()} if capture else None  # last row: conditional half
     return pil, maps
 
 
-def run_validation(unet, comps, cfg: TrainConfig, objective, tracker, step: int, env) -> None:
+def run_validation(unet, comps, cfg: TrainConfig, plan: GroundingPlan | None, tracker, step: int, env) -> None:
+    """Images and per-phrase heatmaps for `validation.prompts`. The maps are those of the objective's grounded
+    layers, or (an objective that grounds nothing, e.g. LDM-only) of the layers `attention` selects."""
+    if plan is None:
+        plan = GroundingPlan.from_config(unet, cfg.attention, cfg.data.resolution, vae_scale_factor(comps.vae))
+    observe(unet, plan)
     was_training = unet.training
     unet.eval()
-    capture = bool(getattr(objective, "layer_names", None))
+    capture = True
     try:
         for i, prompt in enumerate(cfg.validation.prompts):
             image, maps = generate(unet, comps, prompt, cfg, env.device, capture)

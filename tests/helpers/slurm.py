@@ -6,7 +6,7 @@ socket, ``slurm.conf`` (``SLURM_CONF`` points at it for the client commands), st
 picked free, so several clusters (and a system one) can coexist on one machine. The daemons run in the
 foreground as children of the test process, in their own sessions, and are stopped by their pids.
 
-Use ``slurm_cluster`` (module-scoped fixture) or ``start_cluster(path)`` / ``cluster.stop()`` directly.
+Tests use the ``slurm_cluster`` fixture (tests/conftest.py), or ``start_cluster(path)`` / ``cluster.stop()``.
 """
 
 from __future__ import annotations
@@ -242,9 +242,3 @@ def running_cluster() -> Iterator[SlurmCluster]:
     finally:
         cluster.stop()
         shutil.rmtree(root, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def slurm_cluster() -> Iterator[SlurmCluster]:
-    """A running single-node cluster; skips when Slurm/munge are not installed (see .ci/install_slurm.sh)."""
-    yield from running_cluster()

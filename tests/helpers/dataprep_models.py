@@ -204,16 +204,6 @@ def build_tiny_models(root: Path) -> TinyModels:
     )
 
 
-_CACHE: dict[str, TinyModels] = {}
-
-
-def tiny_models_cached(tmp_path_factory) -> TinyModels:
-    """Build the tiny models once per test session (shared by every dataprep test module)."""
-    if "models" not in _CACHE:
-        _CACHE["models"] = build_tiny_models(tmp_path_factory.mktemp("dataprep_tiny_models"))
-    return _CACHE["models"]
-
-
 # Real photos shipped with scikit-image, with captions written for them.
 PHOTOS = {
     "astronaut": ("astronaut", ["an astronaut in a white space suit", "a woman with a flag"]),

@@ -1,0 +1,80 @@
+"""LDM-only objective: the latent-diffusion loss on the batch images, no grounding (DESIGN §3 "LDM loss").
+
+Its options (`objective.ldm`) also configure the L_LDM term of the objectives built on it (TokenCompose).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tcscale.losses.diffusion import diffusion_target, ldm_loss, sample_noise
+from tcscale.objectives.base import BuildContext, StepOutput, register_objective, unet_trainable_parameters
+
+
+@dataclass
+class LDMConfig:
+    snr_gamma: float | None = None  # min-SNR weighting gamma (5.0 is the usual value); null -> plain MSE
+    noise_offset: float = 0.0  # noise offset scale (0 disables)
+
+
+@dataclass
+class NoisedBatch:
+    latents: torch.Tensor  # (B, C, h, w) float32 VAE latents x scaling factor
+    timesteps: torch.Tensor  # (B,) int64, t ~ U{0..T-1}
+    noisy: torch.Tensor  # (B, C, h, w) compute dtype: the U-Net input z_t
+    target: torch.Tensor  # epsilon or v, float32
+    text: torch.Tensor  # (B, 77, D) compute dtype: the text encoder's last hidden states
+
+
+class LDMObjective:
+    """L_LDM: ε- (or v-) prediction MSE, optional min-SNR weighting and noise offset. Trains the whole U-Net."""
+
+    reads_data = True
+    plan = None
+
+    def __init__(self, cfg: LDMConfig, ctx: BuildContext):
+        self.ldm = cfg
+        self.comps = ctx.comps
+        self.module = ctx.comps.unet
+        self.dtype = ctx.dtype
+        self.device = ctx.device
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return unet_trainable_parameters(self.module)
+
+    def batch(self, micro_step: int):
+        raise TypeError(f"{type(self).__name__} reads its batches from the training loader")
+
+    @torch.no_grad()
+    def noised(self, batch: dict, generator: torch.Generator) -> NoisedBatch:
+        """Encode the batch (frozen VAE and text encoder), draw noise and timesteps from `generator`."""
+        vae, text_encoder, scheduler = self.comps.vae, self.comps.text_encoder, self.comps.noise_scheduler
+        device = self.device
+        pixels = batch["pixel_values"].to(device, vae.dtype)
+        latents = (vae.encode(pixels).latent_dist.sample(generator) * vae.config.scaling_factor).float()
+        text = text_encoder(batch["input_ids"].to(device))[0].to(self.dtype)
+        noise = sample_noise(latents, generator, self.ldm.noise_offset)
+        T = scheduler.config.num_train_timesteps
+        timesteps = torch.randint(0, T, (latents.shape[0],), generator=generator, device=device).long()
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        target = diffusion_target(scheduler, latents, noise, timesteps)
+        return NoisedBatch(latents, timesteps, noisy.to(self.dtype), target, text)
+
+    def ldm_loss(self, pred: torch.Tensor, nb: NoisedBatch) -> torch.Tensor:
+        return ldm_loss(pred, nb.target, nb.timesteps, self.comps.noise_scheduler, self.ldm.snr_gamma)
+
+    def __call__(self, model, batch: dict, generator: torch.Generator) -> StepOutput:
+        nb = self.noised(batch, generator)
+        pred = model(nb.noisy, nb.timesteps, nb.text).sample
+        ldm = self.ldm_loss(pred, nb)
+        return StepOutput(ldm, {"ldm": ldm})
+
+
+def check_ldm_options(cfg) -> None:
+    if cfg.objective.ldm.noise_offset < 0:
+        raise ValueError(f"objective.ldm.noise_offset must be >= 0, got {cfg.objective.ldm.noise_offset}")
+
+
+register_objective("ldm", LDMConfig, LDMObjective, check=check_ldm_options, description="L_LDM only (the baseline)")

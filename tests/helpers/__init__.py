@@ -1,0 +1,1 @@
+"""Shared test builders (tiny models, data locations) importable as ``tests.helpers``."""
