@@ -24,6 +24,7 @@ from omegaconf.errors import OmegaConfBaseException
 from tcscale.attention.masks import MaskInterpolation
 from tcscale.attention.plan import Block
 from tcscale.data.config import DataConfig
+from tcscale.eval.grounding_maps import GroundingEvalConfig
 
 T = TypeVar("T")
 PredictionType = Literal["epsilon", "v_prediction"]
@@ -103,6 +104,7 @@ class ValidationConfig:
     num_inference_steps: int = 4  # sampler steps for validation images
     guidance_scale: float = 7.5  # classifier-free guidance scale
     seed: int = 0  # generator seed for validation images
+    grounding: GroundingEvalConfig = field(default_factory=GroundingEvalConfig)  # live held-out grounding mIoU
 
 
 @dataclass

@@ -70,14 +70,30 @@ def test_export_loads_into_diffusers_pipeline_and_generates(tmp_path, cfg_for, f
     assert image.size == (64, 64)
 
 
-def test_validation_logs_images_and_attention_heatmaps(tmp_path, cfg_for, mlflow_runs):
-    cfg = cfg_for(tmp_path, "max_steps=1", "validation.every_steps=1", "validation.num_inference_steps=2")
+@pytest.mark.parametrize("objective", ["tokencompose", "ldm"])
+def test_validation_logs_images_attention_heatmaps_and_grounding(tmp_path, cfg_for, mlflow_runs, objective):
+    """Both objectives log labelled heatmaps (LDM-only: of the layers `attention` selects) and the live held-out
+    grounding mIoU."""
+    cfg = cfg_for(
+        tmp_path,
+        "max_steps=1",
+        f"objective.name={objective}",
+        "validation.every_steps=1",
+        "validation.num_inference_steps=2",
+        "validation.grounding.enabled=true",
+        "validation.grounding.source=synthetic",
+        "validation.grounding.num_samples=4",
+        "validation.grounding.timesteps=[200]",
+    )
     trainer_mod.train(cfg)
     client, runs = mlflow_runs(tmp_path, "tcscale-tiny")
     files = [a.path for a in client.list_artifacts(runs[0].info.run_id, "validation/step000001")]
     assert "validation/step000001/prompt0.png" in files
     assert "validation/step000001/prompt0_attention.png" in files
     assert str(tmp_path) in runs[0].info.artifact_uri  # artifacts stay in the run directory
+    (miou,) = client.get_metric_history(runs[0].info.run_id, "grounding/miou")
+    assert miou.step == 1 and 0.0 <= miou.value <= 1.0
+    assert client.get_metric_history(runs[0].info.run_id, "grounding/miou_t200")[0].value == miou.value
 
 
 def test_nonfinite_loss_names_step_and_term_and_writes_no_checkpoint(tmp_path, monkeypatch, cfg_for, mlflow_runs):
@@ -159,7 +175,7 @@ def test_bf16_run_with_validation_exports_fp32_weights(tmp_path, cfg_for, final_
 
 
 def test_validation_heatmap_phrases(sd_tokenizer):
-    from tcscale.train.validation import phrase_tokens
+    from tcscale.eval.attention_maps import phrase_tokens
 
     got = phrase_tokens(sd_tokenizer, "a photo of a cat and a wine glass, next to a red circle")
     # ids: SOT a photo of a cat(5) and a wine(8) glass(9) ,(10) next(11) to a red(14) circle(15) EOT

@@ -7,6 +7,8 @@ from typing import Literal, get_args
 
 PhraseMode = Literal["colour_shape", "shape"]  # synthetic world: grounded phrase "red circle" | "circle"
 PHRASE_MODES: tuple[str, ...] = get_args(PhraseMode)
+ComboSplit = Literal["train", "held_out"]  # synthetic world: training combinations only | one held-out per image
+COMBO_SPLITS: tuple[str, ...] = get_args(ComboSplit)
 
 
 class DataConfigError(ValueError):
@@ -19,6 +21,7 @@ class SyntheticDataConfig:
     max_objects: int = 3  # objects per image, 1..max_objects (at most 6, shapes are distinct per image)
     seed: int = 1234  # world seed: same seed, same images, captions and masks
     phrase: PhraseMode = "colour_shape"  # grounded phrase per object: "red circle" | "circle"
+    combos: ComboSplit = "train"  # "held_out": every image shows one held-out colour/shape combination (eval)
 
 
 @dataclass

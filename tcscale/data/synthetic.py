@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from tcscale.data.config import PHRASE_MODES
+from tcscale.data.config import COMBO_SPLITS, PHRASE_MODES
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -140,12 +140,22 @@ def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[t
 class SyntheticWorld:
     """Deterministic world of `num_samples` grounded images (sample i depends on (seed, i) only)."""
 
-    def __init__(self, num_samples: int = 64, max_objects: int = 3, seed: int = 1234, phrase: str = "colour_shape"):
+    def __init__(
+        self,
+        num_samples: int = 64,
+        max_objects: int = 3,
+        seed: int = 1234,
+        phrase: str = "colour_shape",
+        combos: str = "train",
+    ):
         if num_samples <= 0:
             raise ValueError(f"data.synthetic.num_samples must be > 0, got {num_samples}")
         if not 1 <= max_objects <= len(SHAPES):
             raise ValueError(f"data.synthetic.max_objects must be in 1..{len(SHAPES)}, got {max_objects}")
         phrase_text("red", "circle", phrase)  # validates the mode
+        if combos not in COMBO_SPLITS:
+            raise ValueError(f"data.synthetic.combos={combos!r} is not one of {list(COMBO_SPLITS)}")
+        self.combos = combos
         self.num_samples = num_samples
         self.max_objects = max_objects
         self.seed = seed
@@ -160,10 +170,18 @@ class SyntheticWorld:
         rng = np.random.default_rng([self.seed, index])
         n = int(rng.integers(1, self.max_objects + 1))
         shapes = [SHAPES[i] for i in rng.permutation(len(SHAPES))[:n]]
+        held = None
+        if self.combos == "held_out":  # one object is a held-out combination, placed at a random position
+            held = sorted(HELD_OUT)[int(rng.integers(len(HELD_OUT)))]
+            others = [s for s in shapes if s != held[1]][: n - 1]
+            shapes = others[:]
+            shapes.insert(int(rng.integers(n)), held[1])
         objects: list[SyntheticObject] = []
         for shape in shapes:
             colours = self._train_by_shape[shape]
             colour = colours[int(rng.integers(len(colours)))]
+            if held is not None and shape == held[1]:
+                colour = held[0]
             radius = float(rng.uniform(0.12, 0.22)) * (1.0 if n < 3 else 0.85)
             best = None
             for _ in range(30):  # rejection sampling: objects do not overlap (in a square frame)

@@ -30,6 +30,29 @@ def default_tracking_uri(cfg: TrainConfig) -> str:
     return f"sqlite:///{Path(cfg.output_dir).resolve() / 'mlflow.db'}"
 
 
+RUN_INFO = "run.json"  # <output_dir>/run.json: the MLflow run of a training run, for evaluations to nest under
+
+
+def write_run_info(out_dir: Path, run_id: str, uri: str, experiment: str) -> None:
+    """<output_dir>/run.json (temp name, then rename): {"mlflow_run_id", "tracking_uri", "experiment"}."""
+    import json
+
+    path = Path(out_dir) / RUN_INFO
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"mlflow_run_id": run_id, "tracking_uri": uri, "experiment": experiment}, indent=1))
+    os.replace(tmp, path)
+
+
+def read_run_info(run_dir: str | os.PathLike) -> dict[str, str]:
+    """The run.json of a training run directory; a missing one raises FileNotFoundError naming the path."""
+    import json
+
+    path = Path(run_dir) / RUN_INFO
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no run.json (was the run tracked with MLflow?)")
+    return json.loads(path.read_text())
+
+
 def git_commit() -> str:
     try:
         root = Path(__file__).resolve().parents[2]
@@ -126,3 +149,44 @@ def build_tracker(cfg: TrainConfig, is_rank0: bool, world_size: int, run_id: str
     if not (cfg.tracking.enabled and is_rank0):
         return NullTracker()
     return Tracker(cfg, world_size, run_id)
+
+
+class EvalRun(NullTracker):
+    """The MLflow run of one evaluation, nested under a training run when its id is given (`mlflow.parentRunId`),
+    in that run's experiment unless another is named."""
+
+    def __init__(
+        self,
+        uri: str,
+        run_name: str,
+        *,
+        experiment: str | None = None,
+        parent_run_id: str | None = None,
+        params: dict[str, Any] | None = None,
+    ):
+        import mlflow
+        from mlflow.entities import Param
+
+        self.client = mlflow.MlflowClient(tracking_uri=uri)
+        exp_id = None
+        if experiment is None and parent_run_id is not None:
+            exp_id = self.client.get_run(parent_run_id).info.experiment_id
+        if exp_id is None:
+            name = experiment or "tcscale-eval"
+            exp = self.client.get_experiment_by_name(name)
+            exp_id = exp.experiment_id if exp is not None else self.client.create_experiment(name)
+        tags = {"mlflow.runName": run_name, "git_commit": git_commit(), "kind": "evaluation", **versions()}
+        if parent_run_id is not None:
+            tags["mlflow.parentRunId"] = parent_run_id
+        self.run_id = self.client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
+        items = [Param(k, str(v)[:MAX_PARAM_CHARS]) for k, v in (params or {}).items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
+
+    log_metrics = Tracker.log_metrics
+    log_image = Tracker.log_image
+    log_dict = Tracker.log_dict
+    end = Tracker.end
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)

@@ -27,6 +27,7 @@ from tcscale.config import TrainConfig, config_to_dict, save_config
 from tcscale.models.sd import load_components, save_pipeline_dir
 from tcscale.objectives import OBJECTIVES, BuildContext, StepOutput
 from tcscale.tracking import build_tracker
+from tcscale.tracking.mlflow_tracker import resolve_tracking_uri, write_run_info
 from tcscale.train.checkpoint import Checkpointer
 from tcscale.train.distributed import (
     all_gather_objects,
@@ -129,6 +130,8 @@ class Trainer:
             print0(f"resumed from {resumed.path} at step {self.step}")
         self.tracker = build_tracker(cfg, env.is_rank0, env.world_size, client.get("mlflow_run_id"))
         self.run_id = broadcast_object(self.tracker.run_id if env.is_rank0 else None)
+        if env.is_rank0 and self.run_id is not None:  # for evaluations nested under this run (tcscale.eval)
+            write_run_info(self.out_dir, self.run_id, resolve_tracking_uri(cfg), cfg.tracking.experiment)
         plan = self.objective.plan
         print0(
             f"run {cfg.run_name}: world {env.world_size}, objective {cfg.objective.name}, "

@@ -1,75 +1,29 @@
-"""Validation images and per-phrase cross-attention heatmaps, logged to MLflow by rank 0.
+"""Validation during training: images, labelled per-phrase heatmaps and the live grounding curve, logged by rank 0.
 
-Collective: every rank runs the same generation (under ZeRO-3 each U-Net forward gathers the
-partitioned weights from all ranks), rank 0 logs. Heatmaps, one per phrase of the prompt, come from a `MapCapture`
-on the grounding plan's layers: the head-averaged maps, summed over sampler steps (conditional half of the
-classifier-free-guidance batch), upsampled to the image and averaged over layers.
+Collective: every rank runs the same generation and forwards (under ZeRO-3 each U-Net forward gathers the
+partitioned weights from all ranks), rank 0 logs. The heatmaps are those of the objective's grounded layers, or
+(an objective that grounds nothing, e.g. LDM-only) of the layers `attention` selects, rendered as the attention
+viewer renders them (`tcscale.eval.attention_maps`). With `validation.grounding.enabled`, the held-out grounding
+mIoU (`tcscale.eval.grounding_maps`) is logged as `grounding/miou` (and per timestep / layer) at the same steps.
 """
 
 from __future__ import annotations
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image
 
 from tcscale.attention.plan import GroundingPlan, vae_scale_factor
-from tcscale.attention.processors import observe
-from tcscale.attention.recorders import MapCapture
 from tcscale.config import TrainConfig
-
-STOPWORDS = {"a", "an", "the", "of", "and", "with", "photo", "picture", "image", "in", "on", "at", "to", "is", "its"}
-
-
-def prompt_phrases(prompt: str) -> list[str]:
-    """The prompt's phrases for heatmaps: maximal runs of non-stopwords, broken at punctuation, in order
-    ("a photo of a cat and a wine glass" -> ["cat", "wine glass"])."""
-    phrases, run = [], []
-    for raw in prompt.replace(",", " , ").replace(".", " . ").split():
-        word = raw.lower()
-        if word in STOPWORDS or word in {",", "."}:
-            if run:
-                phrases.append(" ".join(run))
-            run = []
-        else:
-            run.append(raw)
-    if run:
-        phrases.append(" ".join(run))
-    return list(dict.fromkeys(phrases))
+from tcscale.eval.attention_maps import attention_figure, generate_with_maps, phrase_tokens
 
 
-def phrase_tokens(tokenizer, prompt: str) -> list[tuple[str, list[int]]]:
-    """(phrase, token positions) for the prompt's phrases, aligned like training captions."""
-    from tcscale.data.align import PhraseAligner
-
-    phrases = prompt_phrases(prompt)
-    alignment = PhraseAligner(tokenizer).align(prompt, phrases)
-    return [(p, pos) for p, pos in zip(phrases, alignment.positions) if pos]
+def validation_plan(unet, comps, cfg: TrainConfig, plan: GroundingPlan | None) -> GroundingPlan:
+    """The layers whose maps validation reads: the objective's, or those `attention` selects."""
+    if plan is not None:
+        return plan
+    return GroundingPlan.from_config(unet, cfg.attention, cfg.data.resolution, vae_scale_factor(comps.vae))
 
 
-def heatmap_grid(
-    image: Image.Image, maps: dict[str, torch.Tensor], phrases: list[tuple[str, list[int]]]
-) -> Image.Image:
-    """The image followed by one overlay per phrase: the sum of its tokens' maps (normalised to [0, 1]) in red."""
-    W, H = image.size
-    base = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
-    per_layer = []
-    for m in maps.values():  # (Lq, Lk) summed over steps
-        side = int(round(m.shape[0] ** 0.5))
-        grid = m.T.reshape(1, m.shape[1], side, side).float()
-        per_layer.append(F.interpolate(grid, size=(H, W), mode="bilinear", align_corners=False)[0])
-    avg = torch.stack(per_layer).mean(0)  # (Lk, H, W)
-    tiles = [base]
-    for _, positions in phrases:
-        heat = avg[positions].sum(0)
-        heat = ((heat - heat.min()) / (heat.max() - heat.min() + 1e-8)).numpy()[..., None]
-        tiles.append(0.5 * base + 0.5 * heat * np.array([1.0, 0.1, 0.1], dtype=np.float32))
-    return Image.fromarray((np.concatenate(tiles, axis=1) * 255).clip(0, 255).astype(np.uint8))
-
-
-@torch.no_grad()
-def generate(unet, comps, prompt: str, cfg: TrainConfig, device: torch.device, capture: bool = False):
-    """One validation image (PIL) and, with capture, the grounded layers' maps {layer: (Lq, Lk)}."""
+def validation_pipeline(unet, comps):
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline(
@@ -83,49 +37,56 @@ def generate(unet, comps, prompt: str, cfg: TrainConfig, device: torch.device, c
         requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
-    side = cfg.data.resolution // pipe.vae_scale_factor
-    gen = torch.Generator(device=device).manual_seed(cfg.validation.seed)
-    with MapCapture((side, side)) as capture_maps:
-        latents = pipe(
-            prompt,
-            height=cfg.data.resolution,
-            width=cfg.data.resolution,
-            num_inference_steps=cfg.validation.num_inference_steps,
-            guidance_scale=cfg.validation.guidance_scale,
-            generator=gen,
-            output_type="latent",
-            cross_attention_kwargs=capture_maps.kwargs if capture else None,
-        ).images
-    vae = comps.vae
-    image = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
-    pil = pipe.image_processor.postprocess(image.float(), output_type="pil")[0]
-    maps = {k: v[-1].cpu() for k, v in capture_maps.maps.items()} if capture else None  # last row: conditional half
-    return pil, maps
+    return pipe
 
 
-def run_validation(unet, comps, cfg: TrainConfig, plan: GroundingPlan | None, tracker, step: int, env) -> None:
-    """Images and per-phrase heatmaps for `validation.prompts`. The maps are those of the objective's grounded
-    layers, or (an objective that grounds nothing, e.g. LDM-only) of the layers `attention` selects."""
-    if plan is None:
-        plan = GroundingPlan.from_config(unet, cfg.attention, cfg.data.resolution, vae_scale_factor(comps.vae))
-    observe(unet, plan)
+@torch.no_grad()
+def grounding_metrics(unet, comps, cfg: TrainConfig, plan: GroundingPlan, env) -> dict[str, float]:
+    """Held-out grounding mIoU on every rank's copy of the same samples (the forwards are collective)."""
+    from tcscale.eval.grounding_maps import grounding_batches, grounding_records, summarize_grounding
+
+    g = cfg.validation.grounding
+    batches = grounding_batches(
+        g.source, comps.tokenizer, resolution=cfg.data.resolution, num_samples=g.num_samples,
+        batch_size=g.batch_size, shards=g.shards, synthetic_split=g.synthetic_split,
+        synthetic_seed=g.synthetic_seed, max_objects=g.synthetic_max_objects, phrase=cfg.data.synthetic.phrase,
+    )  # fmt: skip
+    records = grounding_records(
+        unet, comps.vae, comps.text_encoder, comps.noise_scheduler, plan, batches, timesteps=list(g.timesteps),
+        threshold=g.threshold, seed=cfg.seed, device=env.device,
+    )  # fmt: skip
+    return summarize_grounding(records)
+
+
+def run_validation(unet, comps, cfg: TrainConfig, plan: GroundingPlan | None, tracker, step: int, env) -> dict:
+    """Images and heatmaps for `validation.prompts` (artifacts) and, if enabled, grounding metrics (returned and
+    logged at `step`)."""
+    plan = validation_plan(unet, comps, cfg, plan)
     was_training = unet.training
     unet.eval()
-    capture = True
+    metrics: dict[str, float] = {}
     try:
+        pipe = validation_pipeline(unet, comps)
         for i, prompt in enumerate(cfg.validation.prompts):
-            image, maps = generate(unet, comps, prompt, cfg, env.device, capture)
+            gen = torch.Generator(device=env.device).manual_seed(cfg.validation.seed)
+            image, maps = generate_with_maps(
+                pipe, prompt, plan, resolution=cfg.data.resolution,
+                num_inference_steps=cfg.validation.num_inference_steps,
+                guidance_scale=cfg.validation.guidance_scale, generator=gen,
+            )  # fmt: skip
             if not env.is_rank0:
                 continue
             tracker.log_image(image, f"validation/step{step:06d}/prompt{i}.png")
-            if maps:
-                phrases = phrase_tokens(comps.tokenizer, prompt)
-                if phrases:
-                    grid = heatmap_grid(image, maps, phrases)
-                    tracker.log_image(grid, f"validation/step{step:06d}/prompt{i}_attention.png")
-                    tracker.log_dict(
-                        {"prompt": prompt, "phrases": [p for p, _ in phrases]},
-                        f"validation/step{step:06d}/prompt{i}_attention.json",
-                    )
+            figure = attention_figure(image, maps, comps.tokenizer, prompt)
+            if figure is not None:
+                tracker.log_image(figure, f"validation/step{step:06d}/prompt{i}_attention.png")
+                tracker.log_dict(
+                    {"prompt": prompt, "phrases": [p for p, _ in phrase_tokens(comps.tokenizer, prompt)]},
+                    f"validation/step{step:06d}/prompt{i}_attention.json",
+                )
+        if cfg.validation.grounding.enabled:
+            metrics = grounding_metrics(unet, comps, cfg, plan, env)
+            tracker.log_metrics(metrics, step)
     finally:
         unet.train(was_training)
+    return metrics

@@ -29,7 +29,7 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def deepspeed_cmd(nproc: int, config: str, overrides: list[str]) -> list[str]:
+def deepspeed_cmd(nproc: int, config: str, overrides: list[str], script: str = "launchers/train.py") -> list[str]:
     """The README's launch: `deepspeed launchers/train.py --config ...` (--num_gpus is required on CPU)."""
     launcher = Path(sys.executable).parent / "deepspeed"
     return [
@@ -38,16 +38,18 @@ def deepspeed_cmd(nproc: int, config: str, overrides: list[str]) -> list[str]:
         str(nproc),
         "--master_port",
         str(free_port()),
-        "launchers/train.py",
+        script,
         "--config",
         config,
         *overrides,
     ]
 
 
-def run_deepspeed(nproc: int, config: str, overrides: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
+def run_deepspeed(
+    nproc: int, config: str, overrides: list[str], timeout: float = 600, script: str = "launchers/train.py"
+) -> subprocess.CompletedProcess:
     proc = subprocess.run(
-        deepspeed_cmd(nproc, config, overrides),
+        deepspeed_cmd(nproc, config, overrides, script),
         cwd=REPO,
         env=clean_env(),
         capture_output=True,
@@ -59,10 +61,12 @@ def run_deepspeed(nproc: int, config: str, overrides: list[str], timeout: float 
     return proc
 
 
-def run_and_kill_at(nproc: int, config: str, overrides: list[str], marker: str, timeout: float = 600) -> str:
+def run_and_kill_at(
+    nproc: int, config: str, overrides: list[str], marker: str, timeout: float = 600, script: str = "launchers/train.py"
+) -> str:
     """Start a run and SIGKILL its whole process group as soon as `marker` appears in its output."""
     proc = subprocess.Popen(
-        deepspeed_cmd(nproc, config, overrides),
+        deepspeed_cmd(nproc, config, overrides, script),
         cwd=REPO,
         env=clean_env(),
         stdout=subprocess.PIPE,

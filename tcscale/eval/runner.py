@@ -1,0 +1,505 @@
+"""One evaluation run: generate -> detect -> score per suite, each stage resumable, then results.json.
+
+Stages read the previous stage's files and skip what is on disk (STYLE "evaluation as stages that resume"):
+
+    <output_dir>/<suite>/items.jsonl            every (prompt, round) with its seed (rank 0, before generating)
+    <output_dir>/<suite>/images/<key>.png       generated, this rank's share: items[rank::world]
+    <output_dir>/<suite>/generated-rank<R>.jsonl which rank made which image (appended as they are written)
+    <output_dir>/<suite>/detections/<key>.json  the detector's output per image
+    <output_dir>/results.json, table.md         rank 0, once every suite is scored (temp name, then rename)
+
+Suites: multigen (per prompt set; OWLv2), visor (OWL-ViT), synthetic (the synthetic world's exact scorer),
+grounding (held-out mIoU, no generation), fid (Inception features, clean-fid), latency (rank 0). Collective parts
+(waiting for every rank) go through the `barrier` the launcher passes in: this module knows nothing of process
+groups, and ranks exchange results through files.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tcscale.eval.config import EvalConfig
+from tcscale.eval.generation import (
+    EvalInputError,
+    GenItem,
+    detect_missing,
+    generate_missing,
+    image_seed,
+    load_pipeline,
+    native_resolution,
+    rank_items,
+    read_detections,
+    write_items,
+    write_json_atomic,
+)
+
+PROMPT_DIR = Path(__file__).resolve().parent / "prompts"
+SHIPPED_SETS = {"coco": "coco_obj_comp_5_1k.json", "ade20k": "ade20k_obj_comp_5_1k.json"}
+
+
+@dataclass
+class EvalContext:
+    """Where this process stands: its rank, the world, its device, and how to wait for the others."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+    barrier: Callable[[], None] = lambda: None
+    progress: bool = True
+
+    @property
+    def is_rank0(self) -> bool:
+        return self.rank == 0
+
+    def log(self, message: str) -> None:
+        print(message, flush=True)
+
+    def log0(self, message: str) -> None:
+        if self.is_rank0:
+            print(message, flush=True)
+
+
+# -- the model ---------------------------------------------------------------------------------------
+def model_path(cfg: EvalConfig, ctx: EvalContext) -> str:
+    """The pipeline to load: `model.pretrained`, or the export of `model.run_dir`'s checkpoint (rank 0 exports it
+    into <run_dir>/export/<tag> once; the other ranks wait)."""
+    if cfg.model.pretrained is not None:
+        return cfg.model.pretrained
+    from tcscale.train.checkpoint import latest_tag
+
+    run_dir = Path(cfg.model.run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise EvalInputError(f"model.run_dir={run_dir}: not a tcscale run directory (no config.yaml)")
+    tag = cfg.model.tag or latest_tag(run_dir / "checkpoints")
+    if tag is None:
+        raise EvalInputError(f"model.run_dir={run_dir}: no checkpoint to evaluate (checkpoints/latest missing)")
+    out = run_dir / "export" / tag
+    if ctx.is_rank0 and not (out / "model_index.json").is_file():
+        from tcscale.train.export import export_pipeline
+
+        ctx.log0(f"exporting {run_dir} checkpoint {tag} to {out}")
+        export_pipeline(run_dir, out, tag)
+    ctx.barrier()
+    return str(out)
+
+
+# -- suites ------------------------------------------------------------------------------------------
+def multigen_items(cfg: EvalConfig, set_name: str) -> tuple[str, list[GenItem]]:
+    from tcscale.eval.multigen import load_multigen_prompts
+
+    path = PROMPT_DIR / SHIPPED_SETS[set_name] if set_name in SHIPPED_SETS else Path(set_name)
+    if not path.is_file():
+        raise EvalInputError(f"multigen.sets: prompt file not found: {path} (or one of {sorted(SHIPPED_SETS)})")
+    prompts = load_multigen_prompts(path)
+    if cfg.multigen.limit is not None:
+        prompts = prompts[: cfg.multigen.limit]
+    name = set_name if set_name in SHIPPED_SETS else path.stem
+    suite = f"multigen_{name}"
+    items = [
+        GenItem(
+            f"{p['prompt_id']:05d}_{r:02d}" if isinstance(p["prompt_id"], int) else f"{p['prompt_id']}_{r:02d}",
+            p["prompt"],
+            image_seed(cfg.seed, suite, p["prompt_id"], r),
+            {"prompt_id": p["prompt_id"], "round": r, "objects": list(p["objects"])},
+        )
+        for p in prompts
+        for r in range(cfg.multigen.rounds)
+    ]
+    return name, items
+
+
+def visor_items(cfg: EvalConfig) -> list[GenItem]:
+    from tcscale.eval.visor import visor_prompts
+
+    prompts = visor_prompts()
+    if cfg.visor.limit is not None:
+        prompts = prompts[: cfg.visor.limit]
+    return [
+        GenItem(
+            f"{p['prompt_id']:05d}_{r:02d}",
+            p["prompt"],
+            image_seed(cfg.seed, "visor", p["prompt_id"], r),
+            {"prompt_id": p["prompt_id"], "round": r, "objects": list(p["objects"]), "relation": p["relation"]},
+        )
+        for p in prompts
+        for r in range(cfg.visor.rounds)
+    ]
+
+
+def synthetic_items(cfg: EvalConfig, k: int) -> list[GenItem]:
+    from tcscale.data.synthetic import synthetic_eval_prompts
+
+    prompts = synthetic_eval_prompts(k, cfg.synthetic.split, cfg.synthetic.num_prompts, seed=cfg.seed)
+    suite = f"synthetic_k{k}"
+    return [
+        GenItem(
+            f"{i:04d}_{r:02d}",
+            p["prompt"],
+            image_seed(cfg.seed, suite, i, r),
+            {"prompt_id": i, "round": r, "objects": [f"{c} {s}" for c, s in p["objects"]]},
+        )
+        for i, p in enumerate(prompts)
+        for r in range(cfg.synthetic.rounds)
+    ]
+
+
+def sepen_items(cfg: EvalConfig) -> list[GenItem]:
+    """SepEn pair prompts ("a photo of a {a} and a {b}", the paper's wording with articles) with seeds 0..N-1."""
+    from tcscale.objectives.sepen_prompts import (
+        CONCEPTS_DIR,
+        article,
+        load_concept_file,
+        pair_concepts,
+        split_seen_unseen,
+    )
+
+    s = cfg.sepen
+    if s.concepts == "pairs":
+        pairs = pair_concepts()
+    else:
+        nouns = load_concept_file(CONCEPTS_DIR / "coco_large.txt" if s.concepts == "large" else s.concepts)
+        if s.split != "all":
+            nouns = list(getattr(split_seen_unseen(nouns), s.split))
+        pairs = [(a, b) for i, a in enumerate(nouns) for b in nouns[i + 1 :]]
+    if s.num_pairs is not None:
+        pairs = pairs[: s.num_pairs]
+    items = []
+    for i, (a, b) in enumerate(pairs):
+        prompt = f"a photo of {article(a)} {a} and {article(b)} {b}"
+        for r in range(s.images_per_prompt):
+            items.append(GenItem(f"{i:04d}_{r:03d}", prompt, r, {"prompt_id": i, "round": r, "objects": [a, b],
+                                                                 "prompt": prompt}))  # fmt: skip
+    return items
+
+
+class Evaluation:
+    """Runs the enabled suites of `cfg` on this rank; rank 0 returns the results."""
+
+    def __init__(self, cfg: EvalConfig, ctx: EvalContext, *, fid_extractor: Callable | None = None):
+        """`fid_extractor`: a feature extractor instead of clean-fid's Inception (tests inject a local one)."""
+        self.cfg, self.ctx = cfg, ctx
+        self.fid_extractor = fid_extractor
+        self.out = Path(cfg.output_dir)
+        self.metrics: dict[str, float] = {}
+        self.details: dict[str, Any] = {}
+        self.counts: dict[str, dict[str, int]] = {}
+        self.artifacts: list[Path] = []
+
+    # generation common to the detection suites
+    def _generate(self, suite: str, items: list[GenItem]) -> Path:
+        ctx = self.ctx
+        root = self.out / suite
+        if ctx.is_rank0:
+            root.mkdir(parents=True, exist_ok=True)
+            write_items(root / "items.jsonl", items)
+        ctx.barrier()
+        stats = generate_missing(
+            self.pipe, rank_items(items, ctx.rank, ctx.world_size), root / "images", self.cfg.sampler,
+            rank=ctx.rank, log=ctx.log, progress=ctx.progress,
+        )  # fmt: skip
+        write_json_atomic(root / f"stats-rank{ctx.rank}.json", asdict(stats))
+        ctx.barrier()
+        if ctx.is_rank0:
+            totals: dict[str, int] = {}
+            for r in range(ctx.world_size):
+                for k, v in json.loads((root / f"stats-rank{r}.json").read_text()).items():
+                    totals[k] = totals.get(k, 0) + v
+            self.counts[suite] = totals
+            ctx.log0(f"{suite}: {totals['generated']} generated, {totals['existing']} found on disk, "
+                     f"{totals['unreadable']} unreadable regenerated, {len(items)} in all")  # fmt: skip
+        return root
+
+    def _detect(self, suite: str, items: list[GenItem], detector) -> list[dict] | None:
+        ctx = self.ctx
+        root = self.out / suite
+        n = detect_missing(
+            detector, rank_items(items, ctx.rank, ctx.world_size), root / "images", root / "detections",
+            batch_size=getattr(detector, "batch_size", 8),
+        )  # fmt: skip
+        ctx.log(f"rank {ctx.rank}: {suite}: detected {n} images")
+        ctx.barrier()
+        return read_detections(items, root / "detections") if ctx.is_rank0 else None
+
+    def _sample_grid(self, suite: str, items: list[GenItem], n: int = 8) -> None:
+        from PIL import Image
+
+        picks = items[:n]
+        images = [Image.open(self.out / suite / "images" / f"{it.key}.png").convert("RGB") for it in picks]
+        if not images:
+            return
+        w, h = images[0].size
+        grid = Image.new("RGB", (w * len(images), h))
+        for i, im in enumerate(images):
+            grid.paste(im.resize((w, h)), (i * w, 0))
+        path = self.out / suite / "samples.png"
+        grid.save(path)
+        self.artifacts.append(path)
+
+    def run_multigen(self) -> None:
+        from tcscale.eval.detect import OpenVocabDetector
+        from tcscale.eval.multigen import (
+            category_success_rates,
+            multigen_metrics,
+            multigen_scores,
+            plot_category_success,
+        )
+
+        mg = self.cfg.multigen
+        detector = None
+        for set_name in mg.sets:
+            name, items = multigen_items(self.cfg, set_name)
+            suite = f"multigen_{name}"
+            self._generate(suite, items)
+            if detector is None:
+                self.ctx.log0(f"loading detector {mg.detector}")
+                detector = OpenVocabDetector.from_pretrained(
+                    mg.detector, threshold=mg.threshold, batch_size=mg.detector_batch_size, device=str(self.ctx.device)
+                )
+            records = self._detect(suite, items, detector)
+            if records is None:
+                continue
+            num_objects = max(len(it.meta["objects"]) for it in items)
+            scores = multigen_scores(records, threshold=mg.threshold, num_objects=num_objects)
+            self.metrics.update(multigen_metrics(scores, f"multigen/{name}"))
+            rates = category_success_rates(records, threshold=mg.threshold)
+            self.details[suite] = {"scores": scores, "category_success": rates, "images": len(records)}
+            self.artifacts.append(plot_category_success(rates, self.out / suite / "category_success.png", title=suite))
+            self._sample_grid(suite, items)
+
+    def run_visor(self) -> None:
+        from tcscale.eval.detect import OpenVocabDetector
+        from tcscale.eval.visor import visor_metrics, visor_scores
+
+        v = self.cfg.visor
+        items = visor_items(self.cfg)
+        self._generate("visor", items)
+        self.ctx.log0(f"loading detector {v.detector}")
+        detector = OpenVocabDetector.from_pretrained(
+            v.detector, threshold=v.threshold, batch_size=v.detector_batch_size, device=str(self.ctx.device)
+        )
+        records = self._detect("visor", items, detector)
+        if records is not None:
+            scores = visor_scores(records, threshold=v.threshold, num_images=v.rounds)
+            self.metrics.update(visor_metrics(scores))
+            self.details["visor"] = scores
+            self._sample_grid("visor", items)
+
+    def run_synthetic(self) -> None:
+        from tcscale.eval.multigen import multigen_scores
+        from tcscale.eval.synthetic_scorer import detect_shapes
+
+        def detector(images, categories):
+            out = []
+            for im in images:
+                dets = detect_shapes(im)
+                out.append({"labels": [d["label"] for d in dets], "scores": [float(d["score"]) for d in dets]})
+            return out
+
+        for k in self.cfg.synthetic.num_objects:
+            suite = f"synthetic_k{k}"
+            items = synthetic_items(self.cfg, k)
+            self._generate(suite, items)
+            records = self._detect(suite, items, detector)
+            if records is None:
+                continue
+            scores = multigen_scores(records, threshold=0.5, num_objects=k)
+            self.metrics[f"synthetic/k{k}/all_objects"] = scores[f"MG{k}"]["mean"] / 100.0
+            self.metrics[f"synthetic/k{k}/all_objects_std"] = scores[f"MG{k}"]["std"] / 100.0
+            for j in range(1, k + 1):
+                self.metrics[f"synthetic/k{k}/MG{j}"] = scores[f"MG{j}"]["mean"]
+            self.details[suite] = {"scores": scores, "images": len(records)}
+            self._sample_grid(suite, items)
+
+    def run_sepen(self) -> None:
+        from dataclasses import replace
+
+        from tcscale.eval.detect import OpenVocabDetector
+        from tcscale.eval.sepen_protocol import (
+            DETECTOR_NOTE,
+            BlipCaptioner,
+            ClipTextEmbedder,
+            sepen_scores,
+            success_threshold,
+        )
+
+        s, ctx = self.cfg.sepen, self.ctx
+        items = sepen_items(self.cfg)
+        sampler = self.cfg.sampler
+        self.cfg.sampler = replace(sampler, guidance_scale=s.guidance_scale)  # the protocol's CFG for this suite
+        try:
+            self._generate("sepen", items)
+        finally:
+            self.cfg.sampler = sampler
+        detector = OpenVocabDetector.from_pretrained(
+            s.detector, threshold=0.0, batch_size=s.detector_batch_size, device=str(ctx.device)
+        )
+        records = self._detect("sepen", items, detector)
+        if records is None:
+            return
+        captioner = embedder = None
+        if s.captioner:
+            from PIL import Image
+
+            captioner = BlipCaptioner.from_pretrained(s.captioner, device=str(ctx.device))
+            embedder = ClipTextEmbedder.from_pretrained(s.text_model, device=str(ctx.device))
+            for rec in records:
+                rec["image"] = Image.open(self.out / "sepen" / "images" / f"{rec['key']}.png").convert("RGB")
+        scores = sepen_scores(records, setting=s.setting, captioner=captioner, embedder=embedder)
+        for rec in records:
+            rec.pop("image", None)
+        self.metrics.update({f"sepen/{k}": float(v) for k, v in scores.items() if k != "images"})
+        self.details["sepen"] = {"scores": scores, "threshold": success_threshold(s.setting), "note": DETECTOR_NOTE}
+        self._sample_grid("sepen", items)
+
+    def run_grounding(self) -> None:
+        from tcscale.attention.plan import GroundingPlan, vae_scale_factor
+        from tcscale.eval.grounding_maps import grounding_batches, grounding_records, summarize_grounding
+
+        g, ctx, pipe = self.cfg.grounding, self.ctx, self.pipe
+        resolution = g.resolution or self.cfg.sampler.resolution or native_resolution(pipe)
+        plan = GroundingPlan.build(
+            pipe.unet, blocks=list(g.blocks), resolutions=g.resolutions, image_resolution=resolution,
+            scale_factor=vae_scale_factor(pipe.vae),
+        )  # fmt: skip
+        ctx.log0(
+            f"grounding: {g.num_samples} held-out samples ({g.source}), {len(plan.layers)} layers, t={g.timesteps}"
+        )
+        batches = grounding_batches(
+            g.source, pipe.tokenizer, resolution=resolution, num_samples=g.num_samples, batch_size=g.batch_size,
+            rank=ctx.rank, world_size=ctx.world_size, shards=g.shards, synthetic_split=g.synthetic_split,
+            synthetic_seed=g.synthetic_seed, max_objects=g.synthetic_max_objects,
+        )  # fmt: skip
+        records = grounding_records(
+            pipe.unet, pipe.vae, pipe.text_encoder, pipe.scheduler, plan, batches, timesteps=list(g.timesteps),
+            threshold=g.threshold, seed=self.cfg.seed, device=ctx.device,
+        )  # fmt: skip
+        root = self.out / "grounding"
+        root.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(root / f"records-rank{ctx.rank}.json", records)
+        ctx.barrier()
+        if ctx.is_rank0:
+            merged = []
+            for r in range(ctx.world_size):
+                merged.extend(json.loads((root / f"records-rank{r}.json").read_text()))
+            self.metrics.update(summarize_grounding(merged))
+            self.details["grounding"] = {"layers": list(plan.layers), "records": len(merged)}
+
+    def run_fid(self) -> None:
+        from tcscale.eval.fid import (
+            InceptionFeatureExtractor,
+            fid_score,
+            load_caption_sample,
+            open_images,
+            sample_coco_captions,
+        )
+
+        f, ctx = self.cfg.fid, self.ctx
+        root = self.out / "fid"
+        caption_file = root / "captions.json"
+        if ctx.is_rank0:
+            root.mkdir(parents=True, exist_ok=True)
+            if f.caption_list:
+                write_json_atomic(caption_file, load_caption_sample(f.caption_list))
+            elif not caption_file.is_file():  # sampled once with the eval seed, then reused (and shareable)
+                sample_coco_captions(f.captions_json, n=f.num_images, seed=self.cfg.seed, out_path=caption_file)
+        ctx.barrier()
+        captions = load_caption_sample(caption_file)
+        items = [
+            GenItem(str(c["image_id"]), c["caption"], image_seed(self.cfg.seed, "fid", c["image_id"], 0), dict(c))
+            for c in captions
+        ]
+        self._generate("fid", items)
+        if not ctx.is_rank0:
+            return
+        real_paths = [Path(f.images_dir) / it.meta["file_name"] for it in items]
+        missing = [p for p in real_paths if not p.is_file()]
+        if missing:
+            raise EvalInputError(f"fid.images_dir: {len(missing)} real images missing (first: {missing[0]})")
+        extractor = self.fid_extractor or InceptionFeatureExtractor(weights_dir=f.weights_dir, device=str(ctx.device))
+        ctx.log0(f"fid: Inception features of {len(items)} generated and real images")
+        cache = Path(f.stats_cache or self.out / "fid_stats") / f"{f.name}_seed{self.cfg.seed}_n{len(items)}.npz"
+        self.metrics[f"fid/{f.name}"] = fid_score(
+            open_images(root / "images" / f"{it.key}.png" for it in items),
+            lambda: open_images(real_paths),
+            extractor,
+            real_cache=cache,
+            meta={"name": f.name, "images": len(items), "seed": self.cfg.seed, "extractor": type(extractor).__name__},
+        )
+
+    def run_latency(self) -> None:
+        if not self.ctx.is_rank0:
+            return
+        lat, sampler = self.cfg.latency, self.cfg.sampler
+
+        def seconds_per_image(pipe) -> float:
+            resolution = sampler.resolution or native_resolution(pipe)
+            call = dict(height=resolution, width=resolution, num_inference_steps=sampler.num_inference_steps,
+                        guidance_scale=sampler.guidance_scale)  # fmt: skip
+            pipe("a photo of a cat and a dog", **call)  # warm-up
+            sync = torch.cuda.synchronize if self.ctx.device.type == "cuda" else (lambda: None)
+            times = []
+            for i in range(lat.prompts):
+                sync()
+                t0 = time.perf_counter()
+                pipe("a photo of a cat and a dog", generator=torch.Generator(self.ctx.device).manual_seed(i), **call)
+                sync()
+                times.append(time.perf_counter() - t0)
+            return float(sorted(times)[len(times) // 2])
+
+        self.metrics["latency/s_per_image"] = seconds_per_image(self.pipe)
+        if lat.base:
+            from tcscale.eval.config import EvalModelConfig
+
+            base = load_pipeline(lat.base, EvalModelConfig(pretrained=lat.base, dtype=self.cfg.model.dtype), sampler,
+                                 self.ctx.device)  # fmt: skip
+            self.metrics["latency/base_s_per_image"] = seconds_per_image(base)
+            self.metrics["latency/ratio_vs_base"] = (
+                self.metrics["latency/s_per_image"] / self.metrics["latency/base_s_per_image"]
+            )
+
+    # the whole run
+    def run(self) -> dict | None:
+        cfg, ctx = self.cfg, self.ctx
+        path = model_path(cfg, ctx)
+        ctx.log0(f"evaluating {path} on {ctx.world_size} rank(s), device {ctx.device}")
+        self.pipe = load_pipeline(path, cfg.model, cfg.sampler, ctx.device)
+        self.model_name = path
+        for suite in ("multigen", "visor", "synthetic", "sepen", "grounding", "fid", "latency"):
+            if getattr(cfg, suite).enabled:
+                getattr(self, f"run_{suite}")()
+        ctx.barrier()
+        if not ctx.is_rank0:
+            return None
+        return self.write_results()
+
+    def write_results(self) -> dict:
+        from tcscale.config import flatten
+        from tcscale.eval.compare import compare_table
+
+        results = {
+            "name": self.cfg.name,
+            "model": self.model_name,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "metrics": self.metrics,
+            "details": {**self.details, "counts": self.counts},
+            "config": flatten(asdict(self.cfg)),
+        }
+        self.out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.out / "results.json", results)
+        table = compare_table([results])
+        (self.out / "table.md.tmp").write_text(table + "\n")
+        (self.out / "table.md.tmp").replace(self.out / "table.md")
+        return results
+
+
+def run_evaluation(cfg: EvalConfig, ctx: EvalContext) -> dict | None:
+    """Collective: every rank calls it. Rank 0 returns the results dict (also in results.json)."""
+    return Evaluation(cfg, ctx).run()

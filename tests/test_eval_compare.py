@@ -1,0 +1,115 @@
+"""``python -m tcscale.eval.compare``: the side-by-side table, the paper rows, and one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tcscale.eval.compare import compare_table, load_results, main
+from tcscale.eval.paper_numbers import PAPER_ROWS
+from tests.helpers.eval_models import REPO_ROOT
+
+
+def write(path, **over):
+    data = {
+        "name": "tc-sd14",
+        "model": "runs/tc/final",
+        "created": "2026-11-30T12:00:00+00:00",
+        "metrics": {
+            "multigen/coco/MG2": 97.5,
+            "multigen/coco/MG2_std": 0.41,
+            "multigen/coco/MG3": 75.0,
+            "visor/OA": 51.234,
+            "grounding/miou": 0.58761,
+        },
+        "details": {"num_images": 10000},
+    }
+    data.update(over)
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_table_side_by_side_with_paper_rows(tmp_path, capsys):
+    a = write(tmp_path / "a.json")
+    b = write(tmp_path / "b.json", name="sd14", model="CompVis/stable-diffusion-v1-4", metrics={"fid/coco10k": 21.0})
+    assert main([str(a), str(b)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert header == [
+        "run",
+        "model",
+        "multigen/coco/MG2",
+        "multigen/coco/MG3",
+        "visor/OA",
+        "fid/coco10k",
+        "grounding/miou",
+    ]  # fixed order, _std folded into its metric
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")] for line in lines[2:]}
+    assert rows["tc-sd14"] == ["tc-sd14", "runs/tc/final", "97.50 ± 0.41", "75.00", "51.23", "—", "0.5876"]
+    assert rows["sd14"][2:] == ["—", "—", "—", "21.00", "—"]
+    paper = [k for k in rows if k.startswith("paper:")]
+    assert len(paper) == 3 and all(rows[k][1] == "(paper number)" for k in paper)
+    sd14 = rows["paper: SD1.4 (TokenCompose Tab. 1, 4; VISOR)"]
+    assert sd14[2:] == ["90.72", "50.74", "29.86", "20.88", "0.5371"]
+    tc = rows["paper: TokenCompose SD1.4 (TokenCompose Tab. 1, 4)"]
+    assert tc[2:] == ["98.08", "76.16", "52.15", "20.19", "0.5876"]
+
+
+def test_paper_numbers_are_the_design_numbers():
+    sd, tc = (
+        PAPER_ROWS["paper: SD1.4 (TokenCompose Tab. 1, 4; VISOR)"],
+        PAPER_ROWS["paper: TokenCompose SD1.4 (TokenCompose Tab. 1, 4)"],
+    )
+    assert [sd[f"multigen/ade20k/MG{k}"] for k in range(2, 6)] == [89.81, 53.96, 16.52, 1.89]
+    assert [tc[f"multigen/ade20k/MG{k}"] for k in range(2, 6)] == [97.75, 76.93, 33.92, 6.21]
+    assert [tc[f"multigen/coco/MG{k}"] for k in range(2, 6)] == [98.08, 76.16, 28.81, 3.28]
+    assert PAPER_ROWS["paper: SD1.4 LDM-only finetune (TokenCompose Tab. 4)"]["grounding/miou"] == 0.5412
+
+
+def test_no_paper_rows_and_unrelated_metrics(tmp_path):
+    res = [load_results(write(tmp_path / "a.json", metrics={"synthetic/full_content": 99.5}))]
+    table = compare_table(res)
+    assert "paper:" not in table  # no paper row shares a column with this run
+    assert "synthetic/full_content" in table.splitlines()[0]
+    assert "paper:" not in compare_table([load_results(write(tmp_path / "b.json"))], paper=False)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "no such file"),
+        ("{not json", "not valid JSON"),
+        ("[]", "expected a JSON object"),
+        (json.dumps({"name": "x", "model": "m", "created": "2026-11-30"}), "missing 'metrics'"),
+        (json.dumps({"name": "x", "model": "m", "created": "yesterday", "metrics": {}}), "not an ISO-8601 date"),
+        (json.dumps({"name": "x", "model": "m", "created": "2026-11-30", "metrics": {"visor/OA": "high"}}), "visor/OA"),
+        (json.dumps({"name": "", "model": "m", "created": "2026-11-30", "metrics": {}}), "'name' must be"),
+    ],
+)
+def test_bad_results_file_is_one_error_line_and_exit_2(tmp_path, capsys, content, message):
+    good = write(tmp_path / "good.json")
+    bad = tmp_path / "bad.json"
+    if content is not None:
+        bad.write_text(content)
+    assert main([str(good), str(bad)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "bad.json" in err[0] and message in err[0]
+
+
+def test_module_entry_point(tmp_path):
+    a = write(tmp_path / "a.json")
+    ok = subprocess.run([sys.executable, "-m", "tcscale.eval.compare", str(a)], cwd=REPO_ROOT, capture_output=True)
+    assert ok.returncode == 0 and b"| tc-sd14 |" in ok.stdout
+    bad = subprocess.run(
+        [sys.executable, "-m", "tcscale.eval.compare", str(a), str(tmp_path / "missing.json")],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert bad.stderr.strip() == f"error: {tmp_path / 'missing.json'}: no such file"
