@@ -267,11 +267,17 @@ class Pipeline:
                 g.detector_image_size,
                 g.detector_max_size,
                 g.max_detections,
+                g.allow_unsafe_load,
             )
             self.loaded.append("grounding_dino")
         if self._segmenter is None:
             self._segmenter = SamHqSegmenter(
-                g.segmenter_type, g.segmenter_checkpoint, self.cfg.device, g.hq_token_only, g.max_boxes_per_call
+                g.segmenter_type,
+                g.segmenter_checkpoint,
+                self.cfg.device,
+                g.hq_token_only,
+                g.max_boxes_per_call,
+                g.allow_unsafe_load,
             )
             self.loaded.append("sam_hq")
         return self._detector, self._segmenter

@@ -14,10 +14,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-dir", required=True, help="the run's output_dir (holds config.yaml, checkpoints/)")
     parser.add_argument("--out", required=True, help="directory to write the pipeline into")
     parser.add_argument("--tag", default=None, help="checkpoint tag, e.g. step1000 (default: latest)")
+    parser.add_argument(
+        "--allow-unsafe-load",
+        action="store_true",
+        help="read checkpoint files that need arbitrary unpickling (can run code: only files you trust)",
+    )
     args = parser.parse_args(argv)
+    from tcscale.config import ConfigError
+    from tcscale.train.checkpoint import CheckpointError
     from tcscale.train.export import export_pipeline
+    from tcscale.train.safe_load import UnsafeCheckpointError
 
-    out = export_pipeline(args.run_dir, args.out, args.tag)
+    try:
+        out = export_pipeline(args.run_dir, args.out, args.tag, args.allow_unsafe_load)
+    except (ConfigError, CheckpointError, UnsafeCheckpointError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(f"exported pipeline to {out}")
     return 0
 

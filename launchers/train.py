@@ -5,6 +5,11 @@
     python launchers/train.py --config ...            (one process)
 
 DeepSpeed's launcher adds `--local_rank`; it is accepted and ignored (LOCAL_RANK is read from env).
+
+Exit codes (tcscale.train.errors): 0 finished; 1 unexpected error (traceback); 2 bad input (config key, data, model
+or output path, checkpoint) in one line; 3 diverged (NaN/inf loss or gradient, step and term named); 4 this rank
+stopped because another rank failed; 75 preempted: checkpoint + PREEMPTED written, requeue with resume=latest.
+An error every rank agrees on is printed by rank 0 only.
 """
 
 from __future__ import annotations
@@ -16,6 +21,10 @@ import sys
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def _rank() -> int:
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="tcscale trainer")
     parser.add_argument("--config", required=True, help="YAML config (configs/*.yaml)")
@@ -23,30 +32,42 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. max_steps=10 data.resolution=64")
     args = parser.parse_args(argv)
 
-    # Trap SLURM's preemption signal before the slow imports and model loading: a USR1 that arrives during
-    # start-up is then honoured at the first step instead of killing the rank.
+    # Trap SLURM's preemption signal (and watch the launcher) before the slow imports and model loading: a USR1
+    # that arrives during start-up is then honoured at the first step instead of killing the rank.
     from tcscale.train.preemption import PreemptionFlag
 
     preempt = PreemptionFlag().install()
 
     from tcscale.config import ConfigError, load_config
+    from tcscale.train.errors import EXIT_INPUT, EXIT_OK, EXIT_PREEMPTED, EXIT_UNEXPECTED, exit_code_for
 
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
-    from tcscale.data.config import DataConfigError
-    from tcscale.models.sd import ModelLoadError
-    from tcscale.train.checkpoint import CheckpointError
-    from tcscale.train.trainer import NonFiniteLossError, train
+        if _rank() == 0:
+            print(f"config error: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+    from tcscale.train.trainer import train
 
     try:
         result = train(cfg, preempt=preempt)
-    except (DataConfigError, ModelLoadError, CheckpointError, NonFiniteLossError) as exc:
-        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 2
-    return 0 if result.step >= cfg.max_steps or result.preempted else 1
+    except Exception as exc:  # noqa: BLE001 - every failure becomes one line and a documented exit code
+        code = exit_code_for(exc)
+        if code == EXIT_UNEXPECTED:
+            raise  # a bug: keep the traceback
+        rank = _rank()
+        if rank == 0 or not getattr(exc, "agreed", False):
+            prefix = "" if rank == 0 else f"rank {rank}: "
+            if code == 4:
+                print(f"{prefix}stopping: another rank failed ({type(exc).__name__}); see its message", file=sys.stderr)
+            else:
+                print(f"{prefix}error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return code
+    finally:
+        preempt.stop_watching()
+    if result.preempted:
+        return EXIT_PREEMPTED
+    return EXIT_OK if result.step >= cfg.max_steps else EXIT_UNEXPECTED
 
 
 if __name__ == "__main__":

@@ -87,6 +87,7 @@ class CheckpointConfig:
     every_steps: int = 0  # save every N optimizer steps (0: only at the end)
     keep_last: int = 3  # keep the newest k checkpoints
     save_final: bool = True  # save a checkpoint when training ends
+    allow_unsafe_load: bool = False  # resume from files that need arbitrary unpickling (only ones you trust)
 
 
 @dataclass
@@ -215,6 +216,11 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             "deepspeed.train_batch_size: leave it out; it is derived as "
             "train_micro_batch_size_per_gpu x gradient_accumulation_steps x world size"
         )
+    from tcscale.train.engine import check_deepspeed_section
+
+    problems = check_deepspeed_section(ds)
+    if problems:
+        raise ConfigError(problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
     stage = ds.get("zero_optimization", {}).get("stage", 0)
     if stage not in (0, 1, 2, 3):
         raise ConfigError(f"deepspeed.zero_optimization.stage must be 0..3, got {stage!r}")
@@ -336,7 +342,18 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
 
 
 def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
-    return asdict(cfg)
+    """The config as plain data (config.yaml, MLflow params, checkpoints). The `objective` section keeps the
+    built-in objectives' sub-sections and the chosen one's; sub-sections of other plugin objectives are left out,
+    so the file loads in a process that imports only what this run's `imports` names."""
+    from tcscale.objectives import OBJECTIVES
+
+    out = asdict(cfg)
+    chosen = out["objective"]["name"]
+    for name in list(out["objective"]):
+        spec = OBJECTIVES.get(name)
+        if spec is not None and name != chosen and not spec.config.__module__.startswith("tcscale."):
+            del out["objective"][name]
+    return out
 
 
 def save_config(cfg: TrainConfig, path: str | os.PathLike) -> None:

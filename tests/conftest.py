@@ -116,3 +116,15 @@ def sd_tokenizer():
     from tcscale.models.tokenizer import sd_clip_tokenizer
 
     return sd_clip_tokenizer()
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A running `mlflow server` on loopback (`.url`; `.stop()` / `.start()` to take it down and back up)."""
+    from tests.helpers.mlflow_server import MlflowServer
+
+    server = MlflowServer(tmp_path / "mlflow-server").start()
+    try:
+        yield server
+    finally:
+        server.stop()

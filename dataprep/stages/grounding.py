@@ -67,6 +67,7 @@ class GroundingConfig:
     max_detections: int | None = None  # keep at most this many boxes per image, best score first; null = all
     max_boxes_per_call: int = 64  # boxes decoded per mask-decoder call (bounds the 1024^2 upsampling memory)
     batch_size: int = 4  # images per detector / image-encoder forward
+    allow_unsafe_load: bool = False  # load checkpoints that need arbitrary unpickling (can run code: trusted only)
 
 
 @dataclass(frozen=True)
@@ -160,14 +161,20 @@ def union_masks_by_phrase(
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _torch_load_checkpoint(path: str, key: str) -> Any:
+def _torch_load_checkpoint(path: str, key: str, allow_unsafe: bool = False) -> Any:
+    """A detector checkpoint, weights-only (a pickle can run code); the full pickle only behind the opt-in."""
+    from tcscale.train.safe_load import UnsafeCheckpointError, safe_torch_load
+
     if not os.path.isfile(path):
         raise StageError(f"config '{key}': checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - official checkpoints may pickle extra (non-tensor) training state
-        log.warning("%s: not loadable with weights_only=True (%s); loading the full pickle", path, exc)
-        return torch.load(path, map_location="cpu", weights_only=False)
+        with safe_torch_load(allow_unsafe):
+            return torch.load(path, map_location="cpu")
+    except UnsafeCheckpointError:
+        raise StageError(
+            f"config '{key}': {path} cannot be loaded weights-only (it pickles more than tensors, which can run "
+            "code); if you trust where it came from, set grounding.allow_unsafe_load: true"
+        ) from None
 
 
 class GroundingDinoDetector:
@@ -184,6 +191,7 @@ class GroundingDinoDetector:
         image_size: int = 800,
         max_size: int = 1333,
         max_detections: int | None = None,
+        allow_unsafe_load: bool = False,
     ) -> None:
         import groundingdino.datasets.transforms as T
         from groundingdino.models import build_model
@@ -205,7 +213,7 @@ class GroundingDinoDetector:
         # torch.utils.checkpoint (with warnings). It does not change the parameters, so the checkpoint still fits.
         args.use_checkpoint = False
         args.use_transformer_ckpt = False
-        state = _torch_load_checkpoint(checkpoint, "grounding.detector_checkpoint")
+        state = _torch_load_checkpoint(checkpoint, "grounding.detector_checkpoint", allow_unsafe_load)
         if not isinstance(state, dict) or "model" not in state:
             raise StageError(f"config 'grounding.detector_checkpoint': {checkpoint} has no 'model' state dict")
         model = build_model(args)
@@ -275,9 +283,12 @@ class SamHqSegmenter:
         device: str | torch.device = "auto",
         hq_token_only: bool = False,
         max_boxes_per_call: int = 64,
+        allow_unsafe_load: bool = False,
     ) -> None:
         from segment_anything_hq import sam_model_registry
         from segment_anything_hq.utils.transforms import ResizeLongestSide
+
+        from tcscale.train.safe_load import UnsafeCheckpointError, safe_torch_load
 
         self.device = resolve_device(device) if isinstance(device, str) else device
         if model_type not in sam_model_registry:
@@ -286,7 +297,15 @@ class SamHqSegmenter:
             )
         if not os.path.isfile(checkpoint):
             raise StageError(f"config 'grounding.segmenter_checkpoint': checkpoint not found: {checkpoint}")
-        self.model = sam_model_registry[model_type](checkpoint=checkpoint).to(self.device).eval()
+        try:
+            with safe_torch_load(allow_unsafe_load):  # SAM-HQ's builder calls torch.load on the file
+                model = sam_model_registry[model_type](checkpoint=checkpoint)
+        except UnsafeCheckpointError:
+            raise StageError(
+                f"config 'grounding.segmenter_checkpoint': {checkpoint} cannot be loaded weights-only; if you trust "
+                "where it came from, set grounding.allow_unsafe_load: true"
+            ) from None
+        self.model = model.to(self.device).eval()
         self.transform = ResizeLongestSide(self.model.image_encoder.img_size)
         self.hq_token_only = hq_token_only
         self.max_boxes_per_call = max_boxes_per_call

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -88,19 +89,40 @@ class NullTracker:
     def log_dict(self, data: dict, artifact_file: str) -> None:
         pass
 
-    def end(self, status: str = "FINISHED") -> None:
+    def end(self, status: str = "FINISHED", reason: str | None = None) -> None:
         pass
 
 
+# A tracking server that stops answering must not stop training: few, short retries per call (MLflow's defaults
+# retry for minutes), then the call is given up with a warning and its metrics are kept for the next call.
+CLIENT_ENV = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+}
+MAX_PENDING_METRICS = 100_000  # metric values kept for retry while the server is unreachable; then the oldest go
+
+
 class Tracker(NullTracker):
-    """An MLflow run: created, or continued when `run_id` is given (resume)."""
+    """An MLflow run: created, or continued when `run_id` is given (resume).
+
+    Resilient: once the run exists, a failing call (server down, network) logs one warning and training goes on;
+    unsent metrics are retried with the next call (bounded), images and dicts of a failed call are dropped with
+    the warning. A resumed run does not log again the steps the interrupted run had already logged (the replayed
+    steps are the same computation, so MLflow keeps one value per step).
+    """
 
     def __init__(self, cfg: TrainConfig, world_size: int, run_id: str | None = None):
+        for key, value in CLIENT_ENV.items():
+            os.environ.setdefault(key, value)
         import mlflow
 
         self.mlflow = mlflow
         uri = resolve_tracking_uri(cfg)
         self.client = mlflow.MlflowClient(tracking_uri=uri)
+        self.pending: list = []
+        self.failures = 0
+        self.logged_until = 0  # steps <= this were logged by an earlier attempt of this run
         if run_id is None:
             exp = self.client.get_experiment_by_name(cfg.tracking.experiment)
             # the default local sqlite store keeps artifacts in the run directory too (not ./mlruns of the cwd)
@@ -125,30 +147,68 @@ class Tracker(NullTracker):
             self.run_id = run_id
             self.client.update_run(run_id, status="RUNNING")
             self.client.set_tag(run_id, "resumed_world_size", str(world_size))
+            self.logged_until = self._last_logged_step()
+
+    def _last_logged_step(self) -> int:
+        latest = 0
+        for key in self.client.get_run(self.run_id).data.metrics:
+            history = self.client.get_metric_history(self.run_id, key)
+            latest = max([latest, *(m.step for m in history)])
+        return latest
+
+    def _call(self, what: str, fn, *args, **kwargs) -> bool:
+        try:
+            fn(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - any tracking failure is reported, never fatal
+            self.failures += 1
+            if self.failures == 1 or self.failures % 100 == 0:
+                warnings.warn(
+                    f"MLflow: {what} failed ({type(exc).__name__}: {str(exc)[:200]}); training goes on, "
+                    f"{len(self.pending)} metric values kept for retry (failure {self.failures})",
+                    stacklevel=3,
+                )
+            return False
+        if self.failures:
+            warnings.warn(f"MLflow reachable again after {self.failures} failed call(s)", stacklevel=3)
+            self.failures = 0
+        return True
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         import time
 
         from mlflow.entities import Metric
 
+        if step <= self.logged_until:
+            return  # replayed after a resume: the interrupted attempt logged this step already
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        self.client.log_batch(self.run_id, metrics=batch)
+        self.pending.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
+        if len(self.pending) > MAX_PENDING_METRICS:
+            dropped = len(self.pending) - MAX_PENDING_METRICS
+            self.pending = self.pending[dropped:]
+            warnings.warn(f"MLflow unreachable: dropped the {dropped} oldest metric values", stacklevel=2)
+        batch = self.pending
+        ok = True
+        for i in range(0, len(batch), 1000):  # MLflow accepts at most 1000 metrics per batch
+            ok = self._call(
+                f"logging metrics of step {step}", self.client.log_batch, self.run_id, metrics=batch[i : i + 1000]
+            )
+            if not ok:
+                self.pending = batch[i:]
+                return
+        self.pending = []
 
     def log_image(self, image: Any, artifact_file: str) -> None:
-        self.client.log_image(self.run_id, image, artifact_file=artifact_file)
+        self._call(f"logging {artifact_file}", self.client.log_image, self.run_id, image, artifact_file=artifact_file)
 
     def log_dict(self, data: dict, artifact_file: str) -> None:
-        self.client.log_dict(self.run_id, data, artifact_file)
+        self._call(f"logging {artifact_file}", self.client.log_dict, self.run_id, data, artifact_file)
 
-    def end(self, status: str = "FINISHED") -> None:
-        self.client.set_terminated(self.run_id, status=status)
-
-
-def build_tracker(cfg: TrainConfig, is_rank0: bool, world_size: int, run_id: str | None) -> NullTracker:
-    if not (cfg.tracking.enabled and is_rank0):
-        return NullTracker()
-    return Tracker(cfg, world_size, run_id)
+    def end(self, status: str = "FINISHED", reason: str | None = None) -> None:
+        if self.pending:
+            self._call("sending the last metrics", self.client.log_batch, self.run_id, metrics=self.pending[-1000:])
+        if reason:
+            self._call("tagging the failure", self.client.set_tag, self.run_id, "failure_reason", reason[:5000])
+        self._call(f"marking the run {status}", self.client.set_terminated, self.run_id, status=status)
 
 
 class EvalRun(NullTracker):
@@ -168,6 +228,9 @@ class EvalRun(NullTracker):
         from mlflow.entities import Param
 
         self.client = mlflow.MlflowClient(tracking_uri=uri)
+        self.pending: list = []
+        self.failures = 0
+        self.logged_until = -1
         exp_id = None
         if experiment is None and parent_run_id is not None:
             exp_id = self.client.get_run(parent_run_id).info.experiment_id
@@ -183,10 +246,17 @@ class EvalRun(NullTracker):
         for i in range(0, len(items), 100):
             self.client.log_batch(self.run_id, params=items[i : i + 100])
 
+    _call = Tracker._call
     log_metrics = Tracker.log_metrics
     log_image = Tracker.log_image
     log_dict = Tracker.log_dict
     end = Tracker.end
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, str(path), artifact_path)
+        self._call(f"logging {path}", self.client.log_artifact, self.run_id, str(path), artifact_path)
+
+
+def build_tracker(cfg: TrainConfig, is_rank0: bool, world_size: int, run_id: str | None) -> NullTracker:
+    if not (cfg.tracking.enabled and is_rank0):
+        return NullTracker()
+    return Tracker(cfg, world_size, run_id)

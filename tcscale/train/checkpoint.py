@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from tcscale.train.distributed import DistEnv, barrier, broadcast_object
+from tcscale.train.safe_load import safe_torch_load
 
 TAG_RE = re.compile(r"^step(\d+)$")
 
@@ -82,13 +83,33 @@ class Checkpointer:
     (e.g. {"ema": EMAModel}) and pruning to `keep_last`. Collective: every rank calls `save` and `resume`."""
 
     def __init__(
-        self, ckpt_dir: Path, engine, env: DistEnv, *, keep_last: int, extras: dict[str, Stateful] | None = None
+        self,
+        ckpt_dir: Path,
+        engine,
+        env: DistEnv,
+        *,
+        keep_last: int,
+        extras: dict[str, Stateful] | None = None,
+        allow_unsafe_load: bool = False,
     ):
         self.dir = Path(ckpt_dir)
         self.engine = engine
         self.env = env
         self.keep_last = keep_last
         self.extras = dict(extras or {})
+        self.allow_unsafe_load = allow_unsafe_load
+
+    def remove_stale_temp(self) -> list[str]:
+        """Collective, at start-up: rank 0 removes `tmp-step*` directories that an interrupted save left (after a
+        barrier, so no rank of this job is saving; a complete save is never called tmp-). Returns their names."""
+        barrier()
+        removed = []
+        if self.env.is_rank0 and self.dir.is_dir():
+            for p in sorted(self.dir.glob("tmp-step*")):
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p.name)
+        barrier()
+        return removed
 
     def save(self, step: int, client_state: dict[str, Any]) -> Path:
         tag = tag_for(step)
@@ -125,15 +146,16 @@ class Checkpointer:
         if found is None:
             return None
         load_dir, tag = found
-        path, client_state = self.engine.load_checkpoint(
-            str(load_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
-        )
-        if path is None:
-            raise CheckpointError(f"DeepSpeed could not load checkpoint {load_dir / tag}")
-        for name, obj in self.extras.items():
-            file = load_dir / tag / f"{name}.pt"
-            if file.is_file():
-                import torch
+        import torch
 
-                obj.load_state_dict(torch.load(file, map_location="cpu"))
+        with safe_torch_load(self.allow_unsafe_load):  # DeepSpeed's own loads too: weights-only unless opted in
+            path, client_state = self.engine.load_checkpoint(
+                str(load_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+            )
+            if path is None:
+                raise CheckpointError(f"DeepSpeed could not load checkpoint {load_dir / tag}")
+            for name, obj in self.extras.items():
+                file = load_dir / tag / f"{name}.pt"
+                if file.is_file():
+                    obj.load_state_dict(torch.load(file, map_location="cpu"))
         return Resumed(load_dir / tag, broadcast_object(client_state))

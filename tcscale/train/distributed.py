@@ -108,3 +108,19 @@ def broadcast_object(obj, src: int = 0):
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+def checked_on_rank0(fn):
+    """Run `fn` on rank 0 only; every rank then returns its result or raises its exception, marked `agreed`, so
+    that all ranks stop together and only rank 0 needs to say why (collective)."""
+    result, error = None, None
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        try:
+            result = fn()
+        except Exception as exc:  # noqa: BLE001 - handed to every rank
+            error = exc
+    result, error = broadcast_object((result, error))
+    if error is not None:
+        error.agreed = True
+        raise error
+    return result

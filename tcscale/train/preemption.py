@@ -1,17 +1,91 @@
-"""SIGUSR1 (SLURM's `--signal=B:USR1@N`, forwarded by the batch script) -> checkpoint, marker, clean exit."""
+"""Preemption: SIGUSR1 (SLURM's `--signal=B:USR1@N`, forwarded by the batch script), or the launcher going away,
+asks every rank to agree to stop, checkpoint, write <output_dir>/PREEMPTED and exit with code 75 (requeue).
+
+Why watch the launcher: `deepspeed` (its runner and launch processes) and torchrun do not forward SIGUSR1 — a
+USR1 sent to the launcher's pid kills it and leaves the ranks training on, unowned. Each rank therefore watches
+the launcher processes it was started under; when one of them is gone, it treats that as a preemption request.
+"""
 
 from __future__ import annotations
 
+import os
 import signal
+import threading
+from pathlib import Path
+
+
+def _proc_identity(pid: int) -> tuple[str, str] | None:
+    """(command line, start time) of a live process, from /proc; None if it is gone (or a zombie: a launcher
+    killed by a signal stays in /proc until its parent reaps it)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[-1].split()  # fields[0] is field 3 of stat (the state)
+    if not fields or fields[0] in ("Z", "X"):
+        return None
+    return cmdline.strip(), fields[19] if len(fields) > 19 else ""  # field 22 of stat: start time
+
+
+def is_launcher(cmdline: str) -> bool:
+    """The `deepspeed` runner or launch module, torchrun / torch.distributed.run, or srun."""
+    words = cmdline.split()
+    names = [w.rsplit("/", 1)[-1] for w in words[:3]]
+    return (
+        any(n in ("deepspeed", "torchrun", "srun") for n in names)
+        or "deepspeed.launcher.launch" in words
+        or "torch.distributed.run" in words
+    )
+
+
+def launcher_ancestors(max_depth: int = 4) -> list[tuple[int, str, str]]:
+    """(pid, command line, start time) of the ancestors of this process that are a distributed launcher."""
+    found = []
+    pid = os.getpid()
+    for _ in range(max_depth):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            break
+        pid = int(stat.rsplit(")", 1)[-1].split()[1])  # the parent's pid
+        if pid <= 1:
+            break
+        ident = _proc_identity(pid)
+        if ident is None:
+            break
+        if is_launcher(ident[0]):
+            found.append((pid, *ident))
+    return found
 
 
 class PreemptionFlag:
     def __init__(self) -> None:
         self.requested = False
+        self.reason: str | None = None
+        self._stop = threading.Event()
 
-    def install(self) -> PreemptionFlag:
+    def install(self, watch_launcher: bool = True, interval_s: float = 1.0) -> PreemptionFlag:
         signal.signal(signal.SIGUSR1, self._handler)
+        if watch_launcher and Path("/proc/self/stat").exists():
+            watched = launcher_ancestors()
+            if watched:
+                threading.Thread(target=self._watch, args=(watched, interval_s), daemon=True).start()
         return self
 
     def _handler(self, signum, frame) -> None:
         self.requested = True
+        self.reason = "SIGUSR1"
+
+    def _watch(self, watched: list[tuple[int, str, str]], interval_s: float) -> None:
+        while not self._stop.wait(interval_s):
+            for pid, cmdline, started in watched:
+                ident = _proc_identity(pid)
+                if ident is None or ident[1] != started:
+                    self.requested = True
+                    self.reason = f"launcher process {pid} ({cmdline[:80]}) is gone"
+                    print(f"tcscale: {self.reason}: checkpointing and stopping at the end of this step", flush=True)
+                    return
+
+    def stop_watching(self) -> None:
+        self._stop.set()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -34,17 +35,16 @@ from tcscale.train.distributed import (
     all_reduce_mean,
     all_reduce_min,
     any_rank,
+    barrier,
     broadcast_object,
+    checked_on_rank0,
     init_distributed,
     print0,
     sum_counters,
 )
 from tcscale.train.engine import build_engine, compute_dtype
+from tcscale.train.errors import NonFiniteLossError, RunInputError
 from tcscale.train.preemption import PreemptionFlag
-
-
-class NonFiniteLossError(FloatingPointError):
-    """A loss term or the gradient norm is NaN/inf; raised on every rank before anything is saved."""
 
 
 @dataclass
@@ -64,17 +64,44 @@ def step_generator(seed: int, rank: int, micro_step: int, device: torch.device) 
 
 
 def check_finite(out: StepOutput, step: int, micro_step: int, device: torch.device) -> None:
-    """All ranks agree whether every term is finite; raise naming the step and the bad terms."""
+    """Before backward: all ranks agree whether every term and the weighted total are finite; raise naming the step
+    and the bad terms (or, when every term is finite, the total: a loss weight overflows). Nothing is updated."""
     names = list(out.terms)
-    finite = torch.tensor([float(torch.isfinite(out.terms[n].detach()).all()) for n in names], device=device)
-    finite = all_reduce_min(finite)
-    bad = [n for n, ok in zip(names, finite.tolist()) if ok < 1]
+    values = [out.terms[n].detach() for n in names] + [out.loss.detach()]
+    finite = all_reduce_min(torch.tensor([float(torch.isfinite(v).all()) for v in values], device=device))
+    flags = finite.tolist()
+    bad = [n for n, ok in zip(names, flags) if ok < 1]
     if bad:
         local = {n: float(out.terms[n].detach()) for n in bad}
-        raise NonFiniteLossError(
+        err = NonFiniteLossError(
             f"non-finite loss at step {step} (micro-step {micro_step}): term(s) {bad} are NaN/inf "
-            f"(this rank's values: {local}); stopping before any checkpoint is written"
+            f"(this rank's values: {local}); stopping before any parameter update or checkpoint"
         )
+    elif flags[-1] < 1:
+        terms = {n: round(float(out.terms[n].detach()), 6) for n in names}
+        err = NonFiniteLossError(
+            f"non-finite loss at step {step} (micro-step {micro_step}): the weighted total is "
+            f"{float(out.loss.detach())} although every term is finite ({terms}): a loss weight overflows the "
+            "total; stopping before any parameter update or checkpoint"
+        )
+    else:
+        return
+    err.agreed = True
+    raise err
+
+
+def check_output_dir(out_dir: Path) -> None:
+    """The run directory and its checkpoints/ can be created and written (rank 0, before any model loads)."""
+    for folder in (out_dir, out_dir / "checkpoints"):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe = folder / f".write-test-{os.getpid()}"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as exc:
+            raise RunInputError(
+                f"output_dir: cannot write in {folder} ({exc.strerror or exc}); choose a writable output_dir"
+            ) from None
 
 
 class Trainer:
@@ -87,9 +114,7 @@ class Trainer:
         self.cfg = cfg
         self.env = env = init_distributed()
         self.out_dir = Path(cfg.output_dir)
-        if env.is_rank0:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.out_dir / "config.yaml")
+        self.preflight()
         torch.manual_seed(cfg.seed)
         ds = cfg.deepspeed
         self.dtype = compute_dtype(ds)
@@ -119,8 +144,12 @@ class Trainer:
         # checkpoints, tracking, data
         extras = {"ema": self.ema} if self.ema is not None else {}
         self.checkpointer = Checkpointer(
-            self.out_dir / "checkpoints", self.engine, env, keep_last=cfg.checkpoint.keep_last, extras=extras
-        )
+            self.out_dir / "checkpoints", self.engine, env, keep_last=cfg.checkpoint.keep_last, extras=extras,
+            allow_unsafe_load=cfg.checkpoint.allow_unsafe_load,
+        )  # fmt: skip
+        stale = self.checkpointer.remove_stale_temp()
+        if stale:
+            print0(f"removed {', '.join(stale)}: incomplete checkpoint(s) of an interrupted save")
         resumed = self.checkpointer.resume(cfg.resume)
         client = resumed.client_state if resumed is not None else {}
         self.step = int(client.get("step", 0))
@@ -129,19 +158,43 @@ class Trainer:
         if resumed is not None:
             print0(f"resumed from {resumed.path} at step {self.step}")
         self.tracker = build_tracker(cfg, env.is_rank0, env.world_size, client.get("mlflow_run_id"))
-        self.run_id = broadcast_object(self.tracker.run_id if env.is_rank0 else None)
-        if env.is_rank0 and self.run_id is not None:  # for evaluations nested under this run (tcscale.eval)
-            write_run_info(self.out_dir, self.run_id, resolve_tracking_uri(cfg), cfg.tracking.experiment)
-        plan = self.objective.plan
-        print0(
-            f"run {cfg.run_name}: world {env.world_size}, objective {cfg.objective.name}, "
-            f"{len(plan.layers) if plan else 0} grounded layers, mlflow run {self.run_id}"
-        )
-        self.loader = self._build_loader(client.get("data")) if self.objective.reads_data else None
-        self.batches = self._batches()
+        try:  # from here on, a failure marks the MLflow run FAILED with its reason
+            self.run_id = broadcast_object(self.tracker.run_id if env.is_rank0 else None)
+            if env.is_rank0 and self.run_id is not None:  # for evaluations nested under this run (tcscale.eval)
+                write_run_info(self.out_dir, self.run_id, resolve_tracking_uri(cfg), cfg.tracking.experiment)
+            if env.is_rank0 and getattr(self.tracker, "logged_until", 0) > self.step:
+                print0(f"steps {self.step + 1}..{self.tracker.logged_until} were logged before the interruption; "
+                       "their replay is not logged again")  # fmt: skip
+            plan = self.objective.plan
+            print0(
+                f"run {cfg.run_name}: world {env.world_size}, objective {cfg.objective.name}, "
+                f"{len(plan.layers) if plan else 0} grounded layers, mlflow run {self.run_id}"
+            )
+            self.loader = self._build_loader(client.get("data")) if self.objective.reads_data else None
+            self.batches = self._batches()
+        except BaseException as exc:
+            self.tracker.end("FAILED", reason=f"{type(exc).__name__}: {exc}")
+            raise
         self.preempt = preempt if preempt is not None else PreemptionFlag().install()
 
     # -- building --------------------------------------------------------------------------------
+    def preflight(self) -> None:
+        """What can be checked before minutes of model loading, the same verdict on every rank: the output
+        directory is writable (then the merged config is written into it) and the data shards exist."""
+        cfg = self.cfg
+
+        def rank0_checks() -> None:
+            check_output_dir(self.out_dir)
+            save_config(cfg, self.out_dir / "config.yaml")
+
+        checked_on_rank0(rank0_checks)
+        spec = OBJECTIVES[cfg.objective.name]
+        if getattr(spec.build, "reads_data", True) and cfg.data.source == "webdataset":
+            from tcscale.data import resolve_shards
+
+            checked_on_rank0(lambda: resolve_shards(cfg.data))
+        barrier()
+
     def _build_loader(self, data_state):
         from tcscale.data import build_train_loader
 
@@ -202,7 +255,14 @@ class Trainer:
         grad_norm = engine.get_global_grad_norm()
         grad_norm = float(grad_norm) if grad_norm is not None else 0.0
         if not math.isfinite(grad_norm):  # the global norm: the same value on every rank
-            raise NonFiniteLossError(f"non-finite gradient norm at step {self.step}; stopping before any checkpoint")
+            terms = {n: round(float(out.terms[n].detach()), 6) for n in out.terms}
+            err = NonFiniteLossError(
+                f"non-finite gradient norm at step {self.step} although every loss term is finite (last micro-step: "
+                f"{terms}); stopping before any checkpoint is written (this step's update is discarded with the "
+                "process; resume from the last checkpoint with a lower learning rate or stronger clipping)"
+            )
+            err.agreed = True
+            raise err
         if self.ema is not None:
             self.ema.step(self._trained())
         names = sorted(sums)
@@ -232,7 +292,7 @@ class Trainer:
     def fit(self) -> TrainResult:
         cfg = self.cfg
         result = TrainResult(self.step, self.out_dir, self.run_id)
-        status = "FAILED"
+        status, reason = "FAILED", None
         try:
             while self.step < cfg.max_steps:
                 metrics = result.last_metrics = self.train_step()
@@ -252,15 +312,17 @@ class Trainer:
                     result.preempted = True
                     break
             else:
-                if (
-                    cfg.checkpoint.save_final
-                    and self.step > self.start_step
-                    and not self._due(cfg.checkpoint.every_steps)
-                ):
+                saved = self._due(cfg.checkpoint.every_steps)
+                if cfg.checkpoint.save_final and self.step > self.start_step and not saved:
                     self.save()
+                if self.env.is_rank0:  # a requeued run that reached max_steps is no longer preempted
+                    (self.out_dir / "PREEMPTED").unlink(missing_ok=True)
             status = "KILLED" if result.preempted else "FINISHED"
+        except BaseException as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+            raise
         finally:
-            self.tracker.end(status)
+            self.tracker.end(status, reason)
             if self.loader is not None:
                 self.loader.close()
         result.step = self.step
