@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 
 MaskInterpolation = Literal["bilinear", "nearest", "bicubic", "area"]
+MaskFullRes = Literal["binary", "soft"]
+"""The full-resolution (training-image) mask the layer masks are made from: ``binary`` — the resampled mask
+binarised at 0.5 (tcscale); ``soft`` — the resampled mask kept soft, normalised to max 1 (the official TokenCompose
+loader). Either way the layer rule binarises after the resize."""
+MASK_FULL_RES: tuple[str, ...] = get_args(MaskFullRes)
 
 
 def masks_to_layer(
@@ -41,10 +46,17 @@ def masks_to_layer(
 @dataclass(frozen=True)
 class MaskRule:
     """How a full-resolution phrase mask becomes a layer mask (DESIGN §3): resize with `interpolation`
-    (no antialias), binarise with `> threshold`."""
+    (no antialias), binarise with `> threshold`. `full_res` tells the loader which full-resolution mask to resize
+    (``binary`` | ``soft``, see `MaskFullRes`); the full-resolution masks a batch carries (``phrase_masks``, also
+    what evaluation IoU reads) stay binary either way."""
 
     interpolation: MaskInterpolation = "bilinear"
     threshold: float = 0.0
+    full_res: MaskFullRes = "binary"
+
+    def __post_init__(self):
+        if self.full_res not in MASK_FULL_RES:
+            raise ValueError(f"mask full_res must be one of {MASK_FULL_RES}, got {self.full_res!r}")
 
     def apply(self, phrase_masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """(..., H, W) masks -> (..., h*w) float32 {0, 1} masks at `size`."""

@@ -118,15 +118,24 @@ class GroundingPlan:
         return cls(tuple(names), sides, side, mask_rule or MaskRule())
 
     @classmethod
-    def from_config(cls, unet: torch.nn.Module, attention, image_resolution: int, scale_factor: int) -> GroundingPlan:
-        """The plan of a run's `attention` section (blocks, resolutions, mask_interpolation, mask_threshold)."""
+    def from_config(
+        cls,
+        unet: torch.nn.Module,
+        attention,
+        image_resolution: int,
+        scale_factor: int,
+        *,
+        mask_full_res: str = "binary",
+    ) -> GroundingPlan:
+        """The plan of a run's `attention` section (blocks, resolutions, mask_interpolation, mask_threshold);
+        `mask_full_res` ("binary" | "soft") is the objective's choice of full-resolution mask (`MaskRule.full_res`)."""
         return cls.build(
             unet,
             blocks=list(attention.blocks),
             resolutions=None if attention.resolutions is None else list(attention.resolutions),
             image_resolution=image_resolution,
             scale_factor=scale_factor,
-            mask_rule=MaskRule(attention.mask_interpolation, attention.mask_threshold),
+            mask_rule=MaskRule(attention.mask_interpolation, attention.mask_threshold, mask_full_res),
         )
 
     @property

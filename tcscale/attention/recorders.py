@@ -5,6 +5,8 @@ each grounding processor hands it its layer's q, k, v; the recorder returns the 
 is for:
 
 * `LossRecorder`  — each layer's TokenCompose token / pixel losses (training);
+* `GroupedLossRecorder` — the same losses per (place, resolution) group of layers, for the official code's pixel
+  loss on the group-averaged map (``pixel_loss_reduction="per_resolution"``; keeps each layer's probabilities);
 * `ProbsRecorder` — each layer's probabilities, kept in the graph (SepEn's losses read them);
 * `MapCapture`    — detached head-averaged maps summed per layer over calls (heatmaps, grounding mIoU).
 
@@ -29,7 +31,7 @@ import torch
 
 from tcscale.attention.plan import MaskRule, layer_size
 from tcscale.attention.reference import attention_probs, cross_attention_with_grounding_reference
-from tcscale.losses.grounding import check_token_phrase
+from tcscale.losses.grounding import check_token_phrase, grounding_losses_grouped
 
 
 class Recorder:
@@ -149,6 +151,73 @@ class LayerProbs:
     name: str
     size: tuple[int, int]
     probs: torch.Tensor  # (B, H, Lq, Lk) float32, in the graph
+
+
+class GroupedLossRecorder(LossRecorder):
+    """TokenCompose losses per (place, resolution) group of grounded layers (``losses.grounding_losses_grouped``):
+    token = Σ of the layers' token losses; pixel = Σ of the layers' pixel losses (``per_layer``) or the pixel loss of
+    the map averaged over the group's layers and heads (``per_resolution``, the official code). Reference backend
+    only: the group needs every layer's probabilities, which it keeps (in the graph) until `total` is read.
+
+    Args:
+        groups: {group name: [layer names]} (``GroundingPlan.groups()``: mid_8, up_16, ...); a recorded layer that is
+            in no group is an error.
+        pixel_loss_reduction: "per_layer" | "per_resolution".
+        Other arguments as `LossRecorder`.
+    """
+
+    def __init__(
+        self,
+        latent_size: tuple[int, int],
+        token_phrase: torch.Tensor,
+        *,
+        groups: dict[str, list[str]],
+        pixel_loss_reduction: str = "per_resolution",
+        **kwargs,
+    ):
+        super().__init__(latent_size, token_phrase, **kwargs)
+        self.group_of = {layer: name for name, layers in groups.items() for layer in layers}
+        self.pixel_loss_reduction = pixel_loss_reduction
+        self.layer_probs: list[LayerProbs] = []
+        self._totals: dict[str, torch.Tensor] | None = None
+
+    def attend(self, layer, q, k, v, scale, backend):
+        if backend != "reference":
+            raise ValueError(
+                f"{layer}: per-group grounding losses need the attention probabilities: attention.backend must be "
+                f"'reference', got {backend!r}"
+            )
+        probs = attention_probs(q, k, scale, torch.float32)  # (B, H, Lq, Lk)
+        if self.recording:
+            if layer not in self.group_of:
+                raise KeyError(f"{layer} is in no grounding group {sorted(set(self.group_of.values()))}")
+            self.layer_probs.append(LayerProbs(layer, layer_size(q.shape[2], self.latent_size), probs))
+            self._totals = None
+        return torch.matmul(probs.to(v.dtype), v)
+
+    def group_losses(self) -> dict[str, dict[str, torch.Tensor]]:
+        """{group: {"token", "pixel"}} over the layers recorded so far."""
+        by_group: dict[str, list[LayerProbs]] = {}
+        for rec in self.layer_probs:
+            by_group.setdefault(self.group_of[rec.name], []).append(rec)
+        out = {}
+        for name, recs in by_group.items():
+            size = recs[0].size
+            out[name] = grounding_losses_grouped(
+                [r.probs for r in recs], self.masks_for(size, recs[0].probs.device),
+                self.token_phrase.to(recs[0].probs.device), token_loss_heads=self.token_loss_heads,
+                pixel_loss_reduction=self.pixel_loss_reduction, validate_values=not self.validated,
+            )  # fmt: skip
+        return out
+
+    def total(self, term: str) -> torch.Tensor:
+        """Σ over the groups of one term ("token" or "pixel"); raises when nothing was recorded."""
+        if not self.layer_probs:
+            raise RuntimeError("no grounded layer recorded its attention (are the grounding processors installed?)")
+        if self._totals is None:
+            groups = self.group_losses().values()
+            self._totals = {t: torch.stack([g[t] for g in groups]).sum() for t in ("token", "pixel")}
+        return self._totals[term]
 
 
 class ProbsRecorder(Recorder):

@@ -21,7 +21,7 @@ from PIL import Image
 
 from tcscale.attention.masks import MaskRule
 from tcscale.data.align import PhraseAligner
-from tcscale.data.transforms import crop_params, transform_image_and_masks
+from tcscale.data.transforms import crop_params, transform_image_and_masks, transform_with_soft_masks
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -122,7 +122,7 @@ class ProcessSettings:
     max_phrases: int = 16
     min_phrases: int = 0
     layer_sizes: tuple[tuple[int, int], ...] = ()  # (h, w) grids to make layer masks for (the grounding plan's)
-    mask_rule: MaskRule = field(default_factory=MaskRule)  # full-resolution mask -> layer mask
+    mask_rule: MaskRule = field(default_factory=MaskRule)  # full-resolution mask (binary | soft) -> layer mask
     full_masks: bool | None = None  # keep the (P, R, R) masks in the batch; None: only when there are no layer sizes
 
     @property
@@ -156,7 +156,15 @@ class SampleProcessor:
             raise SkipSample("too_few_phrases", f"sample {raw.key}: {len(keep)} aligned phrases < {st.min_phrases}")
         h, w = raw.image.shape[:2]
         params = crop_params(h, w, center_crop=st.center_crop, random_flip=st.random_flip, rng=rng)
-        pixel_values, phrase_masks = transform_image_and_masks(raw.image, raw.masks[keep], st.resolution, params)
+        # phrase_masks (P, R, R) are binary whatever the rule (evaluation IoU reads them); with mask_rule.full_res
+        # "soft" the layer masks are made from the soft resampled masks instead (official TokenCompose loader)
+        if st.mask_rule.full_res == "soft" and st.layer_sizes:
+            pixel_values, phrase_masks, layer_source = transform_with_soft_masks(
+                raw.image, raw.masks[keep], st.resolution, params
+            )
+        else:
+            pixel_values, phrase_masks = transform_image_and_masks(raw.image, raw.masks[keep], st.resolution, params)
+            layer_source = phrase_masks
         token_phrase = torch.full((len(al.input_ids),), -1, dtype=torch.int64)
         for slot, pos in enumerate(positions):
             token_phrase[pos] = slot
@@ -164,7 +172,7 @@ class SampleProcessor:
         for size in st.layer_sizes:
             size = (int(size[0]), int(size[1]))
             if phrase_masks.shape[0]:
-                layer_masks[size] = st.mask_rule.apply(phrase_masks, size)
+                layer_masks[size] = st.mask_rule.apply(layer_source, size)
             else:
                 layer_masks[size] = torch.zeros(0, size[0] * size[1])
         counters["phrases_kept"] += len(keep)

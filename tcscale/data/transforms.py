@@ -6,7 +6,8 @@ crop-then-resize of the equivalent S x S window of the original (S = shorter sid
 kept pixels are resampled; image and masks go through the same `F.interpolate` call, so a mask can
 never move against its image. Masks are resampled as 0/255 channels beside the image's (bilinear,
 antialiased; uint8 channels-last, torch's vectorised path, ~10x faster than float on CPU) and
-binarised at 0.5 at the output resolution.
+binarised at 0.5 at the output resolution. `transform_with_soft_masks` also returns the resampled masks kept soft,
+each divided by its maximum (the official TokenCompose loader's full-resolution mask; `MaskRule.full_res`).
 """
 
 from __future__ import annotations
@@ -68,6 +69,38 @@ def transform_image_and_masks(
     Returns:
         pixel_values (3, R, R) float32 in [-1, 1]; masks (P, R, R) float32 in {0, 1}.
     """
+    pixel_values, resampled = _crop_resize_flip(image, masks, resolution, params)
+    return pixel_values, _binarize(resampled, resolution)
+
+
+def transform_with_soft_masks(
+    image: np.ndarray, masks: np.ndarray, resolution: int, params: CropParams
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`transform_image_and_masks` plus the soft masks: (pixel_values, masks in {0, 1}, soft masks in [0, 1]).
+
+    Soft mask = the resampled mask (the same antialiased bilinear resampling as the binary one) divided by its
+    maximum, so each non-empty mask peaks at 1 (the official TokenCompose loader: ``attn_gt / attn_gt.max()``).
+    """
+    pixel_values, resampled = _crop_resize_flip(image, masks, resolution, params)
+    soft = torch.empty(len(resampled), resolution, resolution)
+    for k, channel in enumerate(resampled):
+        soft[k].copy_(channel).div_(max(int(channel.max()), 1))  # uint8 0..255: a non-empty mask's max is >= 1
+    return pixel_values, _binarize(resampled, resolution), soft
+
+
+def _binarize(resampled: list[torch.Tensor], resolution: int) -> torch.Tensor:
+    """P resampled (R, R) uint8 mask channels (0..255) -> (P, R, R) float32 {0, 1}: at least half covered."""
+    thr = round(MASK_BINARIZE * 255)
+    out = torch.empty(len(resampled), resolution, resolution)
+    for k, channel in enumerate(resampled):
+        torch.ge(channel, thr, out=out[k])
+    return out
+
+
+def _crop_resize_flip(
+    image: np.ndarray, masks: np.ndarray, resolution: int, params: CropParams
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """pixel_values (3, R, R) float32 in [-1, 1] and the P resampled mask channels, each (R, R) uint8 0..255."""
     h, w = image.shape[:2]
     if masks.shape[1:] != (h, w):
         raise ValueError(f"masks are {tuple(masks.shape[1:])}, image is {(h, w)}")
@@ -91,9 +124,4 @@ def transform_image_and_masks(
     if params.flip:
         x = torch.flip(x, dims=[-1])
     pixel_values = x[0, :3].to(torch.float32, memory_format=torch.contiguous_format).div_(127.5).sub_(1.0)
-    thr = round(MASK_BINARIZE * 255)
-    out_masks = torch.empty(p, resolution, resolution)
-    for k in range(p):
-        c = 3 + k
-        torch.ge(x[c // 4, c % 4], thr, out=out_masks[k])
-    return pixel_values, out_masks
+    return pixel_values, [x[(3 + k) // 4, (3 + k) % 4] for k in range(p)]

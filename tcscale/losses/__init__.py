@@ -1,5 +1,6 @@
 """Loss functions: grounding (TokenCompose), diffusion (LDM), Separate-and-Enhance."""
 
-from tcscale.losses.grounding import grounding_losses
+from tcscale.losses.grounding import grounding_losses, grounding_losses_grouped
+from tcscale.losses.sepen import sepen_losses
 
-__all__ = ["grounding_losses"]
+__all__ = ["grounding_losses", "grounding_losses_grouped", "sepen_losses"]

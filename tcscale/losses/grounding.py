@@ -9,12 +9,30 @@ graph) when no sample has one.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Literal, get_args
+
 import torch
 import torch.nn.functional as F
 
 from kernels.modes import TOKEN_LOSS_HEADS, TokenLossHeads
 
-__all__ = ["TOKEN_LOSS_HEADS", "TokenLossHeads", "check_token_phrase", "grounding_losses", "phrase_token_onehot"]
+__all__ = [
+    "PIXEL_LOSS_REDUCTIONS",
+    "TOKEN_LOSS_HEADS",
+    "PixelLossReduction",
+    "TokenLossHeads",
+    "check_token_phrase",
+    "grounding_losses",
+    "grounding_losses_grouped",
+    "phrase_token_onehot",
+]
+
+PixelLossReduction = Literal["per_layer", "per_resolution"]
+"""``per_layer``: paper Eq. 7, the pixel loss of every grounded layer, summed; ``per_resolution``: official
+``get_grounding_loss_by_layer``, one pixel loss per (place, resolution) group on the map averaged over the group's
+layers and heads."""
+PIXEL_LOSS_REDUCTIONS: tuple[str, ...] = get_args(PixelLossReduction)
 
 
 def check_token_phrase(token_phrase: torch.Tensor, num_phrases: int) -> None:
@@ -105,7 +123,13 @@ def grounding_losses(
     # --- pixel loss: S_p[u] = Σ_{i∈T_p} Ā[u,i]; BCE(S_p, M_p) averaged over u ----------------------------
     phrase_maps = torch.einsum("bui,bip->bpu", attn_mean, onehot)  # (B, P, Lq)
     # Σ of probabilities can exceed 1 by rounding; BCELoss requires [0, 1]. Clamp passes gradient inside.
-    bce = F.binary_cross_entropy(phrase_maps.clamp(0.0, 1.0), masks, reduction="none")  # log clamped at -100
+    # A NaN/inf map (diverged weights) would make BCELoss raise (CPU) or assert on the device (CUDA) before the
+    # trainer could name the term: BCE sees a finite stand-in, and `poison` (NaN exactly when a map is not finite,
+    # else 0, with zero gradient) carries the NaN into the returned terms without a host sync.
+    finite = torch.isfinite(phrase_maps)
+    poison = (phrase_maps - phrase_maps).sum()
+    safe_maps = torch.where(finite, phrase_maps, torch.full_like(phrase_maps, 0.5)).clamp(0.0, 1.0)
+    bce = F.binary_cross_entropy(safe_maps, masks, reduction="none")  # log clamped at -100
     per_phrase_pixel = bce.mean(dim=-1)  # (B, P)
 
     def batch_mean(per_phrase: torch.Tensor) -> torch.Tensor:
@@ -116,4 +140,48 @@ def grounding_losses(
         # rank must run backward), and no data-dependent branch forces a host sync
         return torch.where(sample_has_phrase, per_sample, torch.zeros_like(per_sample)).sum() / n_valid
 
-    return {"token": batch_mean(per_phrase_token), "pixel": batch_mean(per_phrase_pixel)}
+    return {"token": batch_mean(per_phrase_token) + poison, "pixel": batch_mean(per_phrase_pixel) + poison}
+
+
+def grounding_losses_grouped(
+    attns: Sequence[torch.Tensor],
+    phrase_masks: torch.Tensor,
+    token_phrase: torch.Tensor,
+    *,
+    token_loss_heads: str = "mean_map",
+    pixel_loss_reduction: str = "per_layer",
+    validate_values: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Token and pixel losses of the layers of one (place, resolution) group, e.g. the three up-block layers at 16².
+
+    Args:
+        attns: list of (B, H_m, Lq, Lk) per-head probabilities, one per layer of the group (same B, Lq, Lk).
+        phrase_masks, token_phrase, token_loss_heads, validate_values: as in ``grounding_losses``.
+        pixel_loss_reduction: "per_layer" (paper Eq. 7: Σ over the layers of each layer's pixel loss) or
+            "per_resolution" (official ``get_grounding_loss_by_layer``: one pixel loss on the map averaged over the
+            group's layers and heads, Ā_group = (1/M) Σ_m (1/H_m) Σ_h P_{m,h}).
+
+    Returns:
+        {"token": Σ_m L_token^(m), "pixel": Σ_m L_pixel^(m) or L_pixel(Ā_group)}. Per sample and batch mean as in
+        ``grounding_losses`` (the official code takes one mean over batch and heads together: batch 1 agrees).
+    """
+    if len(attns) == 0:
+        raise ValueError("attns is empty: give the probabilities of at least one layer of the group")
+    if pixel_loss_reduction not in PIXEL_LOSS_REDUCTIONS:
+        raise ValueError(f"pixel_loss_reduction must be one of {PIXEL_LOSS_REDUCTIONS}, got {pixel_loss_reduction!r}")
+    B, _, Lq, Lk = attns[0].shape
+    for m, a in enumerate(attns):
+        if a.dim() != 4 or a.shape[0] != B or a.shape[2] != Lq or a.shape[3] != Lk:
+            raise ValueError(f"attns[{m}] has shape {tuple(a.shape)}; every layer must be (B={B}, H, Lq={Lq}, Lk={Lk})")
+    if validate_values:
+        check_token_phrase(token_phrase, phrase_masks.shape[1])
+    kw = {"token_loss_heads": token_loss_heads, "validate_values": False}
+    per_layer = [grounding_losses(a, phrase_masks, token_phrase, **kw) for a in attns]
+    token = torch.stack([out["token"] for out in per_layer]).sum()
+    if pixel_loss_reduction == "per_layer":
+        return {"token": token, "pixel": torch.stack([out["pixel"] for out in per_layer]).sum()}
+    dtype = torch.float64 if attns[0].dtype == torch.float64 else torch.float32
+    group_map = torch.stack([a.to(dtype).mean(dim=1) for a in attns]).mean(dim=0)  # Ā_group: (B, Lq, Lk)
+    # one "head" holding Ā_group: grounding_losses' head mean is then the identity
+    pixel = grounding_losses(group_map.unsqueeze(1), phrase_masks, token_phrase, **kw)["pixel"]
+    return {"token": token, "pixel": pixel}

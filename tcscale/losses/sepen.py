@@ -4,13 +4,15 @@ Notation: B samples, K object slots, h×w the SepEn resolution (16×16 for SD1.4
 Lk text tokens (77, SOT at position 0). Token positions index the tokenizer's ``input_ids`` directly,
 SOT included, so position i is column i of the attention probabilities (the official code is off by one).
 
-* ``object_maps``   paper Eq. 2: Ā = mean over the given layers and their heads of the per-head
+* ``object_maps``   (DESIGN §3): Ā = mean over the given layers and their heads of the per-head
   probabilities (all Lk tokens, no SOT exclusion, no re-softmax); object k's map A_k = mean of Ā[:, i]
   over its tokens i ∈ T_k.
-* ``separate_loss`` Eq. 3: L_sep = max_u ( Π_k A_k[u] / Σ_k A_k[u] ), per sample, mean over the batch.
-* ``enhance_loss``  Eq. 5: L_en = 1 − min_k max_u (G ∗ A_k)[u], G a 3×3 Gaussian (σ = 0.5, sum 1),
-  reflect padding; mean over the batch.
-* ``norm_loss``     Eq. 6: mean squared error between the trained and the frozen U-Net's ε predictions.
+* ``separate_loss`` paper Eq. 2: L_sep = max_u ( Π_k A_k[u] / Σ_k A_k[u] ), per sample, mean over the batch.
+* ``enhance_loss``  paper Eq. 3: L_en = 1 − min_k max_u (G ∗ A_k)[u], G a 3×3 Gaussian (σ = 0.5, sum 1),
+  reflect padding; mean over the batch. ``kernel="paper"``: G ∝ exp(−x²/2σ²); ``kernel="official"``: the
+  official code's kernel (from Attend-and-Excite), G ∝ exp(−x²/4σ²) — centre weight 0.62 vs 0.33 at σ = 0.5.
+* ``norm_loss``     paper Eq. 5: mean squared error between the trained and the frozen U-Net's ε predictions.
+  The total, paper Eq. 6: L = λ_n L_norm + λ_sep L_sep + λ_en L_en (the objective, tcscale.objectives.sepen).
 
 Variable object counts: objects are given per sample, so samples may name different numbers of objects
 (K ≥ 2 each). Maps are returned padded to the batch's largest K together with a (B, K) ``valid`` mask;
@@ -24,12 +26,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 
 ObjectTokens = Sequence[Sequence[Sequence[int]]]
 """Per sample, a list of K objects, each a list of token positions (indices into the 77 input_ids)."""
+
+SmoothingKernel = Literal["paper", "official"]
+"""3×3 Gaussian of L_en: ``paper`` exp(−x²/2σ²) (paper Eq. 3, σ = 0.5); ``official`` exp(−x²/4σ²) (the official code,
+whose smoothing comes from Attend-and-Excite)."""
+SMOOTHING_KERNELS: tuple[str, ...] = get_args(SmoothingKernel)
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -72,7 +80,7 @@ def object_maps(
     *,
     size: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-object attention maps averaged over layers and heads (paper Eq. 2).
+    """Per-object attention maps averaged over layers and heads: the A_k of paper Eq. 2 and 3 (DESIGN §3).
 
     Args:
         attn_maps: list of (B, H_m, Lq, Lk) per-head attention probabilities, one per cross-attention layer
@@ -138,7 +146,7 @@ def _check_maps(A: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
 
 
 def separate_loss(A: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
-    """L_sep = max_u ( Π_k A_k[u] / Σ_k A_k[u] ) per sample, mean over the batch (paper Eq. 3).
+    """L_sep = max_u ( Π_k A_k[u] / Σ_k A_k[u] ) per sample, mean over the batch (paper Eq. 2).
 
     Args:
         A: (B, K, h, w) object maps (``object_maps``), non-negative.
@@ -161,43 +169,51 @@ def separate_loss(A: torch.Tensor, valid: torch.Tensor | None = None) -> torch.T
     return overlap.flatten(1).amax(dim=1).mean()
 
 
-def gaussian_kernel_3x3(sigma: float = 0.5, *, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
-    """(3, 3) Gaussian exp(−(x² + y²) / 2σ²) on offsets {−1, 0, 1}², normalised to sum 1."""
+def gaussian_kernel_3x3(
+    sigma: float = 0.5, *, kernel: str = "paper", dtype: torch.dtype = torch.float32, device=None
+) -> torch.Tensor:
+    """(3, 3) Gaussian on offsets {−1, 0, 1}², normalised to sum 1: exp(−(x² + y²) / 2σ²) (``kernel="paper"``) or
+    exp(−(x² + y²) / 4σ²) (``kernel="official"``, the official code's Attend-and-Excite smoothing)."""
     if sigma <= 0:
         raise ValueError(f"sigma must be > 0, got {sigma}")
+    if kernel not in SMOOTHING_KERNELS:
+        raise ValueError(f"kernel must be one of {SMOOTHING_KERNELS}, got {kernel!r}")
     x = torch.tensor([-1.0, 0.0, 1.0], dtype=torch.float64)
-    g1 = torch.exp(-(x**2) / (2.0 * sigma**2))
+    g1 = torch.exp(-(x**2) / ((2.0 if kernel == "paper" else 4.0) * sigma**2))
     g2 = torch.outer(g1, g1)
     return (g2 / g2.sum()).to(dtype=dtype, device=device)
 
 
-def smooth_maps(A: torch.Tensor, sigma: float = 0.5) -> torch.Tensor:
+def smooth_maps(A: torch.Tensor, sigma: float = 0.5, kernel: str = "paper") -> torch.Tensor:
     """G ∗ A_k per map: 3×3 Gaussian with reflect padding (same size). A: (B, K, h, w), h, w ≥ 2."""
     B, K, h, w = A.shape
-    kernel = gaussian_kernel_3x3(sigma, dtype=A.dtype, device=A.device).view(1, 1, 3, 3)
+    weights = gaussian_kernel_3x3(sigma, kernel=kernel, dtype=A.dtype, device=A.device).view(1, 1, 3, 3)
     x = F.pad(A.reshape(B * K, 1, h, w), (1, 1, 1, 1), mode="reflect")
-    return F.conv2d(x, kernel).reshape(B, K, h, w)
+    return F.conv2d(x, weights).reshape(B, K, h, w)
 
 
-def enhance_loss(A: torch.Tensor, valid: torch.Tensor | None = None, sigma: float = 0.5) -> torch.Tensor:
-    """L_en = 1 − min_k max_u (G ∗ A_k)[u] per sample, mean over the batch (paper Eq. 5).
+def enhance_loss(
+    A: torch.Tensor, valid: torch.Tensor | None = None, sigma: float = 0.5, kernel: str = "paper"
+) -> torch.Tensor:
+    """L_en = 1 − min_k max_u (G ∗ A_k)[u] per sample, mean over the batch (paper Eq. 3).
 
     Args:
         A: (B, K, h, w) object maps (``object_maps``).
         valid: (B, K) bool, real object slots; None -> all K. Every sample needs ≥ 1 real object.
         sigma: standard deviation of the 3×3 Gaussian G (paper: 0.5).
+        kernel: "paper" exp(−x²/2σ²) | "official" exp(−x²/4σ²) (``gaussian_kernel_3x3``).
     """
     valid = _check_maps(A, valid)
     if bool((valid.sum(-1) < 1).any()):
         raise ValueError("enhance_loss needs at least one object per sample")
     A = A.to(_compute_dtype(A))
-    peak = smooth_maps(A, sigma).flatten(2).amax(dim=2)  # (B, K) max_u (G ∗ A_k)[u]
+    peak = smooth_maps(A, sigma, kernel).flatten(2).amax(dim=2)  # (B, K) max_u (G ∗ A_k)[u]
     peak = torch.where(valid, peak, torch.full_like(peak, math.inf))
     return (1.0 - peak.amin(dim=1)).mean()
 
 
 def norm_loss(eps_pred: torch.Tensor, eps_frozen: torch.Tensor) -> torch.Tensor:
-    """L_norm = ‖ε_θ − ε_frozen‖² as a mean over every element (F.mse_loss, reduction="mean"; paper Eq. 6).
+    """L_norm = ‖ε_θ − ε_frozen‖² as a mean over every element (F.mse_loss, reduction="mean"; paper Eq. 5).
 
     ``eps_frozen`` (the frozen U-Net's prediction on the same z_t, t and single-concept prompt) is a target:
     it is detached. Computed in float32 (float64 for float64 inputs).
@@ -213,8 +229,10 @@ def sepen_losses(
     object_tokens: ObjectTokens | torch.Tensor,
     *,
     sigma: float = 0.5,
+    kernel: str = "paper",
     size: tuple[int, int] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """{"sep": L_sep, "en": L_en} from the SepEn-resolution attention probabilities (object_maps + both losses)."""
+    """{"sep": L_sep (Eq. 2), "en": L_en (Eq. 3)} from the SepEn-resolution attention probabilities (object_maps +
+    both losses); ``kernel`` picks L_en's smoothing ("paper" exp(−x²/2σ²) | "official" exp(−x²/4σ²))."""
     maps, valid = object_maps(attn_maps, object_tokens, size=size)
-    return {"sep": separate_loss(maps, valid), "en": enhance_loss(maps, valid, sigma=sigma)}
+    return {"sep": separate_loss(maps, valid), "en": enhance_loss(maps, valid, sigma=sigma, kernel=kernel)}

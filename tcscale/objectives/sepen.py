@@ -1,9 +1,15 @@
-"""Separate-and-Enhance objective: L = λ_sep L_sep + λ_en L_en (+ λ_n L_norm), training attn2.to_k only.
+"""Separate-and-Enhance objective: L = λ_sep L_sep + λ_en L_en (+ λ_n L_norm), training attn2.to_k only (paper Eq. 6).
 
 Data-free: each micro-step draws K-object prompts from the concept list (a pure function of (seed, micro_step,
-rank)), feeds z_t ~ N(0, I) at a random timestep, and reads the probabilities of every cross-attention layer at
-`objective.sepen.map_resolution`. With lambda_norm > 0, single-concept prompts on fresh z_t keep the prediction
-close to a frozen copy of the U-Net taken before training.
+rank)), feeds a latent at a random timestep, and reads the probabilities of every cross-attention layer at
+`objective.sepen.map_resolution`. With lambda_norm > 0, single-concept prompts on fresh latents keep the
+prediction close to a frozen copy of the U-Net taken before training.
+
+Paper or official code (docs/FIDELITY.md): `fidelity: paper | official` sets `kernel` (L_en's 3×3 smoothing),
+`latent` (pure noise z_t ~ N(0, I) or the official z₀ = 0.18215·N(0, I) noised to step t) and `prompts` (paper
+templates or the official ones) at once; each left null takes the preset's value, one set explicitly wins.
+`pair_index` trains one model on one concept pair (the paper's protocol; launchers/slurm/sepen_pairs.sbatch runs
+every pair as an array job); the λ weights are plain options (the paper's text is ambiguous, see FIDELITY.md).
 """
 
 from __future__ import annotations
@@ -17,29 +23,88 @@ import torch
 from tcscale.attention.plan import GroundingPlan, vae_scale_factor
 from tcscale.attention.processors import install_grounding_processors
 from tcscale.attention.recorders import ProbsRecorder
-from tcscale.losses.sepen import norm_loss, sepen_losses
+from tcscale.losses.sepen import SmoothingKernel, norm_loss, sepen_losses
 from tcscale.objectives.base import BuildContext, StepOutput, register_objective, unet_trainable_parameters
-from tcscale.objectives.sepen_prompts import SepEnPromptSampler
+from tcscale.objectives.fidelity import Fidelity, apply_preset, resolved
+from tcscale.objectives.sepen_prompts import SepEnPromptSampler, pair_concepts
 
 TRAINABLE_SUFFIXES = ("attn2.to_k.weight", "attn2.to_k.bias")
+SepEnLatent = Literal["pure_noise", "official"]
+SepEnPrompts = Literal["paper", "official"]
+
+FIDELITY_PRESETS: dict[str, dict[str, str]] = {
+    "paper": {"kernel": "paper", "latent": "pure_noise", "prompts": "paper"},
+    "official": {"kernel": "official", "latent": "official", "prompts": "official"},
+}
+"""What `objective.sepen.fidelity` sets (docs/FIDELITY.md has the source of every row)."""
+SECTION = "objective.sepen"
 
 
 @dataclass
 class SepEnConfig:
     concepts: str = "pairs"  # "pairs" | "large" | path to a concept list (one object noun per line)
     split: Literal["seen", "unseen", "all"] = "seen"  # large-scale list split to train on
+    pair_index: int | None = None  # concepts=pairs: train on pair N of pairs.txt only (0-based; paper); null: all
     objects_per_prompt: int = 2  # K >= 2 objects per composed prompt
     map_resolution: int = 16  # latent side of the maps L_sep / L_en use (16 for SD1.4 at 512 px)
-    lambda_sep: float = 1.0  # weight of L_sep
-    lambda_en: float = 0.5  # weight of L_en
+    lambda_sep: float = 1.0  # weight of L_sep (official config 1.0)
+    lambda_en: float = 0.5  # weight of L_en (official config 0.5)
     lambda_norm: float = 0.0  # weight of L_norm (0.5 for large-scale training; 0 disables the frozen copy)
     gaussian_sigma: float = 0.5  # sigma of the 3x3 Gaussian smoothing in L_en
+    fidelity: Fidelity = "paper"  # preset for the three options below: paper | official (docs/FIDELITY.md)
+    kernel: SmoothingKernel | None = None  # L_en smoothing exp(-x²/2σ²) paper | exp(-x²/4σ²) official; null: preset
+    latent: SepEnLatent | None = None  # z_t ~ N(0, I) pure_noise | 0.18215·N(0, I) noised to t official; null: preset
+    prompts: SepEnPrompts | None = None  # paper templates (a/an) | official ones (docs/FIDELITY.md); null: preset
+
+
+def resolve_sepen(cfg: SepEnConfig) -> SepEnConfig:
+    """A copy with every preset-driven option set (the config check does this in place at load time)."""
+    return resolved(cfg, FIDELITY_PRESETS, SECTION)
+
+
+def prompt_style(cfg: SepEnConfig) -> str:
+    """The sampler style of `cfg.prompts`: the official code has one template per setting (pairs / large-scale)."""
+    if cfg.prompts == "paper":
+        return "paper"
+    return "official_pairs" if cfg.concepts == "pairs" else "official_large"
+
+
+def sepen_latents(
+    kind: str,
+    shape: tuple[int, ...],
+    scheduler,
+    generator: torch.Generator,
+    *,
+    device: torch.device | str = "cpu",
+    scaling_factor: float = 0.18215,
+    timesteps: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z_t, t) for one SepEn forward: t ~ U{0..T−1} (or `timesteps`) and
+
+    * ``pure_noise`` (paper): z_t ~ N(0, I), whatever t;
+    * ``official``: z₀ = scaling_factor · N(0, I) (0.18215: the SD VAE's latent scale), noised to step t by the
+      scheduler, z_t = √ᾱ_t z₀ + √(1 − ᾱ_t) ε — std √(ᾱ_t · 0.18215² + 1 − ᾱ_t), 0.184 at t = 0 on the SD schedule.
+    """
+    B = shape[0]
+    T = scheduler.config.num_train_timesteps
+    if kind == "pure_noise":
+        z = torch.randn(shape, generator=generator, device=device)
+        t = torch.randint(0, T, (B,), generator=generator, device=device).long() if timesteps is None else timesteps
+        return z, t.to(device)
+    if kind != "official":
+        raise ValueError(f"latent must be 'pure_noise' or 'official', got {kind!r}")
+    z0 = scaling_factor * torch.randn(shape, generator=generator, device=device)
+    eps = torch.randn(shape, generator=generator, device=device)
+    t = torch.randint(0, T, (B,), generator=generator, device=device).long() if timesteps is None else timesteps
+    t = t.to(device)
+    return scheduler.add_noise(z0, eps, t), t
 
 
 class SepEnObjective:
     reads_data = False
 
     def __init__(self, cfg: SepEnConfig, ctx: BuildContext):
+        cfg = resolve_sepen(cfg)
         self.sep, self.comps, self.dtype, self.device, self.rank = cfg, ctx.comps, ctx.dtype, ctx.device, ctx.rank
         self.micro_batch = ctx.micro_batch_size
         unet = self.module = ctx.comps.unet
@@ -65,9 +130,11 @@ class SepEnObjective:
         self.sampler = SepEnPromptSampler.from_concepts(
             cfg.concepts,
             split=None if cfg.concepts == "pairs" else cfg.split,
+            pair_index=cfg.pair_index,
             num_objects=(2, cfg.objects_per_prompt),
             seed=ctx.cfg.seed,
             tokenizer=ctx.comps.tokenizer,
+            style=prompt_style(cfg),
         )
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
@@ -89,10 +156,11 @@ class SepEnObjective:
 
     def _noise_and_t(self, B: int, generator: torch.Generator):
         side = self.plan.input_side
-        channels = self.module.config.in_channels
-        z = torch.randn((B, channels, side, side), generator=generator, device=self.device)
-        T = self.comps.noise_scheduler.config.num_train_timesteps
-        t = torch.randint(0, T, (B,), generator=generator, device=self.device).long()
+        shape = (B, self.module.config.in_channels, side, side)
+        z, t = sepen_latents(
+            self.sep.latent, shape, self.comps.noise_scheduler, generator, device=self.device,
+            scaling_factor=self.comps.vae.config.scaling_factor,
+        )  # fmt: skip
         return z.to(self.dtype), t
 
     def __call__(self, model, batch: dict, generator: torch.Generator) -> StepOutput:
@@ -102,7 +170,10 @@ class SepEnObjective:
         with ProbsRecorder(z.shape[-2:]) as rec:
             model(z, t, text, cross_attention_kwargs=rec.kwargs)
         losses = sepen_losses(
-            [r.probs for r in rec.records], [list(p.token_positions) for p in prompts], sigma=self.sep.gaussian_sigma
+            [r.probs for r in rec.records],
+            [list(p.token_positions) for p in prompts],
+            sigma=self.sep.gaussian_sigma,
+            kernel=self.sep.kernel,
         )
         loss = self.sep.lambda_sep * losses["sep"] + self.sep.lambda_en * losses["en"]
         terms = {"sep": losses["sep"], "en": losses["en"]}
@@ -119,9 +190,26 @@ class SepEnObjective:
 
 
 def check_sepen_options(cfg) -> None:
+    """Resolve the fidelity preset in place (the saved config.yaml shows the values), then check combinations."""
     sep = cfg.objective.sepen
+    apply_preset(sep, FIDELITY_PRESETS, SECTION)
     if sep.objects_per_prompt < 2:
         raise ValueError(f"objective.sepen.objects_per_prompt must be >= 2, got {sep.objects_per_prompt}")
+    if sep.prompts == "official" and sep.objects_per_prompt != 2 and sep.concepts != "pairs":
+        raise ValueError(
+            f"objective.sepen.prompts=official: the official templates name two objects; "
+            f"objective.sepen.objects_per_prompt must be 2, got {sep.objects_per_prompt}"
+        )
+    if sep.pair_index is not None:
+        if sep.concepts != "pairs":
+            raise ValueError(
+                f"objective.sepen.pair_index applies to objective.sepen.concepts=pairs, got concepts={sep.concepts!r}"
+            )
+        n = len(pair_concepts())
+        if not 0 <= sep.pair_index < n:
+            raise ValueError(
+                f"objective.sepen.pair_index must be in [0, {n}) (concepts/pairs.txt), got {sep.pair_index}"
+            )
     if cfg.attention.backend != "reference":
         raise ValueError(
             f"objective.name=sepen reads the attention probabilities: attention.backend must be 'reference', "

@@ -13,6 +13,12 @@ Concept lists (text files under ``tcscale/objectives/concepts/``):
 ``SepEnPromptSampler`` is deterministic in (seed, step, rank): the same triple always gives the same
 prompts, whichever process asks. ``multi`` composes K-object prompts ("a photo of a cat and a dog",
 "a cat, a dog and a bird"); ``single`` gives single-concept prompts for L_norm ("a photo of a cat").
+
+Prompt styles (``style``; docs/FIDELITY.md): ``paper`` — the templates above, nouns with a/an articles, any K;
+``official_pairs`` — the official individual-pair template "a photo of {c1} and {c2}" (no articles);
+``official_large`` — the official large-scale template "a photo of a {A} {and|with} a {B}" ("a" before every noun,
+the conjunction drawn per prompt). The official styles name exactly two objects; single prompts are the same in
+every style.
 Each prompt carries, per object, the positions of all BPE tokens of its noun in the tokenized prompt
 (indices into the 77 ``input_ids``, SOT = 0; the first occurrence of the noun's token sequence). A draw in
 which an object's first occurrence is not the object itself (e.g. "dog" inside an earlier "hot dog", or a
@@ -35,6 +41,9 @@ from tcscale.data.align import PhraseAligner
 CONCEPTS_DIR = Path(__file__).resolve().parent / "concepts"
 DEFAULT_TEMPLATES: tuple[str, ...] = ("a photo of {objects}", "{objects}")
 SINGLE_TEMPLATES: tuple[str, ...] = ("a photo of {objects}",)
+OFFICIAL_TEMPLATES: tuple[str, ...] = ("a photo of {objects}",)
+PROMPT_STYLES: tuple[str, ...] = ("paper", "official_pairs", "official_large")
+OFFICIAL_LARGE_CONJUNCTIONS: tuple[str, ...] = ("and", "with")
 _MULTI_STREAM, _SINGLE_STREAM = 0, 1  # independent RNG streams per (seed, step, rank)
 _MAX_REDRAWS = 100
 
@@ -112,6 +121,21 @@ def join_objects(nouns: Sequence[str]) -> str:
     return ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
+def join_objects_official(nouns: Sequence[str], style: str, conjunction: str = "and") -> str:
+    """The official templates' object phrase: ``official_pairs`` "cat and dog"; ``official_large`` "a cat and a dog"
+    or "a cat with a dog" (always "a"). Exactly two nouns."""
+    if len(nouns) != 2:
+        raise ValueError(f"the official {style} template names exactly 2 objects, got {list(nouns)}")
+    a, b = nouns
+    if style == "official_pairs":
+        return f"{a} and {b}"
+    if style == "official_large":
+        if conjunction not in OFFICIAL_LARGE_CONJUNCTIONS:
+            raise ValueError(f"conjunction must be one of {OFFICIAL_LARGE_CONJUNCTIONS}, got {conjunction!r}")
+        return f"a {a} {conjunction} a {b}"
+    raise ValueError(f"style must be one of {PROMPT_STYLES[1:]} here, got {style!r}")
+
+
 @lru_cache(maxsize=1)
 def _default_tokenizer() -> Any:
     from tcscale.models.tokenizer import sd_clip_tokenizer
@@ -135,10 +159,12 @@ class SepEnPromptSampler:
         pairs: instead of ``nouns``, fixed object pairs (individual-pair setting): every multi-object
             prompt names one pair (in random order); single prompts name one noun of the pairs.
         num_objects: (min, max) objects per multi-object prompt, K drawn uniformly; min ≥ 2.
-        templates: multi-object templates with one ``{objects}`` field; one is drawn per prompt.
+        templates: multi-object templates with one ``{objects}`` field; one is drawn per prompt (None: the
+            style's, ``DEFAULT_TEMPLATES`` for "paper", ``OFFICIAL_TEMPLATES`` for the official styles).
         single_templates: templates of the single-concept (L_norm) prompts.
         seed: run seed; prompts are a pure function of (seed, step, rank, index in batch).
         tokenizer: the model's CLIP tokenizer; None -> the SD1.x tokenizer (offline).
+        style: "paper" | "official_pairs" | "official_large" (module docstring); the official ones need K = 2.
     """
 
     def __init__(
@@ -147,16 +173,22 @@ class SepEnPromptSampler:
         *,
         pairs: Sequence[tuple[str, str]] | None = None,
         num_objects: tuple[int, int] = (2, 2),
-        templates: Sequence[str] = DEFAULT_TEMPLATES,
+        templates: Sequence[str] | None = None,
         single_templates: Sequence[str] = SINGLE_TEMPLATES,
         seed: int = 0,
         tokenizer: Any | None = None,
+        style: str = "paper",
     ) -> None:
         if (nouns is None) == (pairs is None):
             raise ValueError("give exactly one of nouns (K-object prompts) or pairs (individual-pair setting)")
+        if style not in PROMPT_STYLES:
+            raise ValueError(f"style must be one of {PROMPT_STYLES}, got {style!r}")
         lo, hi = num_objects
         if lo < 2 or hi < lo:
             raise ValueError(f"num_objects must be (min, max) with 2 <= min <= max, got {num_objects}")
+        if templates is None:
+            templates = DEFAULT_TEMPLATES if style == "paper" else OFFICIAL_TEMPLATES
+        self.style = style
         for t in (*templates, *single_templates):
             if t.count("{objects}") != 1:
                 raise ValueError(f"template {t!r} must contain '{{objects}}' exactly once")
@@ -173,6 +205,8 @@ class SepEnPromptSampler:
             self.nouns = tuple(dict.fromkeys(nouns))
             if len(self.nouns) < num_objects[1]:
                 raise ValueError(f"{len(self.nouns)} nouns cannot fill prompts of {num_objects[1]} distinct objects")
+        if style != "paper" and num_objects[1] != 2:
+            raise ValueError(f"prompt style {style!r} names exactly 2 objects, got num_objects={num_objects}")
         self.num_objects = num_objects
         self.templates = tuple(templates)
         self.single_templates = tuple(single_templates)
@@ -199,6 +233,8 @@ class SepEnPromptSampler:
                 raise ValueError("the pairs setting has no seen/unseen split")
             pairs = pair_concepts()
             if pair_index is not None:
+                if not 0 <= pair_index < len(pairs):
+                    raise ValueError(f"pair_index must be in [0, {len(pairs)}) (pairs.txt), got {pair_index}")
                 pairs = [pairs[pair_index]]
             return cls(pairs=pairs, **kwargs)
         if pair_index is not None:
@@ -221,9 +257,14 @@ class SepEnPromptSampler:
             raise ValueError(f"step and rank must be >= 0, got step={step}, rank={rank}")
         return np.random.default_rng([self.seed, int(step), int(rank), stream])
 
-    def compose(self, template: str, objects: Sequence[str]) -> ObjectPrompt | None:
-        """Fill ``template`` with ``objects``; None when an object's first occurrence is not itself (ambiguous)."""
-        text = template.format(objects=join_objects(objects))
+    def compose(self, template: str, objects: Sequence[str], conjunction: str = "and") -> ObjectPrompt | None:
+        """Fill ``template`` with ``objects`` in this sampler's style (``conjunction``: official_large's and|with, for
+        multi-object prompts); None when an object's first occurrence is not itself (ambiguous)."""
+        if self.style == "paper" or len(objects) == 1:
+            phrase = join_objects(objects)
+        else:
+            phrase = join_objects_official(objects, self.style, conjunction)
+        text = template.format(objects=phrase)
         alignment = self.aligner.align(text, list(objects))  # the loader's rule: longer phrases claim first
         positions = []
         for noun, pos in zip(objects, alignment.positions):
@@ -243,7 +284,10 @@ class SepEnPromptSampler:
             else:
                 n = int(rng.integers(self.num_objects[0], self.num_objects[1] + 1))
                 objects = [self.nouns[i] for i in rng.choice(len(self.nouns), size=n, replace=False)]
-            prompt = self.compose(template, objects)
+            conjunction = "and"
+            if self.style == "official_large" and k != 1:  # drawn after the objects: the paper stream is unchanged
+                conjunction = OFFICIAL_LARGE_CONJUNCTIONS[int(rng.integers(len(OFFICIAL_LARGE_CONJUNCTIONS)))]
+            prompt = self.compose(template, objects, conjunction)
             if prompt is not None:
                 return prompt
         raise ValueError(f"could not compose an unambiguous prompt in {_MAX_REDRAWS} draws; check the noun list")

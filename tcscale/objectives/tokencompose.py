@@ -2,6 +2,12 @@
 
 The grounded layers come from `attention` (blocks, resolutions, mask rule) as a `GroundingPlan`; the loader makes
 each batch's layer masks from the same plan. The L_LDM term is configured by `objective.ldm`.
+
+Paper or official code (docs/FIDELITY.md): `fidelity: paper | official` sets `token_loss_heads`,
+`pixel_loss_reduction` and `mask_full_res` at once; each left null takes the preset's value, one set explicitly
+wins. With `pixel_loss_reduction: per_resolution` the pixel term is computed once per (place, resolution) group
+(mid_8, up_16, up_32, up_64 on SD1.4) on the map averaged over the group's layers and heads, as the official
+`get_grounding_loss_by_layer` does; the token term stays a sum over layers.
 """
 
 from __future__ import annotations
@@ -10,44 +16,76 @@ from dataclasses import dataclass
 
 import torch
 
+from tcscale.attention.masks import MaskFullRes
 from tcscale.attention.plan import GroundingPlan, vae_scale_factor
 from tcscale.attention.processors import install_grounding_processors
-from tcscale.attention.recorders import LossRecorder
-from tcscale.losses.grounding import TokenLossHeads
+from tcscale.attention.recorders import GroupedLossRecorder, LossRecorder
+from tcscale.losses.grounding import PixelLossReduction, TokenLossHeads
 from tcscale.objectives.base import BuildContext, StepOutput, register_objective
+from tcscale.objectives.fidelity import Fidelity, apply_preset, resolved
 from tcscale.objectives.ldm import LDMObjective, check_ldm_options
+
+FIDELITY_PRESETS: dict[str, dict[str, str]] = {
+    "paper": {"token_loss_heads": "mean_map", "pixel_loss_reduction": "per_layer", "mask_full_res": "binary"},
+    "official": {"token_loss_heads": "per_head", "pixel_loss_reduction": "per_resolution", "mask_full_res": "soft"},
+}
+"""What `objective.tokencompose.fidelity` sets (docs/FIDELITY.md has the source of every row)."""
+SECTION = "objective.tokencompose"
 
 
 @dataclass
 class TokenComposeConfig:
     token_loss_weight: float = 1e-3  # λ: weight of L_token, per grounded layer (paper 1e-3)
-    pixel_loss_weight: float = 5e-5  # γ: weight of L_pixel, per grounded layer (paper 5e-5)
-    token_loss_heads: TokenLossHeads = "mean_map"  # ratio on the head-averaged map (paper Eq. 5) | per_head (official)
+    pixel_loss_weight: float = 5e-5  # γ: weight of L_pixel, per grounded layer (or group, per_resolution) (5e-5)
+    fidelity: Fidelity = "paper"  # preset for the three options below: paper | official (docs/FIDELITY.md)
+    # ratio on the head-averaged map (paper Eq. 5) | per_head (official); null -> from the preset
+    token_loss_heads: TokenLossHeads | None = None
+    # L_pixel per layer (paper Eq. 7) | per_resolution: once per (place, resolution) group (official); null -> preset
+    pixel_loss_reduction: PixelLossReduction | None = None
+    # 512-px mask before the layer resize: binary (at 0.5) | soft (normalised to max 1, official); null -> preset
+    mask_full_res: MaskFullRes | None = None
+
+
+def resolve_tokencompose(cfg: TokenComposeConfig) -> TokenComposeConfig:
+    """A copy with every preset-driven option set (the config check does this in place at load time)."""
+    return resolved(cfg, FIDELITY_PRESETS, SECTION)
 
 
 class TokenComposeObjective(LDMObjective):
-    """L_LDM plus the token and pixel losses of every grounded layer, summed over layers."""
+    """L_LDM plus the token and pixel losses of every grounded layer (or group of layers), summed."""
 
     def __init__(self, cfg: TokenComposeConfig, ctx: BuildContext):
         super().__init__(ctx.cfg.objective.ldm, ctx)
-        self.tc = cfg
+        self.tc = cfg = resolve_tokencompose(cfg)
         self.plan = GroundingPlan.from_config(
-            self.module, ctx.cfg.attention, ctx.cfg.data.resolution, vae_scale_factor(ctx.comps.vae)
+            self.module,
+            ctx.cfg.attention,
+            ctx.cfg.data.resolution,
+            vae_scale_factor(ctx.comps.vae),
+            mask_full_res=cfg.mask_full_res,
         )
         install_grounding_processors(self.module, self.plan, ctx.cfg.attention.backend)
 
-    def __call__(self, model, batch: dict, generator: torch.Generator) -> StepOutput:
-        nb = self.noised(batch, generator)
+    def recorder(self, latent_size: tuple[int, int], batch: dict) -> LossRecorder:
+        """The recorder of one micro-step: per layer (paper) or per (place, resolution) group (official pixel loss)."""
         layer_masks = {k: v.to(self.device) for k, v in (batch.get("layer_masks") or {}).items()}
         phrase_masks = batch.get("phrase_masks")
-        with LossRecorder(
-            tuple(nb.latents.shape[-2:]),
-            batch["token_phrase"].to(self.device),
+        kwargs = dict(
             layer_masks=layer_masks,
             phrase_masks=None if phrase_masks is None else phrase_masks.to(self.device),
             mask_rule=self.plan.mask_rule,
             token_loss_heads=self.tc.token_loss_heads,
-        ) as rec:
+        )
+        token_phrase = batch["token_phrase"].to(self.device)
+        if self.tc.pixel_loss_reduction == "per_resolution":
+            return GroupedLossRecorder(
+                latent_size, token_phrase, groups=self.plan.groups(), pixel_loss_reduction="per_resolution", **kwargs
+            )
+        return LossRecorder(latent_size, token_phrase, **kwargs)
+
+    def __call__(self, model, batch: dict, generator: torch.Generator) -> StepOutput:
+        nb = self.noised(batch, generator)
+        with self.recorder(tuple(nb.latents.shape[-2:]), batch) as rec:
             pred = model(nb.noisy, nb.timesteps, nb.text, cross_attention_kwargs=rec.kwargs).sample
         ldm = self.ldm_loss(pred, nb)
         token, pixel = rec.total("token"), rec.total("pixel")
@@ -55,10 +93,24 @@ class TokenComposeObjective(LDMObjective):
         return StepOutput(loss, {"ldm": ldm, "token": token, "pixel": pixel})
 
 
+def check_tokencompose_options(cfg) -> None:
+    """Resolve the fidelity preset in place (the saved config.yaml shows the values), then check combinations."""
+    check_ldm_options(cfg)
+    tc = cfg.objective.tokencompose
+    filled = apply_preset(tc, FIDELITY_PRESETS, SECTION)
+    if tc.pixel_loss_reduction == "per_resolution" and cfg.attention.backend == "fused":
+        source = f" (from objective.tokencompose.fidelity={tc.fidelity})" if "pixel_loss_reduction" in filled else ""
+        raise ValueError(
+            f"objective.tokencompose.pixel_loss_reduction=per_resolution{source} needs the attention probabilities "
+            "of every layer of a group, which attention.backend=fused never materialises: set "
+            "attention.backend=reference or objective.tokencompose.pixel_loss_reduction=per_layer"
+        )
+
+
 register_objective(
     "tokencompose",
     TokenComposeConfig,
     TokenComposeObjective,
-    check=check_ldm_options,
+    check=check_tokencompose_options,
     description="L_LDM + λ L_token + γ L_pixel on the grounded cross-attention layers (Wang et al., CVPR 2024)",
 )
