@@ -50,6 +50,16 @@ if str(REPO) not in sys.path:  # `python benchmarks/bench_grounded_attention.py`
     sys.path.insert(0, str(REPO))
 RESULTS_DIR = REPO / "benchmarks" / "results"
 PROVIDERS = ("reference", "sdpa", "fused")
+OPTIONAL_PROVIDERS = ("xformers",)  # no-loss floor like sdpa; skipped with a message where it cannot run
+
+
+def xformers_unavailable() -> str | None:
+    """Why the xformers provider cannot run here (None when it can)."""
+    from tcscale.config import xformers_missing
+
+    return xformers_missing()
+
+
 MODES = ("forward", "backward", "full")
 LAMBDA_TOKEN, GAMMA_PIXEL = 1e-3, 5e-5  # DESIGN §3 loss weights: the upstream gradients of the two losses
 TARGET_VS_SDPA, TARGET_VS_REFERENCE = 1.15, 3.0  # DESIGN §7
@@ -152,6 +162,10 @@ def make_provider(provider: str, inputs) -> Callable[[], list[torch.Tensor]]:
     q, k, v, phrase_masks, token_phrase = inputs
     if provider == "sdpa":
         return lambda: [F.scaled_dot_product_attention(q, k, v)]
+    if provider == "xformers":  # memory_efficient_attention takes (B, L, H, d)
+        import xformers.ops as xops
+
+        return lambda: [xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))]
     # validate_values=False: the trainer validates token_phrase once per batch, not once per layer (no host sync)
     if provider == "reference":
         return lambda: list(
@@ -401,8 +415,13 @@ def main(argv: list[str] | None = None) -> int:
         device = "cuda"
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     providers = re.findall(r"[^,\[]+(?:\[[^\]]*\])?", args.providers)  # commas inside fused[...] stay
-    for provider in providers:
-        if provider not in PROVIDERS:
+    for provider in list(providers):
+        if provider in OPTIONAL_PROVIDERS:
+            reason = xformers_unavailable()
+            if reason:
+                print(f"provider {provider} skipped: it needs {reason}", file=sys.stderr)
+                providers.remove(provider)
+        elif provider not in PROVIDERS:
             parse_variant(provider)  # a bad variant fails before any timing
     modes = args.modes.split(",")
     if args.timer == "graph" and "backward" in modes and not args.smoke:

@@ -71,8 +71,10 @@ def time_provider(name: str, args, device: torch.device, dtype: torch.dtype) -> 
     # the objectives as a run builds them (default grounded layers: mid + every up block attn2)
     cfg = TrainConfig(max_steps=1)
     cfg.data.resolution = args.resolution
-    cfg.objective.name = "ldm" if name == "ldm_sdpa" else "tokencompose"
-    if name != "ldm_sdpa":
+    cfg.objective.name = "ldm" if name.startswith("ldm_") else "tokencompose"
+    if name == "ldm_xformers":
+        cfg.attention.ungrounded = "xformers"
+    elif not name.startswith("ldm_"):
         cfg.attention.backend = name.split("_")[-1]
     spec = OBJECTIVES[cfg.objective.name]
     objective = spec.build(getattr(cfg.objective, spec.name), BuildContext(cfg, comps, dtype, device, args.batch))
@@ -124,7 +126,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
-    ap.add_argument("--providers", default="ldm_sdpa,tokencompose_reference,tokencompose_fused")
+    ap.add_argument(
+        "--providers", default="ldm_sdpa,tokencompose_reference,tokencompose_fused", help="also ldm_xformers (GPU)"
+    )
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -132,6 +136,13 @@ def main(argv: list[str] | None = None) -> None:
     providers = args.providers.split(",")
     if device.type == "cpu" and "tokencompose_fused" in providers:
         providers.remove("tokencompose_fused")  # the fused kernel needs a GPU (the interpreter is no timing)
+    if "ldm_xformers" in providers:
+        from tcscale.config import xformers_missing
+
+        reason = xformers_missing()
+        if reason:
+            print(f"provider ldm_xformers skipped: it needs {reason}", file=sys.stderr)
+            providers.remove("ldm_xformers")
     rows = [time_provider(p, args, device, dtype) for p in providers]
     base = next((r["ms_median"] for r in rows if r["provider"] == "ldm_sdpa"), None)
     meta = {

@@ -23,6 +23,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from tcscale.attention.masks import MaskInterpolation
 from tcscale.attention.plan import Block
+from tcscale.attention.processors import UngroundedAttention
 from tcscale.data.config import DataConfig
 from tcscale.eval.grounding_maps import GroundingEvalConfig
 
@@ -68,6 +69,7 @@ class AttentionConfig:
     resolutions: list[int] | None = None  # keep layers whose latent side is listed (e.g. [16, 32]); null -> all
     mask_interpolation: MaskInterpolation = "bilinear"  # F.interpolate mode for masks -> layer resolution
     mask_threshold: float = 0.0  # binarise resized masks with > threshold (official: > 0)
+    ungrounded: UngroundedAttention = "sdpa"  # the layers no objective reads (self-attention, other attn2)
 
 
 @dataclass
@@ -177,6 +179,33 @@ def expected_vae_factor(model: ModelConfig) -> int:
     return 8
 
 
+def xformers_missing() -> str | None:
+    """What attention.ungrounded=xformers lacks here (None when usable): the package, or a CUDA GPU."""
+    if importlib.util.find_spec("xformers") is None:
+        return "the xformers package (pip install -e '.[xformers]')"
+    import torch
+
+    if not torch.cuda.is_available():
+        return "a CUDA GPU (xformers has no CPU kernels)"
+    if not xformers_kernels_loaded():
+        return (
+            f"xformers kernels that load beside torch {torch.__version__} (this xformers build's compiled library "
+            "does not; install an xformers built for this torch)"
+        )
+    return None
+
+
+def xformers_kernels_loaded() -> bool:
+    """Whether xformers' compiled (C++/CUDA) library loaded; a wheel built for another torch imports without it."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import xformers
+
+    return bool(getattr(xformers, "_has_cpp_library", False))
+
+
 def validate(cfg: TrainConfig) -> TrainConfig:
     """Checks beyond types: ranges, the DeepSpeed section, and the chosen objective's own checks (its spec's
     `check`). Raises ConfigError naming the key."""
@@ -226,6 +255,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"deepspeed.zero_optimization.stage must be 0..3, got {stage!r}")
     if ds.get("fp16", {}).get("enabled") and ds.get("bf16", {}).get("enabled"):
         raise ConfigError("deepspeed: fp16.enabled and bf16.enabled are both true; pick one")
+    if cfg.attention.ungrounded == "xformers":
+        missing = xformers_missing()
+        if missing:
+            raise ConfigError(f"attention.ungrounded=xformers needs {missing}; use attention.ungrounded=sdpa")
     if cfg.ema.enabled and stage == 3:
         raise ConfigError("ema.enabled with deepspeed.zero_optimization.stage=3 is not supported (use ZeRO-2)")
     check = OBJECTIVES[cfg.objective.name].check

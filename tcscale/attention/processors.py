@@ -16,7 +16,7 @@ from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0, XFormersAttnProcessor
 
 from tcscale.attention.plan import GroundingPlan, cross_attention_layers
 from tcscale.attention.recorders import Recorder
@@ -95,6 +95,26 @@ class GroundingAttnProcessor:
         return out / attn.rescale_output_factor
 
 
+UngroundedAttention = Literal["sdpa", "xformers"]
+UNGROUNDED_ATTENTION: tuple[str, ...] = get_args(UngroundedAttention)
+
+
+class XFormersPlainProcessor(XFormersAttnProcessor):
+    """xformers' memory-efficient attention (diffusers' processor) for the layers that are not grounded; accepts
+    (and ignores) the recorder. Needs the xformers package and a CUDA GPU (no CPU kernels)."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 grounding: Recorder | None = None, **kwargs):  # fmt: skip
+        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+
+
+def ungrounded_processor(kind: str):
+    """The processor of a layer no objective reads: SDPA (default) or xformers."""
+    if kind not in UNGROUNDED_ATTENTION:
+        raise ValueError(f"attention.ungrounded={kind!r} is not one of {list(UNGROUNDED_ATTENTION)}")
+    return XFormersPlainProcessor() if kind == "xformers" else PlainAttnProcessor()
+
+
 def check_backend_available(backend: str) -> None:
     """The fused backend needs a CUDA GPU or the Triton interpreter: a clear error naming the config key."""
     if backend != "fused":
@@ -110,9 +130,11 @@ def check_backend_available(backend: str) -> None:
         )
 
 
-def install_grounding_processors(unet: torch.nn.Module, plan: GroundingPlan | list[str], backend: str) -> None:
-    """Grounding processors on the plan's attn2 layers (or a list of names); every other attention layer gets
-    SDPA that accepts (and ignores) the ``grounding`` keyword."""
+def install_grounding_processors(
+    unet: torch.nn.Module, plan: GroundingPlan | list[str], backend: str, ungrounded: str = "sdpa"
+) -> None:
+    """Grounding processors on the plan's attn2 layers (or a list of names); every other attention layer gets the
+    `ungrounded` implementation (SDPA or xformers) that accepts (and ignores) the ``grounding`` keyword."""
     check_backend_available(backend)
     layers = list(plan.layers if isinstance(plan, GroundingPlan) else plan)
     if not layers:
@@ -122,12 +144,27 @@ def install_grounding_processors(unet: torch.nn.Module, plan: GroundingPlan | li
         raise KeyError(f"not cross-attention layers of this U-Net: {unknown}")
     for name, mod in unet.named_modules():
         if isinstance(mod, Attention):
-            mod.set_processor(GroundingAttnProcessor(name, backend) if name in layers else PlainAttnProcessor())
+            mod.set_processor(
+                GroundingAttnProcessor(name, backend) if name in layers else ungrounded_processor(ungrounded)
+            )
+
+
+def set_ungrounded_attention(unet: torch.nn.Module, kind: str) -> None:
+    """Every attention layer without a grounding processor gets the `kind` implementation (an LDM-only run)."""
+    for mod in unet.modules():
+        if isinstance(mod, Attention) and not isinstance(mod.processor, GroundingAttnProcessor):
+            mod.set_processor(ungrounded_processor(kind))
 
 
 def observe(unet: torch.nn.Module, plan: GroundingPlan) -> None:
-    """Make the plan's layers hand their attention to a recorder (for maps), installing reference processors where
-    a layer has none yet. Without a recorder they compute plain SDPA, so the model's outputs do not change."""
-    layers = cross_attention_layers(unet)
-    if not all(isinstance(layers[n].processor, GroundingAttnProcessor) for n in plan.layers):
-        install_grounding_processors(unet, plan, "reference")
+    """Make the plan's layers hand their attention to a recorder (for maps): reference processors where a layer has
+    none yet (without a recorder they compute plain SDPA, so the model's outputs do not change); other layers keep
+    their implementation, made to accept the ``grounding`` keyword where they do not."""
+    for name, mod in unet.named_modules():
+        if not isinstance(mod, Attention):
+            continue
+        if name in plan.layers:
+            if not isinstance(mod.processor, GroundingAttnProcessor):
+                mod.set_processor(GroundingAttnProcessor(name, "reference"))
+        elif not isinstance(mod.processor, (PlainAttnProcessor, XFormersPlainProcessor, GroundingAttnProcessor)):
+            mod.set_processor(PlainAttnProcessor())

@@ -40,6 +40,10 @@ class LDMObjective:
         self.module = ctx.comps.unet
         self.dtype = ctx.dtype
         self.device = ctx.device
+        if type(self) is LDMObjective and ctx.cfg.attention.ungrounded != "sdpa":
+            from tcscale.attention.processors import set_ungrounded_attention
+
+            set_ungrounded_attention(self.module, ctx.cfg.attention.ungrounded)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return unet_trainable_parameters(self.module)

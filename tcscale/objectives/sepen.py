@@ -126,7 +126,7 @@ class SepEnObjective:
         self.frozen = None
         if cfg.lambda_norm > 0:
             self.frozen = copy.deepcopy(unet).requires_grad_(False).to(ctx.device, ctx.dtype).eval()
-        install_grounding_processors(unet, self.plan, "reference")
+        install_grounding_processors(unet, self.plan, "reference", ctx.cfg.attention.ungrounded)
         self.sampler = SepEnPromptSampler.from_concepts(
             cfg.concepts,
             split=None if cfg.concepts == "pairs" else cfg.split,

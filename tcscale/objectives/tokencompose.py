@@ -64,7 +64,7 @@ class TokenComposeObjective(LDMObjective):
             vae_scale_factor(ctx.comps.vae),
             mask_full_res=cfg.mask_full_res,
         )
-        install_grounding_processors(self.module, self.plan, ctx.cfg.attention.backend)
+        install_grounding_processors(self.module, self.plan, ctx.cfg.attention.backend, ctx.cfg.attention.ungrounded)
 
     def recorder(self, latent_size: tuple[int, int], batch: dict) -> LossRecorder:
         """The recorder of one micro-step: per layer (paper) or per (place, resolution) group (official pixel loss)."""
