@@ -28,12 +28,8 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(VENV)/bin/ruff format . && $(VENV)/bin/ruff check --fix .
 
-demo: $(STAMP)  ## tiny CPU training run on 2 DeepSpeed ranks (ZeRO-2), then export the pipeline
-	rm -rf runs/demo
-	OMP_NUM_THREADS=1 DS_ACCELERATOR=cpu $(VENV)/bin/deepspeed --num_gpus $(NPROC) launchers/train.py \
-		--config configs/tiny_cpu.yaml run_name=demo output_dir=runs/demo validation.every_steps=10
-	$(VPY) launchers/export.py --run-dir runs/demo --out runs/demo/export
-	@echo "MLflow: $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$$(pwd)/runs/demo/mlflow.db"
+demo: $(STAMP)  ## TokenCompose vs LDM-only on the synthetic world, 3 seeds (DEMO_FAST=1: 1 short seed); docs/DEMO.md
+	$(VPY) launchers/demo.py
 
 bench-loader: $(STAMP)
 	$(VPY) benchmarks/bench_loader.py

@@ -46,6 +46,12 @@ class TinyModelConfig:
     text_layers: int = 2  # CLIP text transformer layers
     text_heads: int = 2  # CLIP text attention heads
     vae_block_out_channels: list[int] = field(default_factory=lambda: [8, 16, 16, 16])  # 4 blocks: 8x downsampling
+    latent: Literal["vae", "space_to_depth"] = "vae"  # tiny AutoencoderKL | exact parameter-free pixel folding
+    space_to_depth_factor: int = 2  # latent="space_to_depth": pixels per latent cell along a side
+    latent_scaling_factor: float = (
+        3.5  # latent="space_to_depth": latent x this (3.5: unit variance on the shapes world)
+    )
+    norm_num_groups: int | None = None  # U-Net GroupNorm groups; null -> min(32, block_out_channels[0])
     prediction_type: PredictionType = "epsilon"  # scheduler prediction type of the tiny pipeline
     seed: int = 0  # weight init seed
 
@@ -175,6 +181,8 @@ def _find_auto(obj: Any, prefix: str) -> list[str]:
 def expected_vae_factor(model: ModelConfig) -> int:
     """Pixels per latent cell of the configured VAE: the tiny VAE's blocks; 8 for every released SD VAE."""
     if model.pretrained is None:
+        if model.tiny.latent == "space_to_depth":
+            return model.tiny.space_to_depth_factor
         return 2 ** (len(model.tiny.vae_block_out_channels) - 1)
     return 8
 

@@ -173,3 +173,19 @@ def test_layer_masks_replace_full_masks_and_follow_the_rule(tokenizer):
         torch.testing.assert_close(lean["layer_masks"][size], rule.apply(full["phrase_masks"], size))
     plain = next(iter(build_train_loader(_cfg(), tokenizer, rank=0, world_size=1, micro_batch_size=4, seed=3)))
     assert "phrase_masks" in plain and plain["layer_masks"] == {}
+
+
+def test_held_out_world_shows_one_held_out_combination_per_image_and_min_objects():
+    from tcscale.data.synthetic import HELD_OUT, SyntheticWorld
+
+    world = SyntheticWorld(200, max_objects=3, seed=11233, combos="held_out", min_objects=2)
+    for i in range(len(world)):
+        objs = world.layout(i)
+        combos = [(o.colour, o.shape) for o in objs]
+        assert 2 <= len(objs) <= 3 and len({o.shape for o in objs}) == len(objs)
+        assert sum(c in HELD_OUT for c in combos) == 1, combos
+    train = SyntheticWorld(200, max_objects=3, seed=1234)
+    assert all((o.colour, o.shape) not in HELD_OUT for i in range(200) for o in train.layout(i))
+    assert SyntheticWorld(50, 3, 1234, min_objects=1).layout(7) == train.layout(7)  # default layouts unchanged
+    with pytest.raises(ValueError, match="min_objects"):
+        SyntheticWorld(4, max_objects=2, min_objects=3)

@@ -19,6 +19,7 @@ class DataConfigError(ValueError):
 class SyntheticDataConfig:
     num_samples: int = 64  # distinct samples in the synthetic shapes world (the stream cycles over them)
     max_objects: int = 3  # objects per image, 1..max_objects (at most 6, shapes are distinct per image)
+    min_objects: int = 1  # fewest objects per image (evaluation worlds use 2: compositions)
     seed: int = 1234  # world seed: same seed, same images, captions and masks
     phrase: PhraseMode = "colour_shape"  # grounded phrase per object: "red circle" | "circle"
     combos: ComboSplit = "train"  # "held_out": every image shows one held-out colour/shape combination (eval)

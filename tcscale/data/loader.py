@@ -113,7 +113,7 @@ class SyntheticSteps(Dataset):
         self, cfg: DataConfig, processor: SampleProcessor, *, rank: int, world_size: int, batch: int, seed: int
     ):
         s = cfg.synthetic
-        self.world = SyntheticWorld(s.num_samples, s.max_objects, s.seed, s.phrase, s.combos)
+        self.world = SyntheticWorld(s.num_samples, s.max_objects, s.seed, s.phrase, s.combos, s.min_objects)
         self.processor = processor
         self.resolution = cfg.resolution
         self.rank, self.world_size, self.batch, self.seed = rank, world_size, batch, seed

@@ -147,11 +147,15 @@ class SyntheticWorld:
         seed: int = 1234,
         phrase: str = "colour_shape",
         combos: str = "train",
+        min_objects: int = 1,
     ):
         if num_samples <= 0:
             raise ValueError(f"data.synthetic.num_samples must be > 0, got {num_samples}")
         if not 1 <= max_objects <= len(SHAPES):
             raise ValueError(f"data.synthetic.max_objects must be in 1..{len(SHAPES)}, got {max_objects}")
+        if not 1 <= min_objects <= max_objects:
+            raise ValueError(f"data.synthetic.min_objects must be in 1..max_objects={max_objects}, got {min_objects}")
+        self.min_objects = min_objects
         phrase_text("red", "circle", phrase)  # validates the mode
         if combos not in COMBO_SPLITS:
             raise ValueError(f"data.synthetic.combos={combos!r} is not one of {list(COMBO_SPLITS)}")
@@ -169,6 +173,8 @@ class SyntheticWorld:
         """Objects of sample `index` in normalised coordinates (rendering-size independent)."""
         rng = np.random.default_rng([self.seed, index])
         n = int(rng.integers(1, self.max_objects + 1))
+        if n < self.min_objects:  # a separate draw, so worlds with min_objects=1 keep their layouts
+            n = int(np.random.default_rng([self.seed, index, 2]).integers(self.min_objects, self.max_objects + 1))
         shapes = [SHAPES[i] for i in rng.permutation(len(SHAPES))[:n]]
         held = None
         if self.combos == "held_out":  # one object is a held-out combination, placed at a random position

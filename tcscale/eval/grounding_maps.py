@@ -39,7 +39,8 @@ class GroundingEvalConfig:
     shards: str | None = None  # brace-named held-out shards (source=webdataset)
     synthetic_split: Literal["train", "held_out"] = "held_out"  # source=synthetic: which colour/shape combos
     synthetic_seed: int = 4321  # source=synthetic: world seed (differs from training's)
-    synthetic_max_objects: int = 3  # source=synthetic: objects per image, 1..max
+    synthetic_max_objects: int = 3  # source=synthetic: objects per image, min..max
+    synthetic_min_objects: int = 2  # source=synthetic: fewest objects per image (compositions)
     num_samples: int = 64  # held-out samples evaluated
     resolution: int | None = None  # image side fed to the U-Net; null: the sampler's resolution
     timesteps: list[int] = field(default_factory=lambda: [100, 300, 500])  # noise levels of the one forward
@@ -156,6 +157,7 @@ def grounding_batches(
     synthetic_split: str = "held_out",
     synthetic_seed: int = 4321,
     max_objects: int = 3,
+    min_objects: int = 1,
     phrase: str = "colour_shape",
 ) -> Iterator[dict]:
     """This rank's share (every world_size-th sample) of the first `num_samples` held-out samples, as loader
@@ -170,7 +172,7 @@ def grounding_batches(
         from tcscale.data.samples import RawSample
         from tcscale.data.synthetic import SyntheticWorld
 
-        world = SyntheticWorld(num_samples, max_objects, synthetic_seed, phrase, synthetic_split)
+        world = SyntheticWorld(num_samples, max_objects, synthetic_seed, phrase, synthetic_split, min_objects)
         raw_samples = (
             RawSample(s.key, s.image, s.caption, s.phrases, s.masks, num_null=0)
             for s in (world.render(i, resolution) for i in range(rank, num_samples, world_size))

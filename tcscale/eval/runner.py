@@ -375,7 +375,7 @@ class Evaluation:
         batches = grounding_batches(
             g.source, pipe.tokenizer, resolution=resolution, num_samples=g.num_samples, batch_size=g.batch_size,
             rank=ctx.rank, world_size=ctx.world_size, shards=g.shards, synthetic_split=g.synthetic_split,
-            synthetic_seed=g.synthetic_seed, max_objects=g.synthetic_max_objects,
+            synthetic_seed=g.synthetic_seed, max_objects=g.synthetic_max_objects, min_objects=g.synthetic_min_objects,
         )  # fmt: skip
         records = grounding_records(
             pipe.unet, pipe.vae, pipe.text_encoder, pipe.scheduler, plan, batches, timesteps=list(g.timesteps),

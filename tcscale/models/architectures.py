@@ -23,23 +23,30 @@ from tcscale.models.sd import SDComponents
 from tcscale.models.tokenizer import sd_clip_tokenizer
 
 
-def tiny_unet(cfg: TinyModelConfig, latent_size: int) -> UNet2DConditionModel:
+def tiny_unet(cfg: TinyModelConfig, latent_size: int, latent_channels: int = 4) -> UNet2DConditionModel:
     n = len(cfg.block_out_channels)
     return UNet2DConditionModel(
         sample_size=latent_size,
-        in_channels=4,
-        out_channels=4,
+        in_channels=latent_channels,
+        out_channels=latent_channels,
         block_out_channels=tuple(cfg.block_out_channels),
         layers_per_block=cfg.layers_per_block,
         down_block_types=("CrossAttnDownBlock2D",) * n,
         up_block_types=("CrossAttnUpBlock2D",) * n,
         cross_attention_dim=cfg.cross_attention_dim,
         attention_head_dim=cfg.attention_head_dim,
-        norm_num_groups=min(32, cfg.block_out_channels[0]),
+        norm_num_groups=cfg.norm_num_groups or min(32, cfg.block_out_channels[0]),
     )
 
 
-def tiny_vae(cfg: TinyModelConfig, resolution: int) -> AutoencoderKL:
+def tiny_vae(cfg: TinyModelConfig, resolution: int):
+    """A tiny AutoencoderKL, or (latent="space_to_depth") the exact pixel-folding autoencoder."""
+    if cfg.latent == "space_to_depth":
+        from tcscale.models.space_to_depth import SpaceToDepthAutoencoder
+
+        return SpaceToDepthAutoencoder(
+            factor=cfg.space_to_depth_factor, scaling_factor=cfg.latent_scaling_factor, sample_size=resolution
+        )
     n = len(cfg.vae_block_out_channels)
     return AutoencoderKL(
         in_channels=3,
@@ -86,13 +93,14 @@ def sd_noise_scheduler(prediction_type: str) -> DDPMScheduler:
 
 def build_tiny_components(cfg: TinyModelConfig, resolution: int) -> SDComponents:
     """Tiny random-init SD components (seeded by cfg.seed) with the real SD1.x tokenizer."""
-    if resolution % 8:
-        raise ValueError(f"resolution must be a multiple of 8, got {resolution}")
     tokenizer = sd_clip_tokenizer()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        unet = tiny_unet(cfg, resolution // 8)
         vae = tiny_vae(cfg, resolution)
+        factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        if resolution % factor:
+            raise ValueError(f"resolution must be a multiple of {factor} (the latent's factor), got {resolution}")
+        unet = tiny_unet(cfg, resolution // factor, vae.config.latent_channels)
         text_encoder = tiny_text_encoder(cfg, len(tokenizer))
     return SDComponents(unet, vae, text_encoder, tokenizer, sd_noise_scheduler(cfg.prediction_type))
 

@@ -41,6 +41,19 @@ def _is_local(ref: str) -> bool:
     return ref.startswith((".", "/", "~")) or os.path.sep in ref.rstrip("/") and Path(ref).expanduser().exists()
 
 
+def _vae_class_name(ref: str) -> str | None:
+    """The `_class_name` of a local pipeline's vae/config.json (None for hub ids and missing files)."""
+    import json
+
+    path = Path(ref).expanduser() / "vae" / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text()).get("_class_name")
+    except (OSError, ValueError):
+        return None
+
+
 def load_components(cfg: ModelConfig, resolution: int) -> SDComponents:
     """Load SD components from `cfg.pretrained` (hub id or local dir), or build tiny ones when it is null."""
     if cfg.pretrained is None:
@@ -60,6 +73,10 @@ def load_components(cfg: ModelConfig, resolution: int) -> SDComponents:
             "tokenizer": (CLIPTokenizer, {}),
             "noise_scheduler": (DDPMScheduler, {}),
         }
+        if _vae_class_name(ref) == "SpaceToDepthAutoencoder":  # tcscale's exact latent (tiny CPU models)
+            from tcscale.models.space_to_depth import SpaceToDepthAutoencoder
+
+            loaders["vae"] = (SpaceToDepthAutoencoder, {})
         for name, (cls, extra) in loaders.items():
             subfolder = "scheduler" if name == "noise_scheduler" else name
             try:

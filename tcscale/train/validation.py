@@ -49,7 +49,8 @@ def grounding_metrics(unet, comps, cfg: TrainConfig, plan: GroundingPlan, env) -
     batches = grounding_batches(
         g.source, comps.tokenizer, resolution=cfg.data.resolution, num_samples=g.num_samples,
         batch_size=g.batch_size, shards=g.shards, synthetic_split=g.synthetic_split,
-        synthetic_seed=g.synthetic_seed, max_objects=g.synthetic_max_objects, phrase=cfg.data.synthetic.phrase,
+        synthetic_seed=g.synthetic_seed, max_objects=g.synthetic_max_objects, min_objects=g.synthetic_min_objects,
+        phrase=cfg.data.synthetic.phrase,
     )  # fmt: skip
     records = grounding_records(
         unet, comps.vae, comps.text_encoder, comps.noise_scheduler, plan, batches, timesteps=list(g.timesteps),
