@@ -4,6 +4,7 @@ grounding mIoU against an independent computation, the attention viewer, config 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -173,3 +174,9 @@ def test_sepen_suite_scores_pairs_with_seeds_0_to_n(tiny_pipeline_dir, tmp_path)
     assert [it["seed"] for it in items] == [0, 1, 0, 1]  # the protocol's seeds 0..N-1 per prompt
     assert items[0]["prompt"] == "a photo of a cat and a dog"  # the first pair of concepts/pairs.txt
     assert results["details"]["sepen"]["threshold"] == 0.7 and "Detic" in results["details"]["sepen"]["note"]
+
+
+@pytest.mark.parametrize("path", sorted(Path("configs/eval").glob("*.yaml")), ids=str)
+def test_every_shipped_eval_config_validates(path):
+    cfg = load_eval_config(path)
+    assert cfg.name and cfg.output_dir
