@@ -180,3 +180,41 @@ def test_sepen_suite_scores_pairs_with_seeds_0_to_n(tiny_pipeline_dir, tmp_path)
 def test_every_shipped_eval_config_validates(path):
     cfg = load_eval_config(path)
     assert cfg.name and cfg.output_dir
+
+
+def test_fid_suite_samples_captions_generates_and_scores_with_an_injected_extractor(tiny_pipeline_dir, tmp_path):
+    """The FID stage end to end on a fake COCO: the caption list is sampled with the seed and written for reuse,
+    one image per caption is generated, and FID is computed against the real images (cached statistics)."""
+    from tcscale.eval.fid import InceptionFeatureExtractor, load_caption_sample
+    from tcscale.eval.runner import EvalContext, Evaluation
+    from tests.helpers.eval_models import TinyConvFeatures
+
+    images = tmp_path / "val2017"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    coco = {"images": [], "annotations": []}
+    for i in range(8):
+        name = f"{i:012d}.jpg"
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(images / name)
+        coco["images"].append({"id": i, "file_name": name})
+        coco["annotations"] += [{"id": 10 * i + j, "image_id": i, "caption": f"a photo {i} {j}"} for j in range(2)]
+    (tmp_path / "captions.json").write_text(json.dumps(coco))
+    args = [
+        "model.run_dir=null", f"model.pretrained={tiny_pipeline_dir}", f"output_dir={tmp_path / 'e'}",
+        "synthetic.enabled=false", "grounding.enabled=false", "sampler.num_inference_steps=2", "fid.enabled=true",
+        f"fid.captions_json={tmp_path / 'captions.json'}", f"fid.images_dir={images}", "fid.num_images=6",
+    ]  # fmt: skip
+    cfg = load_eval_config("configs/eval/tiny_cpu.yaml", args)
+    extractor = InceptionFeatureExtractor(model=TinyConvFeatures(), batch_size=4)
+    results = Evaluation(cfg, EvalContext(progress=False), fid_extractor=extractor).run()
+    fid = results["metrics"]["fid/coco10k"]
+    assert np.isfinite(fid) and fid > 0
+    sample = load_caption_sample(tmp_path / "e" / "fid" / "captions.json")
+    assert len(sample) == 6 and len({s["image_id"] for s in sample}) == 6
+    assert sorted(p.stem for p in (tmp_path / "e" / "fid" / "images").glob("*.png")) == sorted(
+        str(s["image_id"]) for s in sample
+    )
+    assert list((tmp_path / "e" / "fid_stats").glob("*.npz"))  # real statistics cached for the next evaluation
+    again = Evaluation(cfg, EvalContext(progress=False), fid_extractor=extractor).run()  # resumes: same images
+    assert again["metrics"]["fid/coco10k"] == pytest.approx(fid)
+    assert again["details"]["counts"]["fid"]["generated"] == 0

@@ -301,3 +301,11 @@ def test_tracking_server_dying_mid_run_does_not_stop_training(tmp_path, mlflow_s
     assert again.returncode == 0, again.stdout[-3000:]
     assert client.get_run(run_id).info.status == "FINISHED"
     assert {7, 8} <= {m.step for m in client.get_metric_history(run_id, "loss/ldm")}
+
+
+def test_pipe_shards_and_unsafe_loading_are_documented():
+    """`data.shards='pipe:...'` runs a shell command (webdataset): said where users look, with what is safe to load."""
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## When things go wrong") : readme.index("## Layout")]
+    assert "pipe:" in section and "shell" in section and "weights_only=True" in section
+    assert "pipe:" in (REPO / "tcscale" / "data" / "config.py").read_text()

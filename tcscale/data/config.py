@@ -28,7 +28,9 @@ class SyntheticDataConfig:
 @dataclass
 class DataConfig:
     source: Literal["synthetic", "webdataset"] = "synthetic"  # shapes world (exact masks, in memory) | shards
-    shards: str | None = None  # brace-named shard URL(s) for source=webdataset, e.g. data/grounded-{000000..000127}.tar
+    # brace-named shard URL(s), e.g. data/grounded-{000000..000127}.tar; a "pipe:CMD" URL runs CMD in a shell
+    # (webdataset's convention): a config from elsewhere is as trusted as a script
+    shards: str | None = None
     resolution: int = 64  # training image side in pixels (512 for SD1.4, 768 for SD2.1)
     center_crop: bool = True  # resize shorter side then center crop (paper); False: random crop
     random_flip: bool = False  # horizontal flip of image and masks together
