@@ -3,12 +3,16 @@
     python launchers/eval.py --config configs/eval/<name>.yaml [key=value ...]          (one process)
     deepspeed launchers/eval.py --config ...                                             (every GPU of a node)
     torchrun --nproc_per_node N launchers/eval.py --config ...
-    srun launchers/eval.py --config ...                                                  (SLURM; eval.sbatch)
+    srun launchers/eval.py --config ...                                                  (SLURM, one job)
+    python launchers/eval.py --config ... --shard R/N    (array task R of N: generate + detect its share; eval.sbatch)
+    python launchers/eval.py --config ... --merge        (once every share finished: score, results.json, MLflow)
 
 Every rank generates its share of each suite's (prompt, round) pairs, detects, and rank 0 scores, writes
 `<output_dir>/results.json` and `table.md`, and logs the metrics, results and plots to MLflow (nested under the
 training run when `model.run_dir` or `tracking.parent_run_*` names one). A rerun skips every image and detection
-already on disk. Exit codes: 0 done; 2 bad config / model / input (one line naming it).
+already on disk. `--shard R/N` needs no process group and no other task (items[R::N] of every suite, then
+<output_dir>/shards/rankR-ofN.json); `--merge` generates nothing, scores what the N shares left, and logs like the
+one-job run. Exit codes: 0 done; 2 bad config / model / input, or a share missing at merge (one line naming it).
 """
 
 from __future__ import annotations
@@ -64,8 +68,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="tcscale evaluation")
     parser.add_argument("--config", required=True, help="YAML config (configs/eval/*.yaml)")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--shard", metavar="R/N", help="generate and detect the share of array task R of N (no scoring)")
+    mode.add_argument("--merge", action="store_true", help="score the finished shares: results.json and MLflow")
     parser.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. model.pretrained=runs/x/export")
     args = parser.parse_args(argv)
+    shard = None
+    if args.shard is not None:
+        try:
+            shard = tuple(int(x) for x in args.shard.split("/"))
+            if len(shard) != 2 or not 0 <= shard[0] < shard[1]:
+                raise ValueError
+        except ValueError:
+            print(f"--shard {args.shard!r}: expected R/N with 0 <= R < N, e.g. 3/8", file=sys.stderr)
+            return 2
 
     from tcscale.config import ConfigError
     from tcscale.eval.config import load_eval_config
@@ -81,16 +97,27 @@ def main(argv: list[str] | None = None) -> int:
     diffusers.utils.logging.set_verbosity_error()
     from tcscale.data.config import DataConfigError
     from tcscale.eval.generation import EvalInputError
-    from tcscale.eval.runner import EvalContext, Evaluation
+    from tcscale.eval.runner import EvalContext, Evaluation, run_merge, run_share
     from tcscale.models.sd import ModelLoadError
     from tcscale.train.checkpoint import CheckpointError
-    from tcscale.train.distributed import barrier, init_distributed
 
-    env = init_distributed()
-    ctx = EvalContext(env.rank, env.world_size, env.device, barrier, progress=sys.stderr.isatty())
     try:
-        evaluation = Evaluation(cfg, ctx)
-        results = evaluation.run()
+        if shard is not None or args.merge:  # array tasks and the merge: one process each, no process group
+            import torch
+
+            device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+            if shard is not None:
+                run_share(cfg, shard[0], shard[1], device, progress=sys.stderr.isatty())
+                print(f"share {shard[0]} of {shard[1]} done: {os.path.join(cfg.output_dir, 'shards')}")
+                return 0
+            results, evaluation = run_merge(cfg, device)
+        else:
+            from tcscale.train.distributed import barrier, init_distributed
+
+            env = init_distributed()
+            ctx = EvalContext(env.rank, env.world_size, env.device, barrier, progress=sys.stderr.isatty())
+            evaluation = Evaluation(cfg, ctx)
+            results = evaluation.run()
         if results is not None:
             from tcscale.eval.compare import compare_table
 

@@ -1,6 +1,8 @@
-"""Export a run's U-Net (from its ZeRO checkpoint) as a StableDiffusionPipeline directory.
+"""Export a run (from its ZeRO checkpoint) as a StableDiffusionPipeline directory: the trained U-Net, or the
+trained text encoder of a text_encoder_infonce run, with the base model's other components.
 
 python launchers/export.py --run-dir runs/tiny_cpu --out runs/tiny_cpu/export [--tag step30]
+python launchers/export.py --run-dir runs/sd14_te --out exports/sd14_te_text --text-encoder   # CLIPTextModel dir only
 """
 
 from __future__ import annotations
@@ -15,22 +17,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="directory to write the pipeline into")
     parser.add_argument("--tag", default=None, help="checkpoint tag, e.g. step1000 (default: latest)")
     parser.add_argument(
+        "--text-encoder",
+        action="store_true",
+        help="write only the run's text encoder, in transformers format (CLIPTextModel.from_pretrained loads it)",
+    )
+    parser.add_argument(
         "--allow-unsafe-load",
         action="store_true",
         help="read checkpoint files that need arbitrary unpickling (can run code: only files you trust)",
     )
     args = parser.parse_args(argv)
     from tcscale.config import ConfigError
+    from tcscale.models.sd import ModelLoadError
     from tcscale.train.checkpoint import CheckpointError
-    from tcscale.train.export import export_pipeline
+    from tcscale.train.export import export_pipeline, export_text_encoder
     from tcscale.train.safe_load import UnsafeCheckpointError
 
     try:
-        out = export_pipeline(args.run_dir, args.out, args.tag, args.allow_unsafe_load)
-    except (ConfigError, CheckpointError, UnsafeCheckpointError, FileNotFoundError) as exc:
+        export = export_text_encoder if args.text_encoder else export_pipeline
+        out = export(args.run_dir, args.out, args.tag, args.allow_unsafe_load)
+    except (ConfigError, CheckpointError, UnsafeCheckpointError, ModelLoadError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"exported pipeline to {out}")
+    print(f"exported {'text encoder' if args.text_encoder else 'pipeline'} to {out}")
     return 0
 
 

@@ -62,7 +62,10 @@ class ModelConfig:
     revision: str | None = None  # hub revision for `pretrained`
     variant: str | None = None  # weights variant for `pretrained`, e.g. "fp16"
     prediction_type: PredictionType | None = None  # override of the scheduler's own; null -> keep it
-    gradient_checkpointing: bool = False  # non-reentrant activation checkpointing in the U-Net
+    gradient_checkpointing: bool = False  # non-reentrant activation checkpointing in the trained module
+    # a finetuned CLIPTextModel dir (or a pipeline dir holding text_encoder/, e.g. the export of a
+    # text_encoder_infonce run) loaded instead of the base model's text encoder; null -> the base one
+    text_encoder_path: str | None = None
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
 
 

@@ -6,9 +6,12 @@ of steps), with `state_dict()` for the checkpoint's client state and `counters()
 
 Determinism and resume
 * synthetic: the batch at micro-step n on a rank is a pure function of (cfg, seed, rank,
-  world_size, n): global sample slot g = (n * world_size + rank) * B + b picks sample
-  perm_{seed, g // N}[g % N] of the N-sample world and its augmentation is seeded by (seed, g).
-  `start_step = n` therefore resumes the exact stream, with any number of workers.
+  world_size, n, anchor): global sample slot g = first_slot(n, rank, world_size, B, anchor) + b picks
+  sample perm_{seed, g // N}[g % N] of the N-sample world and its augmentation is seeded by (seed, g).
+  `start_step = n` therefore resumes the exact stream, with any number of workers. The anchor
+  (micro-step, slot), (0, 0) unless a resumed run changed its world size or micro-batch, makes the slots
+  of micro-step `anchor[0]` start at slot `anchor[1]`: a resized world continues the one slot sequence
+  where the old world stopped (no sample of the sequence skipped or repeated).
 * webdataset: every worker seeds its shard order / shuffle buffer / augmentation from
   (seed, rank, worker, start_step) (and the pass index), so a resumed run draws a fresh,
   reproducible stream. With `data.resampled=False` a pass splits the shards (same order on every
@@ -30,7 +33,7 @@ import logging
 import os
 import random
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from typing import TYPE_CHECKING
 
@@ -72,6 +75,13 @@ def derive_seed(*parts: int) -> int:
 _TAG_SHARD_ORDER, _TAG_SHARD_PICK, _TAG_SHUFFLE, _TAG_AUG, _TAG_SYNTH_PERM, _TAG_SYNTH_AUG = range(101, 107)
 
 
+def first_slot(step: int, rank: int, world_size: int, batch: int, anchor: tuple[int, int] = (0, 0)) -> int:
+    """The global sample slot of the first sample of micro-step `step` on `rank`. Ranks interleave micro-batches,
+    counted from `anchor` = (micro-step, slot): anchor_slot + ((step - anchor_step) * world_size + rank) * batch."""
+    anchor_step, anchor_slot = anchor
+    return anchor_slot + ((step - anchor_step) * world_size + rank) * batch
+
+
 def resolve_shards(cfg: DataConfig) -> list[str]:
     """Expand `data.shards` (braces, '::' lists) and check that local shards exist."""
     if not cfg.shards:
@@ -110,9 +120,20 @@ class SyntheticSteps(Dataset):
     """Map-style: item n = the collated batch of micro-step n on this rank (pure function of its inputs)."""
 
     def __init__(
-        self, cfg: DataConfig, processor: SampleProcessor, *, rank: int, world_size: int, batch: int, seed: int
+        self,
+        cfg: DataConfig,
+        processor: SampleProcessor,
+        *,
+        rank: int,
+        world_size: int,
+        batch: int,
+        seed: int,
+        collate_fn: Callable[[list[dict]], dict] = collate,
+        anchor: tuple[int, int] = (0, 0),
     ):
         s = cfg.synthetic
+        self.anchor = (int(anchor[0]), int(anchor[1]))
+        self.collate_fn = collate_fn
         self.world = SyntheticWorld(s.num_samples, s.max_objects, s.seed, s.phrase, s.combos, s.min_objects)
         self.processor = processor
         self.resolution = cfg.resolution
@@ -143,7 +164,7 @@ class SyntheticSteps(Dataset):
         return raw
 
     def global_slots(self, step: int) -> list[int]:
-        first = (step * self.world_size + self.rank) * self.batch
+        first = first_slot(step, self.rank, self.world_size, self.batch, self.anchor)
         return list(range(first, first + self.batch))
 
     def __getitem__(self, step: int) -> dict:
@@ -155,7 +176,7 @@ class SyntheticSteps(Dataset):
             raw = self._raw(int(self._perm(epoch)[pos]))
             rng = np.random.default_rng(derive_seed(self.seed, _TAG_SYNTH_AUG, g))
             samples.append(self.processor(raw, rng, counters))
-        batch = collate(samples)
+        batch = self.collate_fn(samples)
         batch["_counters"] = counters.take()
         return batch
 
@@ -180,7 +201,9 @@ class ShardStream(IterableDataset):
         resampled: bool = True,
         shuffle_buffer: int = 256,
         passes: int | None = None,
+        collate_fn: Callable[[list[dict]], dict] = collate,
     ):
+        self.collate_fn = collate_fn
         self.urls = list(urls)
         self.processor = processor
         self.rank, self.world_size, self.batch, self.seed = rank, world_size, batch, seed
@@ -257,12 +280,12 @@ class ShardStream(IterableDataset):
                 _warn(f"data: sample skipped ({sample.get('__url__', '?')}): {skip}")
                 continue
             if len(pending) == self.batch:
-                batch = collate(pending)
+                batch = self.collate_fn(pending)
                 batch["_counters"] = counters.take()
                 pending = []
                 yield batch
         if pending:
-            batch = collate(pending)
+            batch = self.collate_fn(pending)
             batch["_counters"] = counters.take()
             yield batch
 
@@ -309,6 +332,9 @@ class TrainLoader:
         layer_sizes=(),
         mask_rule: MaskRule | None = None,
         full_masks: bool | None = None,
+        processor: Callable[[RawSample, np.random.Generator, Counters], dict] | None = None,
+        collate_fn: Callable[[list[dict]], dict] | None = None,
+        anchor: tuple[int, int] = (0, 0),
     ):
         if cfg.source not in ("synthetic", "webdataset"):
             raise DataConfigError(f"data.source={cfg.source!r} is not one of ['synthetic', 'webdataset']")
@@ -324,20 +350,25 @@ class TrainLoader:
         self.rank, self.world_size, self.micro_batch_size, self.seed = rank, world_size, micro_batch_size, seed
         self.start_step = start_step
         self.step = start_step
+        self.anchor = (int(anchor[0]), int(anchor[1]))  # synthetic slot sequence anchor (see the module docstring)
         self.settings = _settings(cfg, layer_sizes, mask_rule, full_masks)
         if cfg.source == "synthetic" and cfg.min_phrases > 0:
             # every synthetic image has >= 1 grounded object; skipping would break the pure step -> batch map
             warnings.warn("data.min_phrases applies to source=webdataset only; ignored for synthetic", stacklevel=2)
             self.settings.min_phrases = 0
-        self.processor = SampleProcessor(tokenizer, self.settings)
+        # another sample -> training-item processor and its collate function (e.g. object crops,
+        # tcscale.data.crops); seeding, stepping and resume are the same
+        self.processor = processor if processor is not None else SampleProcessor(tokenizer, self.settings)
+        self.collate_fn = collate_fn if collate_fn is not None else collate
         self.urls = resolve_shards(cfg) if cfg.source == "webdataset" else []
         self._counters = Counters()
         self._stream: Iterator[dict] | None = None
         self._stream_start = start_step
         if cfg.source == "synthetic":
             self.steps = SyntheticSteps(
-                cfg, self.processor, rank=rank, world_size=world_size, batch=micro_batch_size, seed=seed
-            )
+                cfg, self.processor, rank=rank, world_size=world_size, batch=micro_batch_size, seed=seed,
+                collate_fn=self.collate_fn, anchor=self.anchor,
+            )  # fmt: skip
 
     # -- iteration -------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -374,6 +405,7 @@ class TrainLoader:
             start_step=start,
             resampled=cfg.resampled,
             shuffle_buffer=cfg.shuffle_buffer,
+            collate_fn=self.collate_fn,
         )
         return iter(DataLoader(ds, batch_size=None, num_workers=workers, collate_fn=_identity, **extra))
 
@@ -399,7 +431,7 @@ class TrainLoader:
     # -- checkpoint + tracking ---------------------------------------------------------------------
     def counters(self) -> dict[str, int]:
         """Samples seen, samples skipped by reason (`skipped/<reason>`), phrases kept / dropped by reason."""
-        out = {"samples_seen": 0, "phrases_kept": 0}
+        out = dict.fromkeys(getattr(self.processor, "counter_names", ("samples_seen", "phrases_kept")), 0)
         out.update(self._counters)
         return dict(sorted(out.items()))
 
@@ -417,6 +449,7 @@ class TrainLoader:
             "step": self.step,
             "epoch": self.epoch,
             "stream_start_step": self._stream_start,
+            "anchor": list(self.anchor),
             "counters": dict(self._counters),
             "data_config": asdict(self.cfg),
         }
@@ -448,12 +481,14 @@ def build_train_loader(
     layer_sizes: list[tuple[int, int]] = (),
     mask_rule: MaskRule | None = None,
     full_masks: bool | None = None,
+    anchor: tuple[int, int] = (0, 0),
 ) -> TrainLoader:
     """The trainer's dataset entry point (see the module docstring).
 
     `start_step` = micro-batches this rank already consumed. Masks: `plan` (the run's `GroundingPlan`) gives the
     layer grids and the mask rule; without one, `layer_sizes` / `mask_rule` give them directly (benchmarks,
     tests). `full_masks` keeps the full-resolution masks in the batch too (default: only without layer grids).
+    `anchor`: where the synthetic slot sequence of this world starts (micro-step, slot); see the module docstring.
     """
     if plan is not None:
         layer_sizes, mask_rule = plan.layer_sizes, plan.mask_rule
@@ -468,4 +503,5 @@ def build_train_loader(
         layer_sizes=layer_sizes,
         mask_rule=mask_rule,
         full_masks=full_masks,
+        anchor=anchor,
     )

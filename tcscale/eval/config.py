@@ -23,7 +23,7 @@ class EvalModelConfig:
     pretrained: str | None = None  # diffusers pipeline: hub id or local dir (base SD, or a tcscale export)
     run_dir: str | None = None  # a tcscale run directory: its checkpoint `tag` is exported and evaluated
     tag: str | None = None  # checkpoint tag of run_dir (null: latest)
-    text_encoder: str | None = None  # a CLIPTextModel dir swapped into the pipeline (finetuned text encoder)
+    text_encoder: str | None = None  # a CLIPTextModel dir (or a pipeline dir holding text_encoder/) swapped in
     revision: str | None = None  # hub revision for `pretrained`
     variant: str | None = None  # weights variant for `pretrained`, e.g. "fp16"
     dtype: Precision = "fp16"  # inference precision on a GPU (CPU always runs fp32)

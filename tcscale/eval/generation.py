@@ -118,9 +118,12 @@ def load_pipeline(path: str, model: EvalModelConfig, sampler: SamplerConfig, dev
     if model.text_encoder is not None:
         from transformers import CLIPTextModel
 
-        if not Path(model.text_encoder).is_dir():
+        from tcscale.models.sd import text_encoder_dir
+
+        folder = text_encoder_dir(model.text_encoder)  # a CLIPTextModel dir, or a pipeline dir's text_encoder/
+        if not folder.is_dir():
             raise EvalInputError(f"model.text_encoder: directory not found: {model.text_encoder}")
-        pipe.text_encoder = CLIPTextModel.from_pretrained(model.text_encoder, torch_dtype=dtype)
+        pipe.text_encoder = CLIPTextModel.from_pretrained(str(folder), torch_dtype=dtype)
     schedulers = {
         "pndm": PNDMScheduler,
         "ddim": DDIMScheduler,

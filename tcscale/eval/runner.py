@@ -12,11 +12,20 @@ Suites: multigen (per prompt set; OWLv2), visor (OWL-ViT), synthetic (the synthe
 grounding (held-out mIoU, no generation), fid (Inception features, clean-fid), latency (rank 0). Collective parts
 (waiting for every rank) go through the `barrier` the launcher passes in: this module knows nothing of process
 groups, and ranks exchange results through files.
+
+Phases (`Evaluation(..., phase=)`): "all" (one job: every rank generates and detects its share, rank 0 scores);
+"share" (an array task acting as rank R of a world of N, needing no other task: it generates and detects
+items[R::N] of every suite, writes its grounding records and stats, then `shards/rank<R>-of<N>.json`; no scoring);
+"merge" (after every share finished: reads all N shares' files, scores, writes results.json; generates nothing).
+"share" + "merge" give the same files and results as "all" on N ranks.
+
+    <output_dir>/shards/rank<R>-of<N>.json      a finished share (phase "share"); the merge needs all N
 """
 
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -45,6 +54,51 @@ PROMPT_DIR = Path(__file__).resolve().parent / "prompts"
 SHIPPED_SETS = {"coco": "coco_obj_comp_5_1k.json", "ade20k": "ade20k_obj_comp_5_1k.json"}
 
 
+PHASES = ("all", "share", "merge")
+SHARD_RE = re.compile(r"^rank(\d+)-of(\d+)\.json$")
+
+
+def shard_marker(out: Path, rank: int, world_size: int) -> Path:
+    return Path(out) / "shards" / f"rank{rank}-of{world_size}.json"
+
+
+def finished_shards(out: Path) -> tuple[int, list[int]]:
+    """(array size N, finished ranks) from `<out>/shards/`; EvalInputError when there is none, when markers of
+    different array sizes are mixed, or when a rank of 0..N-1 has not finished (naming them)."""
+    found: dict[int, set[int]] = {}
+    folder = Path(out) / "shards"
+    for path in sorted(folder.glob("rank*-of*.json")) if folder.is_dir() else []:
+        m = SHARD_RE.match(path.name)
+        if m:
+            found.setdefault(int(m.group(2)), set()).add(int(m.group(1)))
+    if not found:
+        raise EvalInputError(f"{folder}: no finished share (run the array tasks first: launchers/eval.py --shard R/N)")
+    if len(found) > 1:
+        raise EvalInputError(f"{folder}: shares of different array sizes {sorted(found)}; keep one set of markers")
+    ((world, ranks),) = found.items()
+    missing = sorted(set(range(world)) - ranks)
+    if missing:
+        raise EvalInputError(
+            f"{folder}: array task(s) {missing} of {world} have not finished; rerun them (finished images are skipped)"
+        )
+    return world, sorted(ranks)
+
+
+def check_shard_world(out: Path, world_size: int) -> None:
+    """A share must use the array size of the shares already finished in `out` (else items would be split twice)."""
+    folder = Path(out) / "shards"
+    sizes = (
+        {int(m.group(2)) for p in folder.glob("rank*-of*.json") if (m := SHARD_RE.match(p.name))}
+        if folder.is_dir()
+        else set()
+    )
+    if sizes and sizes != {world_size}:
+        raise EvalInputError(
+            f"{out}: earlier array tasks split the items over {sorted(sizes)} task(s), this one over {world_size}; "
+            f"retry with the same array size (eval.sbatch: TCSCALE_EVAL_SHARDS={min(sizes)}) or remove {folder}"
+        )
+
+
 @dataclass
 class EvalContext:
     """Where this process stands: its rank, the world, its device, and how to wait for the others."""
@@ -68,9 +122,10 @@ class EvalContext:
 
 
 # -- the model ---------------------------------------------------------------------------------------
-def model_path(cfg: EvalConfig, ctx: EvalContext) -> str:
+def model_path(cfg: EvalConfig, ctx: EvalContext, independent: bool = False) -> str:
     """The pipeline to load: `model.pretrained`, or the export of `model.run_dir`'s checkpoint (rank 0 exports it
-    into <run_dir>/export/<tag> once; the other ranks wait)."""
+    into <run_dir>/export/<tag> once; the other ranks wait). `independent` (array tasks, no barrier): whichever task
+    comes first exports, under a file lock, and the others wait for the lock."""
     if cfg.model.pretrained is not None:
         return cfg.model.pretrained
     from tcscale.train.checkpoint import latest_tag
@@ -82,11 +137,17 @@ def model_path(cfg: EvalConfig, ctx: EvalContext) -> str:
     if tag is None:
         raise EvalInputError(f"model.run_dir={run_dir}: no checkpoint to evaluate (checkpoints/latest missing)")
     out = run_dir / "export" / tag
-    if ctx.is_rank0 and not (out / "model_index.json").is_file():
+    if (ctx.is_rank0 or independent) and not (out / "model_index.json").is_file():
+        import fcntl
+
         from tcscale.train.export import export_pipeline
 
-        ctx.log0(f"exporting {run_dir} checkpoint {tag} to {out}")
-        export_pipeline(run_dir, out, tag)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(out.parent / f".{tag}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            if not (out / "model_index.json").is_file():
+                ctx.log(f"exporting {run_dir} checkpoint {tag} to {out}")
+                export_pipeline(run_dir, out, tag)
     ctx.barrier()
     return str(out)
 
@@ -183,9 +244,17 @@ def sepen_items(cfg: EvalConfig) -> list[GenItem]:
 class Evaluation:
     """Runs the enabled suites of `cfg` on this rank; rank 0 returns the results."""
 
-    def __init__(self, cfg: EvalConfig, ctx: EvalContext, *, fid_extractor: Callable | None = None):
-        """`fid_extractor`: a feature extractor instead of clean-fid's Inception (tests inject a local one)."""
+    def __init__(self, cfg: EvalConfig, ctx: EvalContext, *, fid_extractor: Callable | None = None, phase: str = "all"):
+        """`fid_extractor`: a feature extractor instead of clean-fid's Inception (tests inject a local one).
+        `phase`: "all", "share" or "merge" (module docstring); for "merge", ctx.world_size is the array size."""
+        if phase not in PHASES:
+            raise ValueError(f"phase={phase!r} is not one of {PHASES}")
         self.cfg, self.ctx = cfg, ctx
+        self.phase = phase
+        self.generates = phase != "merge"  # this process makes (and detects) its share of the images
+        self.scores = phase == "merge" or (phase == "all" and ctx.is_rank0)  # ... and this one scores them
+        self._pipe = None
+        self.model_name: str | None = None
         self.fid_extractor = fid_extractor
         self.out = Path(cfg.output_dir)
         self.metrics: dict[str, float] = {}
@@ -193,24 +262,46 @@ class Evaluation:
         self.counts: dict[str, dict[str, int]] = {}
         self.artifacts: list[Path] = []
 
+    @property
+    def pipe(self):
+        """The pipeline, loaded on first use (a merge of detection suites never needs it)."""
+        if self._pipe is None:
+            self._pipe = load_pipeline(self.model_name, self.cfg.model, self.cfg.sampler, self.ctx.device)
+        return self._pipe
+
+    @pipe.setter
+    def pipe(self, value) -> None:
+        self._pipe = value
+
+    def _rank_files(self, root: Path, pattern: str) -> list[Path]:
+        """`pattern.format(rank=r)` under root for every rank; a missing one is an error naming the rank."""
+        paths = [root / pattern.format(rank=r) for r in range(self.ctx.world_size)]
+        missing = [r for r, p in enumerate(paths) if not p.is_file()]
+        if missing:
+            raise EvalInputError(
+                f"{root}: no {pattern.format(rank='<R>')} of rank(s) {missing}: did every rank finish?"
+            )
+        return paths
+
     # generation common to the detection suites
     def _generate(self, suite: str, items: list[GenItem]) -> Path:
         ctx = self.ctx
         root = self.out / suite
-        if ctx.is_rank0:
-            root.mkdir(parents=True, exist_ok=True)
-            write_items(root / "items.jsonl", items)
+        if self.generates:
+            if ctx.is_rank0:
+                root.mkdir(parents=True, exist_ok=True)
+                write_items(root / "items.jsonl", items)
+            ctx.barrier()
+            stats = generate_missing(
+                self.pipe, rank_items(items, ctx.rank, ctx.world_size), root / "images", self.cfg.sampler,
+                rank=ctx.rank, log=ctx.log, progress=ctx.progress,
+            )  # fmt: skip
+            write_json_atomic(root / f"stats-rank{ctx.rank}.json", asdict(stats))
         ctx.barrier()
-        stats = generate_missing(
-            self.pipe, rank_items(items, ctx.rank, ctx.world_size), root / "images", self.cfg.sampler,
-            rank=ctx.rank, log=ctx.log, progress=ctx.progress,
-        )  # fmt: skip
-        write_json_atomic(root / f"stats-rank{ctx.rank}.json", asdict(stats))
-        ctx.barrier()
-        if ctx.is_rank0:
+        if self.scores:
             totals: dict[str, int] = {}
-            for r in range(ctx.world_size):
-                for k, v in json.loads((root / f"stats-rank{r}.json").read_text()).items():
+            for path in self._rank_files(root, "stats-rank{rank}.json"):
+                for k, v in json.loads(path.read_text()).items():
                     totals[k] = totals.get(k, 0) + v
             self.counts[suite] = totals
             ctx.log0(f"{suite}: {totals['generated']} generated, {totals['existing']} found on disk, "
@@ -220,13 +311,14 @@ class Evaluation:
     def _detect(self, suite: str, items: list[GenItem], detector) -> list[dict] | None:
         ctx = self.ctx
         root = self.out / suite
-        n = detect_missing(
-            detector, rank_items(items, ctx.rank, ctx.world_size), root / "images", root / "detections",
-            batch_size=getattr(detector, "batch_size", 8),
-        )  # fmt: skip
-        ctx.log(f"rank {ctx.rank}: {suite}: detected {n} images")
+        if self.generates:
+            n = detect_missing(
+                detector, rank_items(items, ctx.rank, ctx.world_size), root / "images", root / "detections",
+                batch_size=getattr(detector, "batch_size", 8),
+            )  # fmt: skip
+            ctx.log(f"rank {ctx.rank}: {suite}: detected {n} images")
         ctx.barrier()
-        return read_detections(items, root / "detections") if ctx.is_rank0 else None
+        return read_detections(items, root / "detections") if self.scores else None
 
     def _sample_grid(self, suite: str, items: list[GenItem], n: int = 8) -> None:
         from PIL import Image
@@ -258,7 +350,7 @@ class Evaluation:
             name, items = multigen_items(self.cfg, set_name)
             suite = f"multigen_{name}"
             self._generate(suite, items)
-            if detector is None:
+            if detector is None and self.generates:
                 self.ctx.log0(f"loading detector {mg.detector}")
                 detector = OpenVocabDetector.from_pretrained(
                     mg.detector, threshold=mg.threshold, batch_size=mg.detector_batch_size, device=str(self.ctx.device)
@@ -281,10 +373,12 @@ class Evaluation:
         v = self.cfg.visor
         items = visor_items(self.cfg)
         self._generate("visor", items)
-        self.ctx.log0(f"loading detector {v.detector}")
-        detector = OpenVocabDetector.from_pretrained(
-            v.detector, threshold=v.threshold, batch_size=v.detector_batch_size, device=str(self.ctx.device)
-        )
+        detector = None
+        if self.generates:
+            self.ctx.log0(f"loading detector {v.detector}")
+            detector = OpenVocabDetector.from_pretrained(
+                v.detector, threshold=v.threshold, batch_size=v.detector_batch_size, device=str(self.ctx.device)
+            )
         records = self._detect("visor", items, detector)
         if records is not None:
             scores = visor_scores(records, threshold=v.threshold, num_images=v.rounds)
@@ -338,9 +432,11 @@ class Evaluation:
             self._generate("sepen", items)
         finally:
             self.cfg.sampler = sampler
-        detector = OpenVocabDetector.from_pretrained(
-            s.detector, threshold=0.0, batch_size=s.detector_batch_size, device=str(ctx.device)
-        )
+        detector = None
+        if self.generates:
+            detector = OpenVocabDetector.from_pretrained(
+                s.detector, threshold=0.0, batch_size=s.detector_batch_size, device=str(ctx.device)
+            )
         records = self._detect("sepen", items, detector)
         if records is None:
             return
@@ -369,26 +465,28 @@ class Evaluation:
             pipe.unet, blocks=list(g.blocks), resolutions=g.resolutions, image_resolution=resolution,
             scale_factor=vae_scale_factor(pipe.vae),
         )  # fmt: skip
-        ctx.log0(
-            f"grounding: {g.num_samples} held-out samples ({g.source}), {len(plan.layers)} layers, t={g.timesteps}"
-        )
-        batches = grounding_batches(
-            g.source, pipe.tokenizer, resolution=resolution, num_samples=g.num_samples, batch_size=g.batch_size,
-            rank=ctx.rank, world_size=ctx.world_size, shards=g.shards, synthetic_split=g.synthetic_split,
-            synthetic_seed=g.synthetic_seed, max_objects=g.synthetic_max_objects, min_objects=g.synthetic_min_objects,
-        )  # fmt: skip
-        records = grounding_records(
-            pipe.unet, pipe.vae, pipe.text_encoder, pipe.scheduler, plan, batches, timesteps=list(g.timesteps),
-            threshold=g.threshold, seed=self.cfg.seed, device=ctx.device,
-        )  # fmt: skip
         root = self.out / "grounding"
-        root.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(root / f"records-rank{ctx.rank}.json", records)
+        if self.generates:
+            ctx.log0(
+                f"grounding: {g.num_samples} held-out samples ({g.source}), {len(plan.layers)} layers, t={g.timesteps}"
+            )
+            batches = grounding_batches(
+                g.source, pipe.tokenizer, resolution=resolution, num_samples=g.num_samples, batch_size=g.batch_size,
+                rank=ctx.rank, world_size=ctx.world_size, shards=g.shards, synthetic_split=g.synthetic_split,
+                synthetic_seed=g.synthetic_seed, max_objects=g.synthetic_max_objects,
+                min_objects=g.synthetic_min_objects,
+            )  # fmt: skip
+            records = grounding_records(
+                pipe.unet, pipe.vae, pipe.text_encoder, pipe.scheduler, plan, batches, timesteps=list(g.timesteps),
+                threshold=g.threshold, seed=self.cfg.seed, device=ctx.device,
+            )  # fmt: skip
+            root.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(root / f"records-rank{ctx.rank}.json", records)
         ctx.barrier()
-        if ctx.is_rank0:
+        if self.scores:
             merged = []
-            for r in range(ctx.world_size):
-                merged.extend(json.loads((root / f"records-rank{r}.json").read_text()))
+            for path in self._rank_files(root, "records-rank{rank}.json"):
+                merged.extend(json.loads(path.read_text()))
             self.metrics.update(summarize_grounding(merged))
             self.details["grounding"] = {"layers": list(plan.layers), "records": len(merged)}
 
@@ -404,7 +502,9 @@ class Evaluation:
         f, ctx = self.cfg.fid, self.ctx
         root = self.out / "fid"
         caption_file = root / "captions.json"
-        if ctx.is_rank0:
+        # one job: rank 0 writes the caption sample; array tasks each write it if absent (the same file: a seeded
+        # sample, written atomically); the merge reads it
+        if (ctx.is_rank0 and self.phase == "all") or self.phase == "share":
             root.mkdir(parents=True, exist_ok=True)
             if f.caption_list:
                 write_json_atomic(caption_file, load_caption_sample(f.caption_list))
@@ -417,7 +517,7 @@ class Evaluation:
             for c in captions
         ]
         self._generate("fid", items)
-        if not ctx.is_rank0:
+        if not self.scores:
             return
         real_paths = [Path(f.images_dir) / it.meta["file_name"] for it in items]
         missing = [p for p in real_paths if not p.is_file()]
@@ -435,7 +535,7 @@ class Evaluation:
         )
 
     def run_latency(self) -> None:
-        if not self.ctx.is_rank0:
+        if not self.scores:  # timed once, by the scoring process (rank 0 of one job, or the merge)
             return
         lat, sampler = self.cfg.latency, self.cfg.sampler
 
@@ -468,15 +568,29 @@ class Evaluation:
     # the whole run
     def run(self) -> dict | None:
         cfg, ctx = self.cfg, self.ctx
-        path = model_path(cfg, ctx)
-        ctx.log0(f"evaluating {path} on {ctx.world_size} rank(s), device {ctx.device}")
-        self.pipe = load_pipeline(path, cfg.model, cfg.sampler, ctx.device)
+        if self.phase == "share":
+            check_shard_world(self.out, ctx.world_size)
+        path = model_path(cfg, ctx, independent=self.phase != "all")
+        if self.phase == "all":
+            ctx.log0(f"evaluating {path} on {ctx.world_size} rank(s), device {ctx.device}")
+            self.pipe = load_pipeline(path, cfg.model, cfg.sampler, ctx.device)
+        elif self.phase == "share":
+            ctx.log(f"evaluating {path}: share {ctx.rank} of {ctx.world_size}, device {ctx.device}")
+        else:
+            ctx.log(f"merging the {ctx.world_size} shares of {path} in {self.out}")
         self.model_name = path
         for suite in ("multigen", "visor", "synthetic", "sepen", "grounding", "fid", "latency"):
             if getattr(cfg, suite).enabled:
                 getattr(self, f"run_{suite}")()
         ctx.barrier()
-        if not ctx.is_rank0:
+        if self.phase == "share":
+            write_json_atomic_mkdir(
+                shard_marker(self.out, ctx.rank, ctx.world_size),
+                {"rank": ctx.rank, "world_size": ctx.world_size, "model": path,
+                 "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")},
+            )  # fmt: skip
+            return None
+        if not self.scores:
             return None
         return self.write_results()
 
@@ -500,6 +614,23 @@ class Evaluation:
         return results
 
 
+def write_json_atomic_mkdir(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, data)
+
+
 def run_evaluation(cfg: EvalConfig, ctx: EvalContext) -> dict | None:
     """Collective: every rank calls it. Rank 0 returns the results dict (also in results.json)."""
     return Evaluation(cfg, ctx).run()
+
+
+def run_share(cfg: EvalConfig, rank: int, world_size: int, device: torch.device, progress: bool = False) -> None:
+    """One array task: generate and detect the share `rank` of `world_size` of every suite (no other task needed)."""
+    Evaluation(cfg, EvalContext(rank, world_size, device, progress=progress), phase="share").run()
+
+
+def run_merge(cfg: EvalConfig, device: torch.device) -> tuple[dict, Evaluation]:
+    """After every share finished: score them all, write results.json; returns (results, the evaluation)."""
+    world, _ = finished_shards(Path(cfg.output_dir))
+    evaluation = Evaluation(cfg, EvalContext(0, world, device, progress=False), phase="merge")
+    return evaluation.run(), evaluation

@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -86,11 +87,57 @@ def load_components(cfg: ModelConfig, resolution: int) -> SDComponents:
             except (OSError, ValueError) as exc:
                 raise ModelLoadError(f"model.pretrained={ref!r}: cannot load {subfolder}/: {exc}") from exc
         comps = SDComponents(**parts)
+    if cfg.text_encoder_path is not None:
+        comps.text_encoder = load_text_encoder(cfg.text_encoder_path, "model.text_encoder_path")
+        width, expected = comps.text_encoder.config.hidden_size, comps.unet.config.cross_attention_dim
+        if width != expected:
+            raise ModelLoadError(
+                f"model.text_encoder_path={cfg.text_encoder_path!r}: hidden size {width} does not match the U-Net's "
+                f"cross_attention_dim {expected}"
+            )
     if cfg.prediction_type is not None and cfg.prediction_type != comps.prediction_type:
         comps.noise_scheduler = DDPMScheduler.from_config(
             comps.noise_scheduler.config, prediction_type=cfg.prediction_type
         )
     return comps
+
+
+def text_encoder_dir(path: str | os.PathLike) -> Path:
+    """The CLIPTextModel directory named by `path`: the directory itself, or its `text_encoder/` subfolder when
+    `path` is a pipeline directory (a tcscale export)."""
+    path = Path(path).expanduser()
+    sub = path / "text_encoder"
+    return sub if not (path / "config.json").is_file() and (sub / "config.json").is_file() else path
+
+
+def load_text_encoder(path: str | os.PathLike, key: str = "text encoder", **kwargs) -> CLIPTextModel:
+    """`CLIPTextModel.from_pretrained` of a local directory (see `text_encoder_dir`); errors name `key`."""
+    folder = text_encoder_dir(path)
+    if not folder.is_dir():
+        raise ModelLoadError(f"{key}={str(path)!r}: directory not found")
+    try:
+        return CLIPTextModel.from_pretrained(str(folder), **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{key}={str(path)!r}: cannot load a CLIPTextModel from {folder}: {exc}") from exc
+
+
+def load_base_text_encoder(cfg: ModelConfig, resolution: int) -> CLIPTextModel:
+    """The text encoder `load_components(cfg)` returns, loaded again on its own in float32 (for an objective that
+    trains it: the trainer keeps its copy of the frozen encoder in the compute dtype)."""
+    if cfg.text_encoder_path is not None:
+        return load_text_encoder(cfg.text_encoder_path, "model.text_encoder_path")
+    if cfg.pretrained is None:
+        from tcscale.models.architectures import build_tiny_components
+
+        return build_tiny_components(cfg.tiny, resolution).text_encoder
+    ref = cfg.pretrained
+    try:
+        return CLIPTextModel.from_pretrained(
+            str(Path(ref).expanduser()) if _is_local(ref) else ref, subfolder="text_encoder", revision=cfg.revision,
+            variant=cfg.variant, torch_dtype=torch.float32,
+        )  # fmt: skip
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"model.pretrained={ref!r}: cannot load text_encoder/: {exc}") from exc
 
 
 def save_pipeline_dir(

@@ -10,6 +10,17 @@ a `StepOutput`. The trainer builds it through the registry and never branches on
 Adding an objective is one new module: its config dataclass (the options under ``objective.<name>``), the
 objective class, and one ``register_objective(...)`` line. Nothing in ``tcscale/train`` or ``tcscale/config.py``
 changes; a module outside the package registers through the config's ``imports`` list.
+
+Optional hooks, for an objective whose module is not the U-Net or whose batches are not grounded images (the
+trainer asks for them with ``getattr``; the built-in diffusion objectives define none):
+
+* ``build_loader(data_cfg, tokenizer, *, rank, world_size, micro_batch_size, seed, start_step)``: the training
+  loader (a `tcscale.data.TrainLoader`, or anything with its iteration, ``state_dict``/``load_state_dict``,
+  ``counters`` and ``close``) instead of ``build_train_loader``;
+* ``validate(module) -> dict[str, float]``: called on every rank at ``validation.every_steps`` (collective under
+  ZeRO-3) with the engine's module; rank 0 logs the metrics. Replaces the U-Net validation (images, heatmaps);
+* ``export_components`` (a registry argument, since exports run without building the objective): the trained
+  module's consolidated state dict -> ``{pipeline component: its state dict}``; default ``{"unet": state}``.
 """
 
 from __future__ import annotations
@@ -78,6 +89,12 @@ class ObjectiveSpec:
     build: Callable[[Any, BuildContext], Objective]
     check: Callable[[TrainConfig], None] | None = None
     description: str = ""
+    # the trained module's state dict -> {pipeline component ("unet", "text_encoder"): its state dict}; None: U-Net
+    export_components: Callable[[dict[str, torch.Tensor]], dict[str, dict[str, torch.Tensor]]] | None = None
+
+    def exported(self, state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+        """The pipeline components a checkpoint of this objective replaces, with their state dicts."""
+        return self.export_components(state) if self.export_components is not None else {"unet": state}
 
 
 OBJECTIVES: dict[str, ObjectiveSpec] = {}
@@ -90,6 +107,7 @@ def register_objective(
     *,
     check: Callable[[TrainConfig], None] | None = None,
     description: str = "",
+    export_components: Callable[[dict[str, torch.Tensor]], dict[str, dict[str, torch.Tensor]]] | None = None,
 ) -> ObjectiveSpec:
     """Add an objective to `OBJECTIVES` (re-registering a name with the same config class replaces it, so a
     module imported twice is harmless; another config class under a taken name is an error)."""
@@ -100,7 +118,7 @@ def register_objective(
     old = OBJECTIVES.get(name)
     if old is not None and old.config.__qualname__ != config.__qualname__:
         raise ValueError(f"objective {name!r} is already registered with config {old.config.__qualname__}")
-    spec = ObjectiveSpec(name, config, build, check, description)
+    spec = ObjectiveSpec(name, config, build, check, description, export_components)
     OBJECTIVES[name] = spec
     return spec
 

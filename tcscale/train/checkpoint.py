@@ -5,13 +5,24 @@ EMA weights) and checkpoints/latest (the tag of the newest complete checkpoint, 
 rank writes its shards into `tmp-step<N>`; after a barrier, rank 0 writes the extra states into it, renames it to
 `step<N>`, then rewrites `latest` through a temp file. An interrupted save therefore never becomes `latest`.
 Assumes the checkpoint directory is on a file system shared by all nodes (the usual cluster set-up).
+
+Elastic resume: ZeRO shards the optimizer state (and under ZeRO-3 the weights) over the data-parallel ranks that
+saved it, and DeepSpeed refuses to load such a checkpoint on another number of ranks. `plan_resume` reads how many
+ranks wrote a checkpoint (its `*zero_pp_rank_*_optim_states.pt` files) before any engine exists; when that differs
+from the current world, rank 0 converts the tag once into DeepSpeed's universal layout (`ds_to_universal`: one
+folder per parameter with its fp32 master weights, Adam's exp_avg / exp_avg_sq and step, world-size free) at
+`step<N>/universal/` (temp name, then rename; pruned with its tag), the engine is built with
+`checkpoint.load_universal` and every rank loads its new partition from it. The same-world path is untouched.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import re
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -20,6 +31,9 @@ from tcscale.train.distributed import DistEnv, barrier, broadcast_object
 from tcscale.train.safe_load import safe_torch_load
 
 TAG_RE = re.compile(r"^step(\d+)$")
+UNIVERSAL = "universal"  # sub-directory of a tag: the same checkpoint in DeepSpeed's universal (world-size free) layout
+# ds_to_universal's worker processes (extracting shards, merging slices): 1 runs in-process
+UNIVERSAL_WORKERS = max(1, min(8, (os.cpu_count() or 1) // 2))
 
 
 class CheckpointError(RuntimeError):
@@ -66,12 +80,124 @@ def resolve_resume(resume: str | None, ckpt_dir: Path) -> tuple[Path, str] | Non
     return path.parent, path.name
 
 
+def saved_world_size(tag_dir: Path) -> int | None:
+    """How many data-parallel ranks wrote a checkpoint: its ZeRO optimizer shard files (one per rank, ZeRO 1-3,
+    bf16 or not); None when it has none (ZeRO stage 0: the optimizer state is whole and loads on any world)."""
+    return len(list(Path(tag_dir).glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt"))) or None
+
+
+@dataclass(frozen=True)
+class ResumePlan:
+    """Which checkpoint a run resumes from and how: decided before the engine is built (the universal load is an
+    engine config option)."""
+
+    load_dir: Path  # the directory holding the tag (DeepSpeed's load_dir)
+    tag: str
+    saved_world_size: int | None  # ranks that wrote it (None: not sharded)
+    world_size: int  # ranks that load it
+
+    @property
+    def path(self) -> Path:
+        return self.load_dir / self.tag
+
+    @property
+    def elastic(self) -> bool:
+        """The ZeRO shards were written by another number of ranks: load through the universal layout."""
+        return self.saved_world_size is not None and self.saved_world_size != self.world_size
+
+
+def plan_resume(resume: str | None, ckpt_dir: Path, world_size: int) -> ResumePlan | None:
+    """`resume` config value -> the plan (None: start fresh). Reads files only: call it on one rank and broadcast."""
+    found = resolve_resume(resume, ckpt_dir)
+    if found is None:
+        return None
+    load_dir, tag = found
+    return ResumePlan(load_dir, tag, saved_world_size(load_dir / tag), world_size)
+
+
+def universal_engine_config(ds_config: dict[str, Any]) -> dict[str, Any]:
+    """The DeepSpeed config section with `checkpoint.load_universal` on (a copy)."""
+    out = dict(ds_config)
+    out["checkpoint"] = {**dict(ds_config.get("checkpoint") or {}), "load_universal": True}
+    return out
+
+
+def convert_to_universal(tag_dir: Path, *, allow_unsafe_load: bool = False, workers: int = UNIVERSAL_WORKERS) -> Path:
+    """`tag_dir/universal/`: the checkpoint in DeepSpeed's universal layout, converted once (reused when present).
+    Written under a temp name and renamed, so an interrupted conversion is redone, never half-used. Every file is
+    read weights-only unless `allow_unsafe_load` (DeepSpeed's converter pickles nothing else)."""
+    import argparse
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    tag_dir = Path(tag_dir)
+    out = tag_dir / UNIVERSAL
+    if (out / "zero").is_dir():
+        return out
+    tmp = tag_dir / f"{UNIVERSAL}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    args = argparse.Namespace(
+        input_folder=str(tag_dir), output_folder=str(tmp), num_extract_workers=workers, num_merge_workers=workers,
+        keep_temp_folder=False, strict=True, inject_missing_state=True,
+    )  # fmt: skip
+    log = io.StringIO()
+    try:
+        with safe_torch_load(allow_unsafe_load), contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            ds_to_universal.main(args)
+    except Exception as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(
+            f"{tag_dir}: conversion to DeepSpeed's universal checkpoint failed ({type(exc).__name__}: {exc}); "
+            f"converter output: {log.getvalue()[-1500:]}"
+        ) from exc
+    (tag_dir / "latest_universal").unlink(missing_ok=True)  # the converter points its parent folder at the output
+    os.replace(tmp, out)
+    return out
+
+
+@dataclass(frozen=True)
+class DataAnchor:
+    """Where this world's sequence of global sample slots starts: micro-step `step` of rank 0 begins at slot `slot`
+    (`tcscale.data.loader.first_slot`: ranks interleave micro-batches from there). (0, 0) for a fresh run; every resume
+    re-anchors at its micro-step, at the slot after the last one the saving world consumed, so a world of another
+    size (or micro-batch) continues the same sequence. With an unchanged layout the slots are the same as before."""
+
+    step: int = 0
+    slot: int = 0
+
+    @property
+    def position(self) -> tuple[int, int]:
+        return self.step, self.slot
+
+    def consumed(self, micro_step: int, world_size: int, micro_batch: int) -> int:
+        """The first slot not yet consumed after `micro_step` micro-steps of every rank."""
+        return self.slot + (micro_step - self.step) * world_size * micro_batch
+
+    def state(self, world_size: int, micro_batch: int) -> dict[str, int]:
+        """For the checkpoint's client state (with the layout that consumes the slots)."""
+        return {"step": self.step, "slot": self.slot, "world_size": world_size, "micro_batch_size": micro_batch}
+
+    @classmethod
+    def resumed(cls, client_state: dict[str, Any], micro_step: int) -> DataAnchor:
+        """The anchor of a run resuming at `micro_step` (its own count) from a checkpoint's client state (a
+        checkpoint from before anchors existed: anchor (0, 0) with the world size and micro-batch it recorded)."""
+        saved = client_state.get("data_anchor") or {}
+        old = cls(int(saved.get("step", 0)), int(saved.get("slot", 0)))
+        world = int(saved.get("world_size") or client_state.get("world_size") or 1)
+        batch = saved.get("micro_batch_size")
+        if batch is None:
+            batch = ((client_state.get("config") or {}).get("deepspeed") or {}).get("train_micro_batch_size_per_gpu", 1)
+        return cls(micro_step, old.consumed(int(client_state.get("micro_step", 0)), world, int(batch)))
+
+
 @dataclass
 class Resumed:
     """What a loaded checkpoint hands back to the trainer."""
 
     path: Path
     client_state: dict[str, Any]
+    plan: ResumePlan | None = None
+    seconds: float = 0.0  # wall time of the load (with the universal conversion, if any)
 
     @property
     def step(self) -> int:
@@ -139,15 +265,38 @@ class Checkpointer:
         barrier()
         return self.dir / tag
 
-    def resume(self, resume: str | None) -> Resumed | None:
-        """Load the checkpoint `resume` names ("latest", a tag directory, or None: start fresh): weights, optimizer
-        and scheduler states, the extra states; returns the client state (rank 0's, on every rank)."""
-        found = resolve_resume(resume, self.dir)
-        if found is None:
-            return None
-        load_dir, tag = found
+    def resume(self, resume: str | ResumePlan | None) -> Resumed | None:
+        """Load the checkpoint `resume` names ("latest", a tag directory, a `ResumePlan`, or None: start fresh):
+        weights, optimizer and scheduler states, the extra states; returns the client state (rank 0's, on every
+        rank). An elastic plan (saved on another number of ranks) needs an engine built with
+        `universal_engine_config`: rank 0 converts the tag once, then every rank loads its partition from it."""
+        plan = resume if isinstance(resume, ResumePlan) else None
+        if plan is None:
+            found = resolve_resume(resume, self.dir)
+            if found is None:
+                return None
+            plan = ResumePlan(*found, None, self.env.world_size)  # same-world load (the caller says so)
         import torch
 
+        t0 = time.perf_counter()
+        load_dir, tag = plan.load_dir, plan.tag
+        if plan.elastic:
+            if not getattr(self.engine, "load_universal_checkpoint", lambda: False)():
+                raise CheckpointError(
+                    f"{plan.path} was saved on {plan.saved_world_size} ranks and is loaded on {plan.world_size}: "
+                    "build the engine with universal_engine_config(...)"
+                )
+            error = None
+            if self.env.is_rank0:
+                try:
+                    convert_to_universal(plan.path, allow_unsafe_load=self.allow_unsafe_load)
+                except CheckpointError as exc:
+                    error = exc
+            error = broadcast_object(error)
+            if error is not None:
+                error.agreed = True
+                raise error
+            load_dir, tag = plan.path, UNIVERSAL
         with safe_torch_load(self.allow_unsafe_load):  # DeepSpeed's own loads too: weights-only unless opted in
             path, client_state = self.engine.load_checkpoint(
                 str(load_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
@@ -155,7 +304,7 @@ class Checkpointer:
             if path is None:
                 raise CheckpointError(f"DeepSpeed could not load checkpoint {load_dir / tag}")
             for name, obj in self.extras.items():
-                file = load_dir / tag / f"{name}.pt"
+                file = plan.path / f"{name}.pt"
                 if file.is_file():
                     obj.load_state_dict(torch.load(file, map_location="cpu"))
-        return Resumed(load_dir / tag, broadcast_object(client_state))
+        return Resumed(plan.path, broadcast_object(client_state), plan, time.perf_counter() - t0)

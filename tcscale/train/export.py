@@ -3,6 +3,9 @@
 The consolidated fp32 weights come from DeepSpeed's own `zero_to_fp32` helpers; the other
 pipeline components come from the run's base model (`model.pretrained`, or `<run>/base_model`
 that tiny runs write). The result loads with `StableDiffusionPipeline.from_pretrained(out)`.
+An objective that trains another component (its registry entry's `export_components`, e.g. the
+text encoder) exports the same way, with that component replaced; `export_text_encoder` writes
+the text encoder alone (a `CLIPTextModel` directory).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from pathlib import Path
 import torch
 
 from tcscale.config import load_config
-from tcscale.models.sd import load_components, save_pipeline_dir
+from tcscale.models.sd import SDComponents, load_components, save_pipeline_dir
 from tcscale.train.checkpoint import CheckpointError, latest_tag
 from tcscale.train.safe_load import safe_torch_load
 
@@ -38,10 +41,14 @@ def consolidated_state_dict(ckpt_dir: Path, tag: str, allow_unsafe_load: bool = 
     return {k: v.float() for k, v in state.items()}
 
 
-def export_pipeline(
-    run_dir: str | os.PathLike, out_dir: str | os.PathLike, tag: str | None = None, allow_unsafe_load: bool = False
-) -> Path:
-    run_dir, out_dir = Path(run_dir), Path(out_dir)
+def load_trained_components(
+    run_dir: str | os.PathLike, tag: str | None = None, allow_unsafe_load: bool = False
+) -> SDComponents:
+    """The run's base components with the checkpoint's weights in the components its objective trains (the U-Net,
+    or what the objective's `export_components` names, e.g. the text encoder)."""
+    from tcscale.objectives import OBJECTIVES
+
+    run_dir = Path(run_dir)
     cfg = load_config(run_dir / "config.yaml")
     ckpt_dir = run_dir / "checkpoints"
     tag = tag or latest_tag(ckpt_dir)
@@ -51,16 +58,39 @@ def export_pipeline(
     if cfg.model.pretrained is None:
         cfg.model.pretrained = str((run_dir / "base_model").resolve())
     comps = load_components(cfg.model, cfg.data.resolution)
-    missing, unexpected = comps.unet.load_state_dict(state, strict=False)
-    param_names = {n for n, _ in comps.unet.named_parameters()}
-    if unexpected or any(m in param_names for m in missing):
-        raise CheckpointError(
-            f"checkpoint {ckpt_dir / tag} does not match the U-Net: missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )
+    for name, part in OBJECTIVES[cfg.objective.name].exported(state).items():
+        module = getattr(comps, name)
+        missing, unexpected = module.load_state_dict(part, strict=False)
+        param_names = {n for n, _ in module.named_parameters()}
+        if unexpected or any(m in param_names for m in missing):
+            what = "U-Net" if name == "unet" else name
+            raise CheckpointError(
+                f"checkpoint {ckpt_dir / tag} does not match the {what}: missing {missing[:5]}, "
+                f"unexpected {unexpected[:5]}"
+            )
+    return comps
+
+
+def _write_atomic(out_dir: Path, write) -> Path:
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    save_pipeline_dir(comps, tmp, unet=comps.unet)
+    write(tmp)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
     return out_dir
+
+
+def export_pipeline(
+    run_dir: str | os.PathLike, out_dir: str | os.PathLike, tag: str | None = None, allow_unsafe_load: bool = False
+) -> Path:
+    comps = load_trained_components(run_dir, tag, allow_unsafe_load)
+    return _write_atomic(Path(out_dir), lambda tmp: save_pipeline_dir(comps, tmp))
+
+
+def export_text_encoder(
+    run_dir: str | os.PathLike, out_dir: str | os.PathLike, tag: str | None = None, allow_unsafe_load: bool = False
+) -> Path:
+    """The run's text encoder alone, in transformers format (`CLIPTextModel.from_pretrained(out)` loads it)."""
+    comps = load_trained_components(run_dir, tag, allow_unsafe_load)
+    return _write_atomic(Path(out_dir), lambda tmp: comps.text_encoder.save_pretrained(str(tmp)))

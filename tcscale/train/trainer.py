@@ -4,8 +4,14 @@
     result = trainer.fit()          # the loop: train_step, log, validate, checkpoint, honour preemption
 
 Step semantics: `step` counts optimizer steps; each one is `gradient_accumulation_steps` micro-batches per rank.
-Every random draw of a micro-step (timesteps, noise, VAE sample, data order) derives from (seed, rank,
-micro_step), so a resumed run replays exactly what an uninterrupted run would have done.
+Every random draw of a micro-step (timesteps, noise, VAE sample, data order) derives from (seed, the global sample
+slot its micro-batch starts at), so a resumed run replays exactly what an uninterrupted run would have done.
+
+Elastic resume: a checkpoint saved on another number of ranks loads through DeepSpeed's universal layout
+(`tcscale.train.checkpoint`), and the data continue the same global slot sequence (`DataAnchor`): micro-step m of
+rank r reads slots anchor.slot + ((m - anchor.step) * world + r) * micro_batch + [0, micro_batch). When the
+global batch (world x micro-batch x accumulation) is kept, e.g. 2 ranks -> 1 rank with twice the accumulation,
+every optimizer step sees the same samples and random draws as the uninterrupted run.
 
 The objective (`tcscale.objectives.OBJECTIVES[cfg.objective.name]`) decides what is trained and how a batch
 becomes a loss; nothing here branches on which objective it is.
@@ -25,11 +31,12 @@ from typing import Any
 import torch
 
 from tcscale.config import TrainConfig, config_to_dict, save_config
+from tcscale.data.loader import derive_seed, first_slot
 from tcscale.models.sd import load_components, save_pipeline_dir
 from tcscale.objectives import OBJECTIVES, BuildContext, StepOutput
 from tcscale.tracking import build_tracker
 from tcscale.tracking.mlflow_tracker import resolve_tracking_uri, write_run_info
-from tcscale.train.checkpoint import Checkpointer
+from tcscale.train.checkpoint import Checkpointer, DataAnchor, plan_resume, universal_engine_config
 from tcscale.train.distributed import (
     all_gather_objects,
     all_reduce_mean,
@@ -56,10 +63,14 @@ class TrainResult:
     preempted: bool = False
 
 
-def step_generator(seed: int, rank: int, micro_step: int, device: torch.device) -> torch.Generator:
-    """The generator of one micro-step: a pure function of (seed, rank, micro_step)."""
+_TAG_STEP_RNG = 201  # keeps the micro-step generators apart from the data streams' derived seeds
+
+
+def step_generator(seed: int, slot: int, device: torch.device) -> torch.Generator:
+    """The generator of one micro-batch: a pure function of (seed, the global sample slot the micro-batch starts at;
+    `tcscale.data.loader.first_slot`), so it does not depend on how the slots are split over ranks."""
     g = torch.Generator(device=device)
-    g.manual_seed((seed * 1_000_003 + rank * 10_007 + micro_step) % (2**63 - 1))
+    g.manual_seed(derive_seed(seed, _TAG_STEP_RNG, slot))
     return g
 
 
@@ -134,7 +145,14 @@ class Trainer:
         if cfg.model.gradient_checkpointing:
             module.enable_gradient_checkpointing()  # diffusers default: torch checkpoint with use_reentrant=False
         module.train()
-        self.engine = build_engine(module, self.objective.trainable_parameters(), ds)
+        # which checkpoint, decided before the engine: one saved on another number of ranks loads through
+        # DeepSpeed's universal layout, an engine option
+        ckpt_dir = self.out_dir / "checkpoints"
+        self.resume_plan = checked_on_rank0(lambda: plan_resume(cfg.resume, ckpt_dir, env.world_size))
+        elastic = self.resume_plan is not None and self.resume_plan.elastic
+        self.engine = build_engine(
+            module, self.objective.trainable_parameters(), universal_engine_config(ds) if elastic else ds
+        )
         self.ema = None
         if cfg.ema.enabled:
             from diffusers.training_utils import EMAModel
@@ -150,13 +168,21 @@ class Trainer:
         stale = self.checkpointer.remove_stale_temp()
         if stale:
             print0(f"removed {', '.join(stale)}: incomplete checkpoint(s) of an interrupted save")
-        resumed = self.checkpointer.resume(cfg.resume)
+        resumed = self.checkpointer.resume(self.resume_plan)
         client = resumed.client_state if resumed is not None else {}
         self.step = int(client.get("step", 0))
         self.start_step = self.step
         self.micro_step = self.step * self.accum
+        self.anchor = DataAnchor.resumed(client, self.micro_step) if resumed is not None else DataAnchor()
         if resumed is not None:
             print0(f"resumed from {resumed.path} at step {self.step}")
+            if elastic:
+                print0(
+                    f"elastic resume: saved on {resumed.plan.saved_world_size} ranks, loaded on {env.world_size} "
+                    f"through DeepSpeed's universal checkpoint ({resumed.seconds:.1f} s with the conversion)"
+                )
+            if self.objective.reads_data and int(client.get("world_size") or env.world_size) != env.world_size:
+                self._describe_resize(client)
         self.tracker = build_tracker(cfg, env.is_rank0, env.world_size, client.get("mlflow_run_id"))
         try:  # from here on, a failure marks the MLflow run FAILED with its reason
             self.run_id = broadcast_object(self.tracker.run_id if env.is_rank0 else None)
@@ -196,10 +222,15 @@ class Trainer:
         barrier()
 
     def _build_loader(self, data_state):
+        from functools import partial
+
         from tcscale.data import build_train_loader
 
         env = self.env
-        loader = build_train_loader(
+        # an objective may bring its own loader (same arguments, same interface), e.g. object crops
+        default = partial(build_train_loader, plan=self.objective.plan, anchor=self.anchor.position)
+        build = getattr(self.objective, "build_loader", None) or default
+        loader = build(
             self.cfg.data,
             self.comps.tokenizer,
             rank=env.rank,
@@ -207,15 +238,41 @@ class Trainer:
             micro_batch_size=self.micro_bs,
             seed=self.cfg.seed,
             start_step=self.micro_step,
-            plan=self.objective.plan,
         )
-        # one loader state per rank (the client state holds the list); a different world size restarts the per-rank
-        # streams at the saved micro-step with fresh counters
+        # one loader state per rank (the client state holds the list), continued at this run's micro-step (its count
+        # changes with gradient_accumulation_steps); on another world size, rank 0 carries the summed counters on
         if isinstance(data_state, list) and len(data_state) == env.world_size:
-            loader.load_state_dict(data_state[env.rank])
-        elif data_state is not None:
-            print0(f"resuming with world size {env.world_size} (checkpoint: {len(data_state)}): data streams restart")
+            loader.load_state_dict({**data_state[env.rank], "step": self.micro_step})
+        elif isinstance(data_state, list) and data_state:
+            counters: dict[str, float] = {}
+            for part in data_state:
+                for key, value in (part.get("counters") or {}).items():
+                    counters[key] = counters.get(key, 0) + value
+            own = {**data_state[0], "world_size": env.world_size, "rank": env.rank, "step": self.micro_step}
+            loader.load_state_dict({**own, "counters": counters if env.is_rank0 else {}})
         return loader
+
+    def _describe_resize(self, client: dict[str, Any]) -> None:
+        """After resuming on another world size: say which samples the new world sees, and what keeps the global
+        batch (rank 0 prints)."""
+        env, anchor, b = self.env, self.anchor, self.micro_bs
+        saved_world = int(client.get("world_size") or 1)
+        if self.cfg.data.source == "synthetic":
+            what = (f"the synthetic slot sequence continues at slot {anchor.slot}: micro-step m of rank r reads slots "
+                    f"{anchor.slot} + ((m - {anchor.step}) * {env.world_size} + r) * {b} + [0, {b})")  # fmt: skip
+        else:
+            what = f"each rank draws a fresh shard stream seeded by (seed, rank, worker, micro-step {self.micro_step})"
+            if not self.cfg.data.resampled:
+                what += "; a new pass over the shards starts, split over the new ranks x workers"
+        print0(f"data: world size {saved_world} -> {env.world_size}: {what}")
+        ds = (client.get("config") or {}).get("deepspeed") or {}
+        saved_b, saved_accum = ds.get("train_micro_batch_size_per_gpu", b), ds.get("gradient_accumulation_steps", 1)
+        before = saved_world * int(saved_b) * int(saved_accum)
+        now = env.world_size * b * self.accum
+        if before != now:
+            keep = before / (env.world_size * b)
+            hint = f"; deepspeed.gradient_accumulation_steps={int(keep)} keeps it" if keep == int(keep) else ""
+            print0(f"data: the global batch changes from {before} to {now} samples per optimizer step{hint}")
 
     def _batches(self) -> Iterator[dict[str, Any]]:
         if self.loader is not None:
@@ -234,6 +291,7 @@ class Trainer:
             "config": config_to_dict(self.cfg),
             "data": all_gather_objects(self.loader.state_dict()) if self.loader is not None else None,
             "world_size": self.env.world_size,
+            "data_anchor": self.anchor.state(self.env.world_size, self.micro_bs),
         }
 
     # -- one optimizer step ----------------------------------------------------------------------
@@ -243,7 +301,8 @@ class Trainer:
         t0 = time.perf_counter()
         sums: dict[str, torch.Tensor] = {}
         for _ in range(self.accum):
-            gen = step_generator(self.cfg.seed, env.rank, self.micro_step, env.device)
+            slot = first_slot(self.micro_step, env.rank, env.world_size, self.micro_bs, self.anchor.position)
+            gen = step_generator(self.cfg.seed, slot, env.device)
             out = self.objective(engine, next(self.batches), gen)
             check_finite(out, self.step + 1, self.micro_step, env.device)
             engine.backward(out.loss)
@@ -285,6 +344,12 @@ class Trainer:
         print0(f"checkpoint saved: {path}")
 
     def validate(self) -> None:
+        own = getattr(self.objective, "validate", None)
+        if own is not None:  # an objective with its own validation (every rank calls it; rank 0 logs)
+            metrics = own(self.engine.module)
+            self.tracker.log_metrics(metrics, self.step)
+            print0(f"validation step {self.step} " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+            return
         from tcscale.train.validation import run_validation
 
         run_validation(self.engine.module, self.comps, self.cfg, self.objective.plan, self.tracker, self.step, self.env)

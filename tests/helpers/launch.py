@@ -94,6 +94,66 @@ def run_and_kill_at(
     return out
 
 
+def run_torchrun_nodes(
+    nnodes: int, config: str, overrides: list[str], timeout: float = 600, script: str = "launchers/train.py"
+) -> list[str]:
+    """A multi-node job on this machine: `nnodes` launchers of launchers/slurm/torchrun_node.sh (one rank each, node
+    ranks 0.., a c10d rendezvous on 127.0.0.1), started last node first; returns each node's output."""
+    import tempfile
+
+    port, rdzv = free_port(), f"test-{os.getpid()}-{time.monotonic_ns()}"
+    procs, logs = [], []
+    try:
+        for node in reversed(range(nnodes)):
+            env = clean_env(
+                NNODES=str(nnodes), NODE_RANK=str(node), NPROC_PER_NODE="1", MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=str(port), RDZV_ID=rdzv, RDZV_TIMEOUT="120", TCSCALE_SHUTDOWN_S="30",
+            )  # fmt: skip
+            cmd = ["bash", "launchers/slurm/torchrun_node.sh", sys.executable, script, "--config", config, *overrides]
+            log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - closed below
+            logs.insert(0, log)
+            procs.insert(0, subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                             start_new_session=True))  # fmt: skip
+        deadline = time.time() + timeout
+        for p in procs:
+            p.wait(timeout=max(1.0, deadline - time.time()))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait(timeout=60)
+        outs = []
+        for log in logs:
+            log.seek(0)
+            outs.append(log.read())
+            log.close()
+    codes = [p.returncode for p in procs]
+    if any(codes):
+        detail = "\n".join(f"--- node {i} (exit {c})\n{o[-3000:]}" for i, (c, o) in enumerate(zip(codes, outs)))
+        raise AssertionError(f"multi-node run failed: {codes}\n{detail}")
+    return outs
+
+
+def optimizer_state(run_dir: Path, tag: str | None = None) -> dict[str, dict[str, torch.Tensor]]:
+    """Per parameter: the fp32 master weights, Adam's exp_avg / exp_avg_sq (flattened) and step of a checkpoint
+    (default: the latest), whole (not partitioned), read from its universal conversion (tcscale.train.checkpoint)."""
+    from tcscale.train.checkpoint import convert_to_universal, latest_tag
+
+    ckpt = run_dir / "checkpoints"
+    zero = convert_to_universal(ckpt / (tag or latest_tag(ckpt))) / "zero"
+
+    def tensor(path: Path) -> torch.Tensor:
+        obj = torch.load(path, weights_only=True)  # ZeRO-1/2 conversions hold {"param": t, ...}; ZeRO-3 ones t
+        return (obj["param"] if isinstance(obj, dict) else obj).reshape(-1)
+
+    out = {}
+    for folder in sorted(p for p in zero.iterdir() if p.is_dir()):
+        state = {k: tensor(folder / f"{k}.pt") for k in ("fp32", "exp_avg", "exp_avg_sq")}
+        state["step"] = torch.load(folder / "step.pt", weights_only=True)
+        out[folder.name] = state
+    return out
+
+
 def mlflow_runs(run_dir: Path, experiment: str):
     import mlflow
 
