@@ -88,9 +88,10 @@ def sbatch_header(path: Path) -> list[str]:
 
 
 def test_sbatch_template_parses_and_header():
-    for script in (SBATCH, ENV_SH):
+    others = ("eval.sbatch", "eval_array.sh", "torchrun_node.sh", "../mlflow_server.sh")
+    for script in (SBATCH, ENV_SH, *(SBATCH.parent / name for name in others)):
         res = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
-        assert res.returncode == 0, res.stderr
+        assert res.returncode == 0, (script, res.stderr)
     opts = sbatch_header(SBATCH)
     assert any(re.fullmatch(r"--signal=B:USR1@\d+", o) for o in opts), opts
     assert "--requeue" in opts and "--open-mode=append" in opts
@@ -100,6 +101,13 @@ def test_sbatch_template_parses_and_header():
 def test_sbatch_usage_without_config(tmp_path):
     res = subprocess.run(["bash", str(SBATCH)], capture_output=True, text=True, cwd=tmp_path, timeout=10)
     assert res.returncode == 2 and "usage" in res.stderr
+    for name in ("eval.sbatch", "eval_array.sh", "torchrun_node.sh"):
+        res = subprocess.run(["bash", str(SBATCH.parent / name)], capture_output=True, text=True, cwd=tmp_path,
+                             timeout=10)  # fmt: skip
+        assert res.returncode == 2 and "usage" in res.stderr, (name, res.stderr)
+    res = subprocess.run(["bash", str(SBATCH.parent / "eval_array.sh"), "two", "c.yaml"], capture_output=True,
+                         text=True, cwd=tmp_path, timeout=10)  # fmt: skip
+    assert res.returncode == 2 and "N must be a positive integer, got 'two'" in res.stderr
 
 
 # -------------------------------------------------------------------------------------------------------

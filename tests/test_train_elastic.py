@@ -63,7 +63,12 @@ def assert_same_training(run, ref, steps: int):
     want, got = optimizer_state(ref), optimizer_state(run)
     assert want.keys() == got.keys() and len(got) > 100
     for name, state in got.items():
-        assert float(state["step"]) == steps, name  # Adam's step counter continued, not restarted
+        # Adam's step counter continued, not restarted (ZeRO-3 conversions do not keep it: there, a restarted
+        # counter would change the bias correction of steps after the resume, so the weights would differ)
+        if state["step"] is not None:
+            assert float(state["step"]) == steps, name
+        else:
+            assert want[name]["step"] is None
         for key in ("fp32", "exp_avg", "exp_avg_sq"):
             torch.testing.assert_close(state[key], want[name][key], rtol=0, atol=1e-6, msg=f"{name} {key}")
     return runs[0]

@@ -135,7 +135,8 @@ def run_torchrun_nodes(
 
 
 def optimizer_state(run_dir: Path, tag: str | None = None) -> dict[str, dict[str, torch.Tensor]]:
-    """Per parameter: the fp32 master weights, Adam's exp_avg / exp_avg_sq (flattened) and step of a checkpoint
+    """Per parameter: the fp32 master weights, Adam's exp_avg / exp_avg_sq (flattened) and step (None where the
+    conversion does not keep it) of a checkpoint
     (default: the latest), whole (not partitioned), read from its universal conversion (tcscale.train.checkpoint)."""
     from tcscale.train.checkpoint import convert_to_universal, latest_tag
 
@@ -149,7 +150,9 @@ def optimizer_state(run_dir: Path, tag: str | None = None) -> dict[str, dict[str
     out = {}
     for folder in sorted(p for p in zero.iterdir() if p.is_dir()):
         state = {k: tensor(folder / f"{k}.pt") for k in ("fp32", "exp_avg", "exp_avg_sq")}
-        state["step"] = torch.load(folder / "step.pt", weights_only=True)
+        # ZeRO-1/2 conversions keep Adam's step per parameter; ZeRO-3 ones do not (deepspeed 0.19.8)
+        step = folder / "step.pt"
+        state["step"] = torch.load(step, weights_only=True) if step.is_file() else None
         out[folder.name] = state
     return out
 
