@@ -3,6 +3,8 @@ trained text encoder of a text_encoder_infonce run, with the base model's other 
 
 python launchers/export.py --run-dir runs/tiny_cpu --out runs/tiny_cpu/export [--tag step30]
 python launchers/export.py --run-dir runs/sd14_te --out exports/sd14_te_text --text-encoder   # CLIPTextModel dir only
+python launchers/export.py --run-dir runs/lora --out exports/lora              # LoRA run: adapter (load_lora_weights)
+python launchers/export.py --run-dir runs/lora --out exports/merged --merge-lora   # LoRA folded into a full U-Net
 """
 
 from __future__ import annotations
@@ -22,6 +24,11 @@ def main(argv: list[str] | None = None) -> int:
         help="write only the run's text encoder, in transformers format (CLIPTextModel.from_pretrained loads it)",
     )
     parser.add_argument(
+        "--merge-lora",
+        action="store_true",
+        help="LoRA runs: write a full pipeline with the adapters merged into the U-Net (default: the adapter alone)",
+    )
+    parser.add_argument(
         "--allow-unsafe-load",
         action="store_true",
         help="read checkpoint files that need arbitrary unpickling (can run code: only files you trust)",
@@ -34,8 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     from tcscale.train.safe_load import UnsafeCheckpointError
 
     try:
-        export = export_text_encoder if args.text_encoder else export_pipeline
-        out = export(args.run_dir, args.out, args.tag, args.allow_unsafe_load)
+        if args.text_encoder:
+            out = export_text_encoder(args.run_dir, args.out, args.tag, args.allow_unsafe_load)
+        else:
+            out = export_pipeline(args.run_dir, args.out, args.tag, args.allow_unsafe_load, merge_lora=args.merge_lora)
     except (ConfigError, CheckpointError, UnsafeCheckpointError, ModelLoadError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

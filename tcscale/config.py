@@ -54,10 +54,31 @@ class TinyModelConfig:
     norm_num_groups: int | None = None  # U-Net GroupNorm groups; null -> min(32, block_out_channels[0])
     prediction_type: PredictionType = "epsilon"  # scheduler prediction type of the tiny pipeline
     seed: int = 0  # weight init seed
+    # model.family=sdxl only: width (= projection) of the second text tower; attn2 reads cross_attention_dim + this
+    text_encoder_2_hidden: int = 32
+    addition_time_embed_dim: int = 8  # model.family=sdxl only: sinusoidal width per time id (SDXL: 256)
+    # model.family=sdxl only: transformer depth per block (SDXL: [1, 2, 10]); null -> 1 in every block
+    transformer_layers_per_block: list[int] | None = None
+
+
+@dataclass
+class LoRAConfig:
+    """LoRA adapters on the U-Net (peft, injected as diffusers' `add_adapter` does); `model.lora: null` (the
+    default) finetunes the full trainable set. Only the adapter weights train and reach the optimizer."""
+
+    rank: int = 8  # r: rank of each adapter's A (r x in) and B (out x r)
+    alpha: float | None = None  # lora_alpha (the update is scaled by alpha / rank); null -> rank (scale 1)
+    dropout: float = 0.0  # dropout on the adapter input (> 0 draws from torch's global RNG: resume not bit-exact)
+    # module-name suffixes peft wraps; null -> the objective's default (tokencompose/ldm: to_q, to_k, to_v,
+    # to_out.0 of every U-Net attention; sepen: attn2.to_k, the paper's trainable set)
+    target_modules: list[str] | None = None
+    init: Literal["gaussian", "kaiming"] = "gaussian"  # A's init (B starts at 0): gaussian (diffusers' scripts)
 
 
 @dataclass
 class ModelConfig:
+    # sd: SD1.x / SD2.x (one text tower) | sdxl: two text towers, text_time micro-conditioning (StableDiffusionXL)
+    family: Literal["sd", "sdxl"] = "sd"
     pretrained: str | None = None  # hub id or local diffusers pipeline dir (SD1.4/1.5/2.1); null -> tiny models
     revision: str | None = None  # hub revision for `pretrained`
     variant: str | None = None  # weights variant for `pretrained`, e.g. "fp16"
@@ -66,6 +87,7 @@ class ModelConfig:
     # a finetuned CLIPTextModel dir (or a pipeline dir holding text_encoder/, e.g. the export of a
     # text_encoder_infonce run) loaded instead of the base model's text encoder; null -> the base one
     text_encoder_path: str | None = None
+    lora: LoRAConfig | None = None  # LoRA adapters on the U-Net instead of full finetuning; null -> full
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
 
 
@@ -272,6 +294,13 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             raise ConfigError(f"attention.ungrounded=xformers needs {missing}; use attention.ungrounded=sdpa")
     if cfg.ema.enabled and stage == 3:
         raise ConfigError("ema.enabled with deepspeed.zero_optimization.stage=3 is not supported (use ZeRO-2)")
+    if cfg.model.lora is not None:
+        check_lora(cfg)
+    if cfg.model.family == "sdxl" and cfg.validation.grounding.enabled:
+        raise ConfigError(
+            "validation.grounding.enabled: the held-out grounding mIoU reads one text tower; with model.family=sdxl "
+            "set validation.grounding.enabled=false (validation images and heatmaps work)"
+        )
     check = OBJECTIVES[cfg.objective.name].check
     if check is not None:
         try:
@@ -281,6 +310,27 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
     return cfg
+
+
+def check_lora(cfg: TrainConfig) -> None:
+    """`model.lora`: positive rank, dropout in [0, 1), and an objective that trains the U-Net (its class names
+    default `lora_target_modules`)."""
+    from tcscale.objectives import OBJECTIVES
+
+    lora = cfg.model.lora
+    if lora.rank <= 0:
+        raise ConfigError(f"model.lora.rank must be > 0, got {lora.rank}")
+    if lora.alpha is not None and lora.alpha <= 0:
+        raise ConfigError(f"model.lora.alpha must be > 0 (or null: the rank), got {lora.alpha}")
+    if not 0.0 <= lora.dropout < 1.0:
+        raise ConfigError(f"model.lora.dropout must be in [0, 1), got {lora.dropout}")
+    if lora.target_modules is not None and not lora.target_modules:
+        raise ConfigError("model.lora.target_modules: an empty list adapts nothing (null: the objective's default)")
+    if getattr(OBJECTIVES[cfg.objective.name].build, "lora_target_modules", None) is None:
+        raise ConfigError(
+            f"model.lora: objective {cfg.objective.name!r} does not train the U-Net; LoRA applies to the U-Net "
+            "objectives (tokencompose, ldm, sepen): set model.lora=null"
+        )
 
 
 def read_layers(

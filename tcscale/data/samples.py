@@ -185,7 +185,12 @@ class SampleProcessor:
             "num_phrases": len(keep),
             "token_phrase": token_phrase,
             "layer_masks": layer_masks,
-        }
+            # SDXL micro-conditioning (diffusers' SDXL script): the original (h, w) and the crop's top-left corner
+            # in the shorter-side-resized image (our crop-then-resize window, scaled by resolution / window side)
+            "original_size": (h, w),
+            "crop_top_left": (round(params.top * st.resolution / params.size),
+                              round(params.left * st.resolution / params.size)),
+        }  # fmt: skip
         if st.keeps_full_masks:
             sample["phrase_masks"] = phrase_masks
         return sample
@@ -220,4 +225,7 @@ def collate(samples: list[dict]) -> dict:
             "keys": [s["key"] for s in samples],
         }
     )
+    if "original_size" in samples[0]:  # (B, 2) int64 each: SDXL's micro-conditioning time ids
+        batch["original_sizes"] = torch.tensor([s["original_size"] for s in samples], dtype=torch.int64)
+        batch["crop_top_lefts"] = torch.tensor([s["crop_top_left"] for s in samples], dtype=torch.int64)
     return batch

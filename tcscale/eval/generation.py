@@ -104,17 +104,39 @@ def load_pipeline(path: str, model: EvalModelConfig, sampler: SamplerConfig, dev
     if (path.startswith((".", "/", "~")) or os.sep in path) and not local.is_dir():
         raise EvalInputError(f"model: pipeline directory not found: {path}")
     dtype = torch_dtype(model.dtype, device)
+    # a LoRA export (tcscale.models.lora.save_lora_dir): its base pipeline, then the adapter on top
+    from tcscale.models.lora import INFO_NAME, WEIGHT_NAME
+
+    adapter = local if local.is_dir() and (local / INFO_NAME).is_file() else None
+    if adapter is not None:
+        path = json.loads((adapter / INFO_NAME).read_text())["base_model"]
+        local = Path(path).expanduser()
+    # an SDXL pipeline directory (a tcscale SDXL export) loads as StableDiffusionXLPipeline, read from its
+    # model_index.json (hub ids load as StableDiffusionPipeline)
+    from tcscale.models.sd import _pipeline_class_name
+
+    xl = local.is_dir() and "XL" in (_pipeline_class_name(str(local)) or "")
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            str(local) if local.is_dir() else path,
-            safety_checker=None,
-            requires_safety_checker=False,
-            torch_dtype=dtype,
-            revision=model.revision,
-            variant=model.variant,
-        )
+        if xl:
+            from diffusers import StableDiffusionXLPipeline
+
+            pipe = StableDiffusionXLPipeline.from_pretrained(
+                str(local), torch_dtype=dtype, revision=model.revision, variant=model.variant, add_watermarker=False
+            )
+        else:
+            pipe = StableDiffusionPipeline.from_pretrained(
+                str(local) if local.is_dir() else path,
+                safety_checker=None,
+                requires_safety_checker=False,
+                torch_dtype=dtype,
+                revision=model.revision,
+                variant=model.variant,
+            )
     except (OSError, ValueError) as exc:
-        raise EvalInputError(f"model: cannot load a StableDiffusionPipeline from {path!r}: {exc}") from exc
+        what = "StableDiffusionXLPipeline" if xl else "StableDiffusionPipeline"
+        raise EvalInputError(f"model: cannot load a {what} from {path!r}: {exc}") from exc
+    if adapter is not None:
+        pipe.load_lora_weights(str(adapter), weight_name=WEIGHT_NAME)
     if model.text_encoder is not None:
         from transformers import CLIPTextModel
 

@@ -7,7 +7,13 @@ tests on machines that cannot reach the hub (the lent GPU machines cannot reach 
 and memory depend on the architecture, not on the weight values. The hyper-parameters are those of the released
 checkpoints' ``config.json`` files (CompVis/stable-diffusion-v1-4 for ``sd14``; stabilityai/stable-diffusion-2-1 for
 ``sd21``, a v-prediction model at 768 px whose text encoder is OpenCLIP ViT-H/14 used to its penultimate layer,
-hence 23 layers).
+hence 23 layers; stabilityai/stable-diffusion-xl-base-1.0 for ``sdxl``: a 3-block U-Net with attention only in
+the two lower-resolution blocks, ten-deep transformer stacks at 32², ``text_time`` added conditioning, and two text
+towers, CLIP ViT-L/14 and OpenCLIP ViT-bigG/14 with projection, both read at their penultimate layer).
+
+SDXL-shaped tiny models (`model.family: sdxl`): the same layout at tiny widths (first block without attention, two
+tiny text towers, the second a `CLIPTextModelWithProjection`, `addition_embed_type="text_time"` with
+`projection_class_embeddings_input_dim` = the second tower's projection + 6 time ids x `addition_time_embed_dim`).
 """
 
 from __future__ import annotations
@@ -16,11 +22,13 @@ from dataclasses import dataclass
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from tcscale.config import TinyModelConfig
 from tcscale.models.sd import SDComponents
-from tcscale.models.tokenizer import sd_clip_tokenizer
+from tcscale.models.tokenizer import sd_clip_tokenizer, sdxl_second_tokenizer
+
+SDXL_TIME_IDS = 6  # original (h, w), crop top-left (y, x), target (h, w)
 
 
 def tiny_unet(cfg: TinyModelConfig, latent_size: int, latent_channels: int = 4) -> UNet2DConditionModel:
@@ -36,6 +44,53 @@ def tiny_unet(cfg: TinyModelConfig, latent_size: int, latent_channels: int = 4) 
         cross_attention_dim=cfg.cross_attention_dim,
         attention_head_dim=cfg.attention_head_dim,
         norm_num_groups=cfg.norm_num_groups or min(32, cfg.block_out_channels[0]),
+    )
+
+
+def tiny_sdxl_unet(cfg: TinyModelConfig, latent_size: int, latent_channels: int = 4) -> UNet2DConditionModel:
+    """SDXL's U-Net layout at tiny widths: the first block without attention, linear projections, text_time."""
+    n = len(cfg.block_out_channels)
+    if n < 2:
+        raise ValueError("model.tiny.block_out_channels: SDXL's layout needs >= 2 blocks (the first has no attention)")
+    layers = cfg.transformer_layers_per_block or [1] * n
+    if len(layers) != n:
+        raise ValueError(f"model.tiny.transformer_layers_per_block must have {n} entries, got {layers}")
+    return UNet2DConditionModel(
+        sample_size=latent_size,
+        in_channels=latent_channels,
+        out_channels=latent_channels,
+        block_out_channels=tuple(cfg.block_out_channels),
+        layers_per_block=cfg.layers_per_block,
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",),
+        transformer_layers_per_block=tuple(layers),
+        cross_attention_dim=cfg.cross_attention_dim + cfg.text_encoder_2_hidden,
+        attention_head_dim=cfg.attention_head_dim,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=cfg.addition_time_embed_dim,
+        projection_class_embeddings_input_dim=cfg.text_encoder_2_hidden + SDXL_TIME_IDS * cfg.addition_time_embed_dim,
+        norm_num_groups=cfg.norm_num_groups or min(32, cfg.block_out_channels[0]),
+    )
+
+
+def tiny_text_encoder_2(cfg: TinyModelConfig, vocab_size: int) -> CLIPTextModelWithProjection:
+    """The second (OpenCLIP-bigG-shaped) tower of a tiny SDXL: with projection; special ids as SDXL's config."""
+    width = cfg.text_encoder_2_hidden
+    return CLIPTextModelWithProjection(
+        CLIPTextConfig(
+            vocab_size=vocab_size,
+            hidden_size=width,
+            intermediate_size=2 * width,
+            num_hidden_layers=cfg.text_layers,
+            num_attention_heads=cfg.text_heads,
+            max_position_embeddings=77,
+            hidden_act="gelu",
+            projection_dim=width,
+            bos_token_id=0,
+            eos_token_id=2,  # SDXL's text_encoder_2 config: the legacy ids (pooled output at the argmax = EOS)
+            pad_token_id=1,
+        )
     )
 
 
@@ -91,8 +146,9 @@ def sd_noise_scheduler(prediction_type: str) -> DDPMScheduler:
     )
 
 
-def build_tiny_components(cfg: TinyModelConfig, resolution: int) -> SDComponents:
-    """Tiny random-init SD components (seeded by cfg.seed) with the real SD1.x tokenizer."""
+def build_tiny_components(cfg: TinyModelConfig, resolution: int, family: str = "sd") -> SDComponents:
+    """Tiny random-init SD (or, family="sdxl", SDXL-shaped) components, seeded by cfg.seed, with the real CLIP
+    tokenizer (SDXL: and its "!"-padding twin as tokenizer_2)."""
     tokenizer = sd_clip_tokenizer()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
@@ -100,9 +156,14 @@ def build_tiny_components(cfg: TinyModelConfig, resolution: int) -> SDComponents
         factor = 2 ** (len(vae.config.block_out_channels) - 1)
         if resolution % factor:
             raise ValueError(f"resolution must be a multiple of {factor} (the latent's factor), got {resolution}")
-        unet = tiny_unet(cfg, resolution // factor, vae.config.latent_channels)
+        build_unet = tiny_sdxl_unet if family == "sdxl" else tiny_unet
+        unet = build_unet(cfg, resolution // factor, vae.config.latent_channels)
         text_encoder = tiny_text_encoder(cfg, len(tokenizer))
-    return SDComponents(unet, vae, text_encoder, tokenizer, sd_noise_scheduler(cfg.prediction_type))
+        text_encoder_2 = tiny_text_encoder_2(cfg, len(tokenizer)) if family == "sdxl" else None
+    comps = SDComponents(unet, vae, text_encoder, tokenizer, sd_noise_scheduler(cfg.prediction_type))
+    if family == "sdxl":
+        comps.text_encoder_2, comps.tokenizer_2 = text_encoder_2, sdxl_second_tokenizer()
+    return comps
 
 
 @dataclass(frozen=True)
@@ -118,6 +179,8 @@ class SDArchitecture:
     text_act: str
     text_projection_dim: int
     prediction_type: str
+    family: str = "sd"  # "sd" (SD1.x / SD2.x) | "sdxl"
+    text_hidden: int | None = None  # first text tower's width; None -> cross_attention_dim (SD1/2: one tower)
 
 
 ARCHITECTURES = {
@@ -147,7 +210,27 @@ ARCHITECTURES = {
         text_projection_dim=512,
         prediction_type="v_prediction",
     ),
+    "sdxl": SDArchitecture(
+        name="sdxl",
+        resolution=1024,
+        cross_attention_dim=2048,  # 768 (CLIP ViT-L) + 1280 (OpenCLIP ViT-bigG) per-token states, concatenated
+        attention_head_dim=(5, 10, 20),
+        use_linear_projection=True,
+        text_layers=12,
+        text_heads=12,
+        text_intermediate=3072,
+        text_act="quick_gelu",
+        text_projection_dim=768,
+        prediction_type="epsilon",
+        family="sdxl",
+        text_hidden=768,
+    ),
 }
+# stabilityai/stable-diffusion-xl-base-1.0 text_encoder_2/config.json (OpenCLIP ViT-bigG/14 text tower)
+SDXL_TEXT_ENCODER_2 = dict(
+    vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+    max_position_embeddings=77, hidden_act="gelu", projection_dim=1280, bos_token_id=0, eos_token_id=2, pad_token_id=1,
+)  # fmt: skip
 
 
 def architecture(name: str) -> SDArchitecture:
@@ -158,6 +241,8 @@ def architecture(name: str) -> SDArchitecture:
 
 
 def random_unet(arch: SDArchitecture, latent_size: int | None = None) -> UNet2DConditionModel:
+    if arch.family == "sdxl":
+        return random_sdxl_unet(arch, latent_size)
     return UNet2DConditionModel(
         sample_size=latent_size or arch.resolution // 8,
         in_channels=4,
@@ -179,8 +264,36 @@ def random_unet(arch: SDArchitecture, latent_size: int | None = None) -> UNet2DC
     )
 
 
-def random_vae(resolution: int) -> AutoencoderKL:
+def random_sdxl_unet(arch: SDArchitecture, latent_size: int | None = None) -> UNet2DConditionModel:
+    """stabilityai/stable-diffusion-xl-base-1.0 unet/config.json: 2,567,463,684 parameters."""
+    return UNet2DConditionModel(
+        sample_size=latent_size or arch.resolution // 8,
+        in_channels=4,
+        out_channels=4,
+        flip_sin_to_cos=True,
+        freq_shift=0,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(320, 640, 1280),
+        layers_per_block=2,
+        downsample_padding=1,
+        mid_block_scale_factor=1,
+        act_fn="silu",
+        norm_num_groups=32,
+        norm_eps=1e-5,
+        cross_attention_dim=arch.cross_attention_dim,
+        attention_head_dim=arch.attention_head_dim,
+        transformer_layers_per_block=(1, 2, 10),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=SDXL_TEXT_ENCODER_2["projection_dim"] + SDXL_TIME_IDS * 256,  # 2816
+    )
+
+
+def random_vae(resolution: int, scaling_factor: float = 0.18215) -> AutoencoderKL:
     return AutoencoderKL(
+        scaling_factor=scaling_factor,
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 4,
@@ -198,7 +311,7 @@ def random_text_encoder(arch: SDArchitecture) -> CLIPTextModel:
     return CLIPTextModel(
         CLIPTextConfig(
             vocab_size=49408,
-            hidden_size=arch.cross_attention_dim,
+            hidden_size=arch.text_hidden or arch.cross_attention_dim,
             intermediate_size=arch.text_intermediate,
             num_hidden_layers=arch.text_layers,
             num_attention_heads=arch.text_heads,
@@ -224,6 +337,11 @@ def build_random_components(
     with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(seed)
         unet = random_unet(arch, resolution // 8)
-        vae = random_vae(resolution)
+        vae = random_vae(resolution, 0.13025 if arch.family == "sdxl" else 0.18215)  # SDXL VAE's scaling factor
         text_encoder = random_text_encoder(arch)
-    return SDComponents(unet, vae, text_encoder, tokenizer, sd_noise_scheduler(arch.prediction_type))
+        text_encoder_2 = None
+        if arch.family == "sdxl":
+            text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_TEXT_ENCODER_2))
+    comps = SDComponents(unet, vae, text_encoder, tokenizer, sd_noise_scheduler(arch.prediction_type))
+    comps.text_encoder_2 = text_encoder_2
+    return comps

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from tcscale.config import ModelConfig
 
@@ -32,10 +32,18 @@ class SDComponents:
     text_encoder: CLIPTextModel
     tokenizer: CLIPTokenizer
     noise_scheduler: DDPMScheduler
+    # SDXL only: the second text tower (OpenCLIP ViT-bigG with projection) and its tokenizer (pads with "!")
+    text_encoder_2: CLIPTextModelWithProjection | None = None
+    tokenizer_2: CLIPTokenizer | None = None
 
     @property
     def prediction_type(self) -> str:
         return self.noise_scheduler.config.prediction_type
+
+    @property
+    def family(self) -> str:
+        """The model family: "sdxl" when there is a second text tower, else "sd" (SD1.x / SD2.x)."""
+        return "sdxl" if self.text_encoder_2 is not None else "sd"
 
 
 def _is_local(ref: str) -> bool:
@@ -55,12 +63,38 @@ def _vae_class_name(ref: str) -> str | None:
         return None
 
 
+def _pipeline_class_name(ref: str) -> str | None:
+    """The `_class_name` of a local pipeline's model_index.json (None for hub ids and missing files)."""
+    import json
+
+    path = Path(ref).expanduser() / "model_index.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text()).get("_class_name")
+    except (OSError, ValueError):
+        return None
+
+
+def check_family(ref: str, family: str) -> None:
+    """A local pipeline directory's class agrees with `model.family` (an SDXL dir read as SD would lose its second
+    text tower; the reverse has none to read)."""
+    name = _pipeline_class_name(ref)
+    if name is None:
+        return
+    is_xl = "XL" in name
+    if is_xl != (family == "sdxl"):
+        raise ModelLoadError(
+            f"model.pretrained={ref!r} is a {name}: set model.family={'sdxl' if is_xl else 'sd'} (got {family!r})"
+        )
+
+
 def load_components(cfg: ModelConfig, resolution: int) -> SDComponents:
     """Load SD components from `cfg.pretrained` (hub id or local dir), or build tiny ones when it is null."""
     if cfg.pretrained is None:
         from tcscale.models.architectures import build_tiny_components
 
-        comps = build_tiny_components(cfg.tiny, resolution)
+        comps = build_tiny_components(cfg.tiny, resolution, cfg.family)
     else:
         ref = cfg.pretrained
         if _is_local(ref) and not Path(ref).expanduser().is_dir():
@@ -78,6 +112,10 @@ def load_components(cfg: ModelConfig, resolution: int) -> SDComponents:
             from tcscale.models.space_to_depth import SpaceToDepthAutoencoder
 
             loaders["vae"] = (SpaceToDepthAutoencoder, {})
+        if cfg.family == "sdxl":
+            loaders["text_encoder_2"] = (CLIPTextModelWithProjection, {"variant": cfg.variant})
+            loaders["tokenizer_2"] = (CLIPTokenizer, {})
+        check_family(ref, cfg.family)
         for name, (cls, extra) in loaders.items():
             subfolder = "scheduler" if name == "noise_scheduler" else name
             try:
@@ -129,7 +167,7 @@ def load_base_text_encoder(cfg: ModelConfig, resolution: int) -> CLIPTextModel:
     if cfg.pretrained is None:
         from tcscale.models.architectures import build_tiny_components
 
-        return build_tiny_components(cfg.tiny, resolution).text_encoder
+        return build_tiny_components(cfg.tiny, resolution, cfg.family).text_encoder
     ref = cfg.pretrained
     try:
         return CLIPTextModel.from_pretrained(
@@ -143,10 +181,14 @@ def load_base_text_encoder(cfg: ModelConfig, resolution: int) -> CLIPTextModel:
 def save_pipeline_dir(
     comps: SDComponents, out_dir: str | os.PathLike, unet: UNet2DConditionModel | None = None
 ) -> Path:
-    """Write a StableDiffusionPipeline-loadable directory (no safety checker), optionally with another U-Net."""
+    """Write a StableDiffusionPipeline- (SDXL: StableDiffusionXLPipeline-) loadable directory (no safety checker),
+    optionally with another U-Net."""
     from diffusers import StableDiffusionPipeline
 
     out = Path(out_dir)
+    if comps.family == "sdxl":
+        sdxl_pipeline(comps, unet).save_pretrained(str(out))
+        return out
     pipe = StableDiffusionPipeline(
         vae=comps.vae,
         text_encoder=comps.text_encoder,
@@ -159,3 +201,19 @@ def save_pipeline_dir(
     )
     pipe.save_pretrained(str(out))
     return out
+
+
+def sdxl_pipeline(comps: SDComponents, unet: UNet2DConditionModel | None = None, scheduler=None):
+    """A StableDiffusionXLPipeline of the components (no watermarker; `force_zeros_for_empty_prompt` as SDXL-base)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline(
+        vae=comps.vae,
+        text_encoder=comps.text_encoder,
+        text_encoder_2=comps.text_encoder_2,
+        tokenizer=comps.tokenizer,
+        tokenizer_2=comps.tokenizer_2,
+        unet=unet if unet is not None else comps.unet,
+        scheduler=scheduler if scheduler is not None else comps.noise_scheduler,
+        add_watermarker=False,
+    )

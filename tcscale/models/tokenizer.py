@@ -85,3 +85,12 @@ def sd_clip_tokenizer(model_max_length: int = 77) -> CLIPTokenizer:
         except OSError:
             pass
     return CLIPTokenizer.from_pretrained(str(cache))
+
+
+@lru_cache(maxsize=2)
+def sdxl_second_tokenizer(model_max_length: int = 77) -> CLIPTokenizer:
+    """SDXL's tokenizer_2 (OpenCLIP ViT-bigG): the same BPE, BOS and EOS as `sd_clip_tokenizer`, padded with "!"
+    (id 0) instead of EOS, as stabilityai/stable-diffusion-xl-base-1.0's tokenizer_2 is."""
+    sd_clip_tokenizer(model_max_length)  # writes the cached files
+    cache = Path(tempfile.gettempdir()) / f"tcscale_clip_tokenizer_{model_max_length}"
+    return CLIPTokenizer.from_pretrained(str(cache), pad_token="!")

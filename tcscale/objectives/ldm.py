@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from tcscale.losses.diffusion import diffusion_target, ldm_loss, sample_noise
+from tcscale.models.conditioning import batch_conditioning
 from tcscale.objectives.base import BuildContext, StepOutput, register_objective, unet_trainable_parameters
 
 
@@ -25,7 +26,8 @@ class NoisedBatch:
     timesteps: torch.Tensor  # (B,) int64, t ~ U{0..T-1}
     noisy: torch.Tensor  # (B, C, h, w) compute dtype: the U-Net input z_t
     target: torch.Tensor  # epsilon or v, float32
-    text: torch.Tensor  # (B, 77, D) compute dtype: the text encoder's last hidden states
+    text: torch.Tensor  # (B, 77, D) compute dtype: what attn2 reads (tcscale.models.conditioning)
+    added_cond_kwargs: dict | None = None  # SDXL: text_embeds + micro-conditioning time_ids; None for SD1/2
 
 
 class LDMObjective:
@@ -33,6 +35,8 @@ class LDMObjective:
 
     reads_data = True
     plan = None
+    # model.lora default: every U-Net attention projection (self- and cross-attention), as diffusers' LoRA scripts
+    lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0")
 
     def __init__(self, cfg: LDMConfig, ctx: BuildContext):
         self.ldm = cfg
@@ -54,24 +58,24 @@ class LDMObjective:
     @torch.no_grad()
     def noised(self, batch: dict, generator: torch.Generator) -> NoisedBatch:
         """Encode the batch (frozen VAE and text encoder), draw noise and timesteps from `generator`."""
-        vae, text_encoder, scheduler = self.comps.vae, self.comps.text_encoder, self.comps.noise_scheduler
+        vae, scheduler = self.comps.vae, self.comps.noise_scheduler
         device = self.device
         pixels = batch["pixel_values"].to(device, vae.dtype)
         latents = (vae.encode(pixels).latent_dist.sample(generator) * vae.config.scaling_factor).float()
-        text = text_encoder(batch["input_ids"].to(device))[0].to(self.dtype)
+        cond = batch_conditioning(self.comps, batch, dtype=self.dtype, device=device)
         noise = sample_noise(latents, generator, self.ldm.noise_offset)
         T = scheduler.config.num_train_timesteps
         timesteps = torch.randint(0, T, (latents.shape[0],), generator=generator, device=device).long()
         noisy = scheduler.add_noise(latents, noise, timesteps)
         target = diffusion_target(scheduler, latents, noise, timesteps)
-        return NoisedBatch(latents, timesteps, noisy.to(self.dtype), target, text)
+        return NoisedBatch(latents, timesteps, noisy.to(self.dtype), target, cond.text, cond.added_cond_kwargs)
 
     def ldm_loss(self, pred: torch.Tensor, nb: NoisedBatch) -> torch.Tensor:
         return ldm_loss(pred, nb.target, nb.timesteps, self.comps.noise_scheduler, self.ldm.snr_gamma)
 
     def __call__(self, model, batch: dict, generator: torch.Generator) -> StepOutput:
         nb = self.noised(batch, generator)
-        pred = model(nb.noisy, nb.timesteps, nb.text).sample
+        pred = model(nb.noisy, nb.timesteps, nb.text, added_cond_kwargs=nb.added_cond_kwargs).sample
         ldm = self.ldm_loss(pred, nb)
         return StepOutput(ldm, {"ldm": ldm})
 

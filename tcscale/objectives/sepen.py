@@ -24,6 +24,7 @@ from tcscale.attention.plan import GroundingPlan, vae_scale_factor
 from tcscale.attention.processors import install_grounding_processors
 from tcscale.attention.recorders import ProbsRecorder
 from tcscale.losses.sepen import SmoothingKernel, norm_loss, sepen_losses
+from tcscale.models.conditioning import Conditioning, encode_text
 from tcscale.objectives.base import BuildContext, StepOutput, register_objective, unet_trainable_parameters
 from tcscale.objectives.fidelity import Fidelity, apply_preset, resolved
 from tcscale.objectives.sepen_prompts import SepEnPromptSampler, pair_concepts
@@ -102,11 +103,13 @@ def sepen_latents(
 
 class SepEnObjective:
     reads_data = False
+    lora_target_modules = ("attn2.to_k",)  # model.lora default: adapters on the paper's trainable set only
 
     def __init__(self, cfg: SepEnConfig, ctx: BuildContext):
         cfg = resolve_sepen(cfg)
         self.sep, self.comps, self.dtype, self.device, self.rank = cfg, ctx.comps, ctx.dtype, ctx.device, ctx.rank
         self.micro_batch = ctx.micro_batch_size
+        self.resolution = ctx.cfg.data.resolution
         unet = self.module = ctx.comps.unet
         try:
             self.plan = GroundingPlan.build(
@@ -147,12 +150,14 @@ class SepEnObjective:
         return out
 
     @torch.no_grad()
-    def _text(self, prompts: list[str]) -> torch.Tensor:
+    def _text(self, prompts: list[str]) -> Conditioning:
+        """SDXL: data-free prompts are conditioned as uncropped images at the run's resolution."""
         tok = self.comps.tokenizer
         ids = tok(
             prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
-        ).input_ids.to(self.device)
-        return self.comps.text_encoder(ids)[0].to(self.dtype)
+        ).input_ids
+        side = self.resolution
+        return encode_text(self.comps, ids, dtype=self.dtype, device=self.device, target_size=(side, side))
 
     def _noise_and_t(self, B: int, generator: torch.Generator):
         side = self.plan.input_side
@@ -165,10 +170,10 @@ class SepEnObjective:
 
     def __call__(self, model, batch: dict, generator: torch.Generator) -> StepOutput:
         prompts = batch["prompts"]
-        text = self._text([p.text for p in prompts])
+        cond = self._text([p.text for p in prompts])
         z, t = self._noise_and_t(len(prompts), generator)
         with ProbsRecorder(z.shape[-2:]) as rec:
-            model(z, t, text, cross_attention_kwargs=rec.kwargs)
+            model(z, t, cond.text, added_cond_kwargs=cond.added_cond_kwargs, cross_attention_kwargs=rec.kwargs)
         losses = sepen_losses(
             [r.probs for r in rec.records],
             [list(p.token_positions) for p in prompts],
@@ -179,11 +184,11 @@ class SepEnObjective:
         terms = {"sep": losses["sep"], "en": losses["en"]}
         if self.frozen is not None:
             singles = batch["singles"]
-            text1 = self._text([p.text for p in singles])
+            c1 = self._text([p.text for p in singles])
             z1, t1 = self._noise_and_t(len(singles), generator)
-            pred = model(z1, t1, text1).sample
+            pred = model(z1, t1, c1.text, added_cond_kwargs=c1.added_cond_kwargs).sample
             with torch.no_grad():
-                ref = self.frozen(z1, t1, text1).sample
+                ref = self.frozen(z1, t1, c1.text, added_cond_kwargs=c1.added_cond_kwargs).sample
             terms["norm"] = norm_loss(pred, ref)
             loss = loss + self.sep.lambda_norm * terms["norm"]
         return StepOutput(loss, terms)

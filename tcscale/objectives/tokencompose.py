@@ -86,7 +86,8 @@ class TokenComposeObjective(LDMObjective):
     def __call__(self, model, batch: dict, generator: torch.Generator) -> StepOutput:
         nb = self.noised(batch, generator)
         with self.recorder(tuple(nb.latents.shape[-2:]), batch) as rec:
-            pred = model(nb.noisy, nb.timesteps, nb.text, cross_attention_kwargs=rec.kwargs).sample
+            extra = {"added_cond_kwargs": nb.added_cond_kwargs, "cross_attention_kwargs": rec.kwargs}
+            pred = model(nb.noisy, nb.timesteps, nb.text, **extra).sample
         ldm = self.ldm_loss(pred, nb)
         token, pixel = rec.total("token"), rec.total("pixel")
         loss = ldm + self.tc.token_loss_weight * token + self.tc.pixel_loss_weight * pixel

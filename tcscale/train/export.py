@@ -6,6 +6,10 @@ that tiny runs write). The result loads with `StableDiffusionPipeline.from_pretr
 An objective that trains another component (its registry entry's `export_components`, e.g. the
 text encoder) exports the same way, with that component replaced; `export_text_encoder` writes
 the text encoder alone (a `CLIPTextModel` directory).
+
+A LoRA run (`model.lora`) exports its adapter in diffusers' LoRA format (`pytorch_lora_weights.safetensors`,
+loaded by `pipe.load_lora_weights(out)` on the base pipeline that `tcscale_lora.json` names), or with
+`merge_lora=True` a full pipeline whose U-Net has the adapters folded into its weights (`tcscale.models.lora`).
 """
 
 from __future__ import annotations
@@ -58,6 +62,10 @@ def load_trained_components(
     if cfg.model.pretrained is None:
         cfg.model.pretrained = str((run_dir / "base_model").resolve())
     comps = load_components(cfg.model, cfg.data.resolution)
+    if cfg.model.lora is not None:  # the same adapters as the run, so the checkpoint's keys match
+        from tcscale.models.lora import add_lora, lora_target_modules
+
+        add_lora(comps.unet, cfg.model.lora, lora_target_modules(cfg), seed=cfg.seed)
     for name, part in OBJECTIVES[cfg.objective.name].exported(state).items():
         module = getattr(comps, name)
         missing, unexpected = module.load_state_dict(part, strict=False)
@@ -82,9 +90,28 @@ def _write_atomic(out_dir: Path, write) -> Path:
 
 
 def export_pipeline(
-    run_dir: str | os.PathLike, out_dir: str | os.PathLike, tag: str | None = None, allow_unsafe_load: bool = False
+    run_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    tag: str | None = None,
+    allow_unsafe_load: bool = False,
+    merge_lora: bool = False,
 ) -> Path:
+    """The run as a pipeline directory; a LoRA run as its adapter directory, or (`merge_lora`) as a pipeline with
+    the adapters merged into the U-Net."""
+    from tcscale.models import lora as lora_mod
+
+    cfg = load_config(Path(run_dir) / "config.yaml")
+    if merge_lora and cfg.model.lora is None:
+        raise CheckpointError(f"--merge-lora: run {run_dir} trained no LoRA adapters (model.lora is null)")
     comps = load_trained_components(run_dir, tag, allow_unsafe_load)
+    if cfg.model.lora is not None and not merge_lora:
+        base = cfg.model.pretrained or str((Path(run_dir) / "base_model").resolve())
+        write = lambda tmp: lora_mod.save_lora_dir(
+            comps.unet, tmp, family=comps.family, base_model=base, lora=cfg.model.lora
+        )
+        return _write_atomic(Path(out_dir), write)
+    if cfg.model.lora is not None:
+        lora_mod.merge_lora(comps.unet)
     return _write_atomic(Path(out_dir), lambda tmp: save_pipeline_dir(comps, tmp))
 
 

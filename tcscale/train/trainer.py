@@ -138,9 +138,15 @@ class Trainer:
             save_pipeline_dir(comps, self.out_dir / "base_model")  # the tiny base, so export has a full pipeline
         comps.vae.requires_grad_(False).to(env.device, torch.float32).eval()
         comps.text_encoder.requires_grad_(False).to(env.device, self.dtype).eval()
+        if comps.text_encoder_2 is not None:  # SDXL's second text tower
+            comps.text_encoder_2.requires_grad_(False).to(env.device, self.dtype).eval()
         spec = OBJECTIVES[cfg.objective.name]
         ctx = BuildContext(cfg, comps, self.dtype, env.device, self.micro_bs, env.rank, env.world_size)
         self.objective = spec.build(getattr(cfg.objective, spec.name), ctx)
+        if cfg.model.lora is not None:  # adapters replace the objective's trainable set (tcscale.models.lora)
+            from tcscale.models.lora import apply_lora
+
+            apply_lora(self.objective, cfg)
         module = self.objective.module
         if cfg.model.gradient_checkpointing:
             module.enable_gradient_checkpointing()  # diffusers default: torch checkpoint with use_reentrant=False

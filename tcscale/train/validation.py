@@ -24,8 +24,15 @@ def validation_plan(unet, comps, cfg: TrainConfig, plan: GroundingPlan | None) -
 
 
 def validation_pipeline(unet, comps):
+    """StableDiffusionPipeline (SDXL components: StableDiffusionXLPipeline) around the trained U-Net, DDIM."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
+    if comps.family == "sdxl":
+        from tcscale.models.sd import sdxl_pipeline
+
+        pipe = sdxl_pipeline(comps, unet, DDIMScheduler.from_config(comps.noise_scheduler.config))
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
     pipe = StableDiffusionPipeline(
         vae=comps.vae,
         text_encoder=comps.text_encoder,

@@ -1,0 +1,163 @@
+"""SDXL: the released shape on the meta device, tiny SDXL-shaped components, both text towers and the
+micro-conditioning as diffusers' SDXL pipeline computes them, token positions across the two tokenizers, and
+configs/tiny_sdxl_cpu.yaml on 2 ranks (ZeRO-2): grounding losses in MLflow, exact resume, an SDXL pipeline export."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from tcscale.config import load_config
+from tcscale.models.architectures import build_random_components, build_tiny_components
+from tcscale.models.conditioning import encode_text, second_tokenizer_ids
+from tcscale.models.tokenizer import sd_clip_tokenizer, sdxl_second_tokenizer
+
+CONFIG = "configs/tiny_sdxl_cpu.yaml"
+CAPTIONS = [
+    "a photo of a red circle and a blue square",
+    "an old teddy bear sitting next to a fire hydrant on a snowy street",
+    " ".join(["a large brown dog"] * 30),  # > 77 tokens: truncated, no padding
+]
+
+
+def test_sdxl_architecture_is_the_released_shape_on_meta():
+    from tcscale.attention.plan import select_layers
+
+    comps = build_random_components("sdxl", device="meta")
+    count = lambda m: sum(p.numel() for p in m.parameters())
+    assert count(comps.unet) == 2_567_463_684
+    assert count(comps.text_encoder) == 123_060_480  # CLIP ViT-L/14 text tower
+    assert count(comps.text_encoder_2) == 694_659_840  # OpenCLIP ViT-bigG/14 text tower + projection
+    assert comps.unet.config.addition_embed_type == "text_time" and comps.vae.config.scaling_factor == 0.13025
+    assert all(p.is_meta for p in comps.unet.parameters())
+    layers = select_layers(comps.unet, ["mid", "up"], None, 128)
+    assert len(layers) == 46  # up_blocks.0 (3 x 10 at 32²), up_blocks.1 (3 x 2 at 64²), mid (10 at 32²)
+
+
+def test_second_tokenizer_ids_and_token_positions_agree():
+    tok_1, tok_2 = sd_clip_tokenizer(), sdxl_second_tokenizer()
+    assert tok_1.pad_token_id != tok_2.pad_token_id  # the only difference the derivation has to handle
+    kw = dict(padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+    ids_1, ids_2 = tok_1(CAPTIONS, **kw).input_ids, tok_2(CAPTIONS, **kw).input_ids
+    assert not torch.equal(ids_1, ids_2)
+    derived = second_tokenizer_ids(ids_1, tok_1.eos_token_id, tok_2.pad_token_id)
+    assert torch.equal(derived, ids_2)
+    # every content token (BOS .. EOS) sits at the same position in both tokenizations
+    for a, b in zip(ids_1, ids_2):
+        eos = int((a == tok_1.eos_token_id).nonzero()[0])
+        assert torch.equal(a[: eos + 1], b[: eos + 1])
+
+
+def test_sdxl_conditioning_matches_the_diffusers_pipeline():
+    """Per-token states of both towers' penultimate layers concatenated, the second tower's pooled projection
+    and the time ids: what StableDiffusionXLPipeline.encode_prompt / _get_add_time_ids compute."""
+    from tcscale.models.sd import sdxl_pipeline
+
+    comps = build_tiny_components(load_config(CONFIG, ["max_steps=1"]).model.tiny, 64, "sdxl")
+    pipe = sdxl_pipeline(comps)
+    prompts = CAPTIONS[:2]
+    ids = comps.tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+    crops, originals = torch.tensor([[0, 5], [3, 0]]), torch.tensor([[80, 96], [64, 70]])
+    cond = encode_text(comps, ids.input_ids, dtype=torch.float32, device="cpu", target_size=(64, 64),
+                       original_sizes=originals, crop_top_lefts=crops)  # fmt: skip
+    with torch.no_grad():
+        embeds, _, pooled, _ = pipe.encode_prompt(prompts, device="cpu", do_classifier_free_guidance=False)
+    assert cond.text.shape == (2, 77, comps.unet.config.cross_attention_dim) == embeds.shape
+    torch.testing.assert_close(cond.text, embeds)
+    torch.testing.assert_close(cond.added_cond_kwargs["text_embeds"], pooled)
+    for i in range(2):
+        ref = pipe._get_add_time_ids(
+            tuple(originals[i].tolist()), tuple(crops[i].tolist()), (64, 64), dtype=torch.float32,
+            text_encoder_projection_dim=comps.text_encoder_2.config.projection_dim,
+        )  # fmt: skip
+        torch.testing.assert_close(cond.added_cond_kwargs["time_ids"][i : i + 1], ref)
+    sd = build_tiny_components(load_config("configs/tiny_cpu.yaml", ["max_steps=1"]).model.tiny, 64)
+    assert encode_text(sd, ids.input_ids, dtype=torch.float32, device="cpu").added_cond_kwargs is None
+
+
+def test_loader_batches_carry_the_crop_for_micro_conditioning(tmp_path):
+    from tcscale.data import build_train_loader
+    from tcscale.models.sd import load_components
+
+    cfg = load_config(CONFIG, [f"output_dir={tmp_path}", "max_steps=1"])
+    comps = load_components(cfg.model, cfg.data.resolution)
+    loader = build_train_loader(cfg.data, comps.tokenizer, rank=0, world_size=1, micro_batch_size=2, seed=0)
+    batch = next(iter(loader))
+    loader.close()
+    assert batch["original_sizes"].shape == (2, 2) and batch["crop_top_lefts"].shape == (2, 2)
+    assert (batch["original_sizes"] > 0).all() and (batch["crop_top_lefts"] >= 0).all()
+
+
+def test_sdxl_family_mismatch_with_a_pipeline_dir_is_named(tmp_path):
+    from tcscale.models.sd import ModelLoadError, load_components, save_pipeline_dir
+
+    cfg = load_config(CONFIG, [f"output_dir={tmp_path}", "max_steps=1"])
+    save_pipeline_dir(load_components(cfg.model, 64), tmp_path / "xl")
+    cfg.model.family, cfg.model.pretrained = "sd", str(tmp_path / "xl")
+    with pytest.raises(ModelLoadError, match="model.family=sdxl"):
+        load_components(cfg.model, 64)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_tiny_sdxl_two_ranks_zero2_logs_grounding_resumes_exactly_and_exports(tmp_path, launch):
+    """4 steps on 2 ranks (ZeRO-2) with checkpoints at 2 and 4; a copy of the run cut back to its step-2 checkpoint
+    resumes to step 4 with the same weights; the export is a StableDiffusionXLPipeline that generates."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from tcscale.train.export import export_pipeline
+
+    common = ["max_steps=4", "checkpoint.every_steps=2", "data.synthetic.num_samples=16"]
+    ref = tmp_path / "uninterrupted"
+    launch.run_deepspeed(2, CONFIG, [f"output_dir={ref}", *common])
+    client, runs = launch.mlflow_runs(ref, "tcscale-tiny-sdxl")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    for term in ("loss/ldm", "loss/token", "loss/pixel"):
+        hist = client.get_metric_history(runs[0].info.run_id, term)
+        assert sorted(m.step for m in hist) == [1, 2, 3, 4] and all(m.value > 0 for m in hist)
+
+    run = tmp_path / "resumed"  # the same run, as if killed after its step-2 checkpoint
+    shutil.copytree(ref, run)
+    shutil.rmtree(run / "checkpoints" / "step4")
+    (run / "checkpoints" / "latest").write_text("step2")
+    proc = launch.run_deepspeed(2, CONFIG, [f"output_dir={run}", *common, "resume=latest"])
+    assert "resumed from" in proc.stdout
+    a, b = launch.final_weights(ref), launch.final_weights(run)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
+
+    out = export_pipeline(ref, tmp_path / "export")
+    pipe = StableDiffusionXLPipeline.from_pretrained(out)
+    image = pipe("a photo of a red circle", num_inference_steps=2, height=64, width=64,
+                 generator=torch.Generator().manual_seed(0)).images[0]  # fmt: skip
+    assert image.size == (64, 64)
+
+
+def test_sdxl_validation_and_eval_load_pipeline(tmp_path):
+    """A tiny SDXL run with validation logs its images; eval's load_pipeline returns a StableDiffusionXLPipeline for
+    the export and generates through the eval generation loop."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from tcscale.eval.config import EvalModelConfig, SamplerConfig
+    from tcscale.eval.generation import GenItem, generate_missing, load_pipeline
+    from tcscale.train import trainer as trainer_mod
+    from tcscale.train.export import export_pipeline
+    from tests.helpers.launch import mlflow_runs
+
+    run = tmp_path / "run"
+    cfg = load_config(CONFIG, [f"output_dir={run}", "max_steps=1", "checkpoint.every_steps=0",
+                               "validation.every_steps=1", "validation.num_inference_steps=2"])  # fmt: skip
+    trainer_mod.train(cfg)
+    client, runs = mlflow_runs(run, "tcscale-tiny-sdxl")
+    files = [a.path for a in client.list_artifacts(runs[0].info.run_id, "validation/step000001")]
+    assert "validation/step000001/prompt0.png" in files
+    out = export_pipeline(run, tmp_path / "export")
+    sampler = SamplerConfig(scheduler="ddim", num_inference_steps=2, resolution=64, batch_size=2)
+    pipe = load_pipeline(str(out), EvalModelConfig(pretrained=str(out)), sampler, "cpu")
+    assert isinstance(pipe, StableDiffusionXLPipeline)
+    stats = generate_missing(pipe, [GenItem("0", "a photo of a red circle", 0)], tmp_path / "images", sampler,
+                             progress=False)  # fmt: skip
+    assert stats.generated == 1 and (tmp_path / "images" / "0.png").is_file()
