@@ -472,6 +472,8 @@ class _Launch:
 
 
 def _run(launch: _Launch) -> None:
+    if any(isinstance(a, torch.Tensor) and a.is_meta for a in launch.args):
+        return  # meta tensors hold no data (memory planning, tcscale.memory): the launch is planned, not run
     launch.kernel[launch.grid](
         *launch.args, **launch.constexprs, num_warps=launch.num_warps, num_stages=launch.num_stages
     )
@@ -592,7 +594,7 @@ def _check_inputs(
             raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
     if q.device.type != "cuda" and not interpreter_enabled() and not planning:
         raise RuntimeError(f"fused grounded attention needs CUDA tensors (or TRITON_INTERPRET=1), got {q.device}")
-    if interpreter_enabled() and q.dtype == torch.bfloat16:
+    if interpreter_enabled() and q.dtype == torch.bfloat16 and not planning:
         raise TypeError("bfloat16 is not supported under TRITON_INTERPRET=1 (the interpreter's bf16 tl.dot is wrong)")
     if validate_values and token_phrase.numel():
         lo, hi = int(token_phrase.min()), int(token_phrase.max())  # one host sync, like the PyTorch reference
@@ -622,7 +624,7 @@ def grounded_attention_forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor | float | int]]:
     """Launch the forward kernels. Returns (out, token_loss, pixel_loss, saved) with ``saved`` the small tensors
     (and ints) the backward needs. ``launch`` receives each planned launch (default: run it)."""
-    _check_inputs(q, k, v, phrase_masks, token_phrase, validate_values, planning=launch is not _run)
+    _check_inputs(q, k, v, phrase_masks, token_phrase, validate_values, planning=launch is not _run or q.is_meta)
     if token_loss_heads not in TOKEN_LOSS_HEADS:
         raise ValueError(f"token_loss_heads must be one of {TOKEN_LOSS_HEADS}, got {token_loss_heads!r}")
     per_head = token_loss_heads == "per_head"
@@ -827,7 +829,7 @@ def cross_attention_with_grounding(
         in q, k, v. The losses equal ``grounding_losses(softmax(q kᵀ·scale), phrase_masks, token_phrase,
         token_loss_heads=token_loss_heads)``.
     """
-    if not triton_available():
+    if not (triton_available() or q.is_meta):  # meta tensors: allocations only, no launch (memory planning)
         raise RuntimeError(
             "kernels.cross_attention_with_grounding (attention.backend: fused) needs a CUDA GPU or the Triton CPU "
             "interpreter (set TRITON_INTERPRET=1 before importing kernels); use attention.backend: reference otherwise"

@@ -32,6 +32,7 @@ import torch
 
 from tcscale.config import TrainConfig, config_to_dict, save_config
 from tcscale.data.loader import derive_seed, first_slot
+from tcscale.memory import preflight
 from tcscale.models.sd import load_components, save_pipeline_dir
 from tcscale.objectives import OBJECTIVES, BuildContext, StepOutput
 from tcscale.tracking import build_tracker
@@ -126,6 +127,8 @@ class Trainer:
         self.env = env = init_distributed()
         self.out_dir = Path(cfg.output_dir)
         self.preflight()
+        self.memory_plan = preflight.preflight_memory(cfg, env.world_size, env.device)  # refuses what cannot fit
+        print0(preflight.describe(self.memory_plan))
         torch.manual_seed(cfg.seed)
         ds = cfg.deepspeed
         self.dtype = compute_dtype(ds)
@@ -192,6 +195,7 @@ class Trainer:
         self.tracker = build_tracker(cfg, env.is_rank0, env.world_size, client.get("mlflow_run_id"))
         try:  # from here on, a failure marks the MLflow run FAILED with its reason
             self.run_id = broadcast_object(self.tracker.run_id if env.is_rank0 else None)
+            preflight.log_plan(self.tracker, self.memory_plan)  # MLflow param memory/predicted_peak_gib
             if env.is_rank0 and self.run_id is not None:  # for evaluations nested under this run (tcscale.eval)
                 write_run_info(self.out_dir, self.run_id, resolve_tracking_uri(cfg), cfg.tracking.experiment)
             if env.is_rank0 and getattr(self.tracker, "logged_until", 0) > self.step:

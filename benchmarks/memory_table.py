@@ -1,0 +1,107 @@
+"""Memory-planner predictions (meta device, no GPU) for SD1.4 at 512 px, SD2.1 at 768 px and SDXL at 1024 px: every
+provider (LoRA rank 8 among them) x dtype x activation checkpointing, written to benchmarks/results/memory_<arch>.json
+with the machine, versions and date, and a markdown table of the largest micro-batch per GPU size printed to stdout.
+
+    python benchmarks/memory_table.py                 # every architecture
+    python benchmarks/memory_table.py --arch sd14
+
+These are predictions of the planner (tcscale.memory, docs/MEMORY.md), not GPU measurements: one rank, ZeRO-2,
+AdamW, 4 phrases per sample, workspace 1.5 GiB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = {
+    "sd14": ("configs/sd14_tokencompose.yaml", 512),
+    "sd21": ("configs/sd21_tokencompose.yaml", 768),
+    "sdxl": ("configs/sdxl_tokencompose.yaml", 1024),
+}
+PROVIDERS = {  # name -> (provider, overrides)
+    "ldm": ("tcscale", ["objective.name=ldm"]),
+    "reference": ("tcscale", ["attention.backend=reference"]),
+    "fused": ("tcscale", ["attention.backend=fused"]),
+    "official": ("official", []),
+    "reference_lora8": ("tcscale", ["attention.backend=reference", "model.lora.rank=8"]),  # LoRA rank 8, q/k/v/out
+}
+GPUS = {"24 GiB": 24 * 2**30, "40 GiB": 40 * 2**30, "80 GiB": 80 * 2**30, "141 GB": 141 * 10**9}
+
+
+def run(arch: str) -> dict:
+    from tcscale.config import load_config
+    from tcscale.memory.official import OFFICIAL_OVERRIDES
+    from tcscale.memory.planner import plan_memory
+
+    config, res = CONFIGS[arch]
+    rows = []
+    for name, (provider, extra) in PROVIDERS.items():
+        for dtype in ("fp32", "bf16"):
+            for ckpt in (False, True):
+                pre = list(OFFICIAL_OVERRIDES) if provider == "official" else []
+                overrides = [*pre, *extra, f"data.resolution={res}", f"deepspeed.bf16.enabled={dtype == 'bf16'}",
+                             f"model.gradient_checkpointing={str(ckpt).lower()}"]  # fmt: skip
+                cfg = load_config(REPO / config, overrides)
+                plan = plan_memory(cfg, 1, provider=provider, gpu_mems=GPUS)
+                rows.append({**plan.as_dict(), "planner_provider": provider, "provider": name, "dtype": dtype})
+                print(f"{arch} {name} {dtype} ckpt={ckpt}: {plan.activations_per_sample / 2**20:.1f} MiB/sample, "
+                      f"fits {plan.fits}", file=sys.stderr)  # fmt: skip
+    import diffusers
+
+    meta = {
+        "kind": "meta-device prediction (tcscale.memory planner), not a GPU measurement",
+        "arch": arch,
+        "resolution": res,
+        "world_size": 1,
+        "zero_stage": 2,
+        "phrases": 4,
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, no GPU",
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "diffusers": diffusers.__version__,
+        },
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "gpu_sizes": GPUS,
+    }
+    return {"meta": meta, "plans": rows}
+
+
+def markdown(results: dict[str, dict]) -> str:
+    lines = ["| arch | provider | dtype | checkpointing | MiB/sample | " + " | ".join(GPUS) + " |",
+             "|---|---|---|---|---:|" + "---:|" * len(GPUS)]  # fmt: skip
+    for arch, data in results.items():
+        for r in data["plans"]:
+            fits = " | ".join(str(r["fits"][g]) for g in GPUS)
+            ckpt = "on" if r["gradient_checkpointing"] else "off"
+            mib = r["activations_per_sample"] / 2**20
+            lines.append(f"| {arch} | {r['provider']} | {r['dtype']} | {ckpt} | {mib:,.0f} | {fits} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", action="append", choices=sorted(CONFIGS), default=None)
+    parser.add_argument("--out-dir", default=str(REPO / "benchmarks" / "results"))
+    args = parser.parse_args()
+    import diffusers
+
+    diffusers.utils.logging.set_verbosity_error()
+    results = {}
+    for arch in args.arch or sorted(CONFIGS):
+        results[arch] = run(arch)
+        Path(args.out_dir, f"memory_{arch}.json").write_text(json.dumps(results[arch], indent=1) + "\n")
+    print(markdown(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,261 @@
+"""The memory planner (tcscale.memory): meta-device counts against DESIGN §7 and against real runs, ZeRO static bytes
+against a real DeepSpeed engine, the fused kernel on meta tensors, the CLI and the trainer's preflight."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from tcscale.config import load_config
+from tcscale.memory.official import OFFICIAL_OVERRIDES
+from tcscale.memory.planner import MiB, plan_memory
+from tcscale.memory.static import zero_static_bytes
+from tests.conftest import REPO, TINY_CONFIG
+
+SD14_LDM = REPO / "configs" / "sd14_ldm.yaml"
+SD14_TC = REPO / "configs" / "sd14_tokencompose.yaml"
+
+
+def _plan(config, *overrides, provider="tcscale", **kw):
+    pre = list(OFFICIAL_OVERRIDES) if provider == "official" else []
+    return plan_memory(load_config(config, [*pre, *overrides]), provider=provider, **kw)
+
+
+@pytest.mark.parametrize(
+    "config, provider, overrides, design_mib",
+    [
+        (SD14_LDM, "tcscale", (), 894),
+        (SD14_TC, "tcscale", (), 955),
+        (SD14_TC, "official", ("deepspeed.bf16.enabled=true",), 2294),
+        (SD14_TC, "official", (), 4582),  # fp32, the official setting
+    ],
+    ids=["ldm", "tokencompose-reference", "official-bf16", "official-fp32"],
+)
+def test_sd14_activations_match_design(config, provider, overrides, design_mib):
+    """DESIGN §7: activation bytes kept per sample, full SD1.4 at 512 px, 4 phrases; within 1 %, in seconds."""
+    t0 = time.perf_counter()
+    plan = _plan(config, *overrides, provider=provider)
+    seconds = time.perf_counter() - t0
+    got = plan.activations_per_sample / MiB
+    assert abs(got - design_mib) <= 0.01 * design_mib, f"{got:.1f} MiB against DESIGN's {design_mib}"
+    assert plan.trainable_params == 859_520_964
+    assert seconds < 60, f"planning took {seconds:.1f} s"
+
+
+def test_sd14_official_self_attention_dominates():
+    """DESIGN §7: the official-style replica's attn1 layers alone keep 1,475 MiB per sample in bf16."""
+    plan = _plan(SD14_TC, "deepspeed.bf16.enabled=true", provider="official")
+    assert abs(plan.attention_bytes["attn1"] / MiB - 1475) <= 0.01 * 1475
+
+
+def test_sd14_checkpointing_and_fused():
+    """With checkpointing, LDM and TokenCompose keep 148 MiB per sample (DESIGN §7); the fused backend keeps less
+    than 1 MiB per sample over LDM-only (LSE and phrase maps), the reference ~62 MiB."""
+    ldm = _plan(SD14_LDM, "model.gradient_checkpointing=true")
+    tc = _plan(SD14_TC, "model.gradient_checkpointing=true")
+    for plan in (ldm, tc):
+        assert abs(plan.activations_per_sample / MiB - 148) <= 1.5
+        assert plan.recompute_per_sample > 0
+    base = _plan(SD14_LDM).activations_per_sample
+    fused = _plan(SD14_TC, "attention.backend=fused").activations_per_sample - base
+    reference = _plan(SD14_TC).activations_per_sample - base
+    assert 0 < fused < 1 * MiB < 50 * MiB < reference < 75 * MiB
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ("objective.name=ldm",),
+        (),
+        ("model.gradient_checkpointing=true",),
+        ("objective.tokencompose.fidelity=official",),
+        ("objective.name=sepen", "objective.sepen.map_resolution=4"),
+    ],
+    ids=["ldm", "tokencompose", "tokencompose-checkpointing", "tokencompose-per-resolution", "sepen"],
+)
+def test_meta_count_matches_a_real_cpu_run(overrides):
+    """The same step on real CPU tensors (tiny U-Net, random weights) keeps the bytes the meta run counts, within
+    1 % (exactly, in practice)."""
+    meta = _plan(TINY_CONFIG, *overrides)
+    real = _plan(TINY_CONFIG, *overrides, device="cpu")
+    assert meta.activations_per_sample > 0
+    assert abs(real.activations_per_sample - meta.activations_per_sample) <= 0.01 * meta.activations_per_sample
+    assert abs(real.activations(2) - meta.activations(2)) <= 0.01 * meta.activations(2)
+
+
+TINY_SDXL = REPO / "configs" / "tiny_sdxl_cpu.yaml"
+
+
+def lora_params_by_hand(unet: torch.nn.Module, rank: int, suffixes: tuple[str, ...]) -> int:
+    """r x (in + out) for every nn.Linear whose name ends with one of `suffixes` (the LoRA A and B matrices)."""
+    return sum(
+        rank * (m.in_features + m.out_features)
+        for name, m in unet.named_modules()
+        if isinstance(m, torch.nn.Linear) and name.endswith(suffixes)
+    )
+
+
+@pytest.mark.parametrize(
+    "config, overrides",
+    [(TINY_SDXL, ()), (TINY_CONFIG, ("model.lora.rank=4",)), (TINY_SDXL, ("model.lora.rank=4",))],
+    ids=["sdxl", "lora", "sdxl-lora"],
+)
+def test_sdxl_and_lora_meta_count_matches_a_real_cpu_run(config, overrides):
+    """SDXL's micro-conditioning and LoRA adapters in the step: the meta count equals a real CPU run's."""
+    meta = _plan(config, *overrides)
+    real = _plan(config, *overrides, device="cpu")
+    assert meta.activations_per_sample > 0
+    assert abs(real.activations_per_sample - meta.activations_per_sample) <= 0.01 * meta.activations_per_sample
+    if overrides:
+        full = _plan(config)
+        assert 0 < meta.trainable_params < full.trainable_params / 10  # the adapters only
+        assert meta.static["optimizer"] == 8 * meta.trainable_params  # AdamW m, v in fp32, one rank
+
+
+def test_released_sdxl_and_lora_trainable_sets():
+    """SDXL-base's U-Net (DESIGN §4) is what the planner trains in full; with LoRA, the adapters of the projections
+    it targets, counted by hand from the module shapes."""
+    from tcscale.models.architectures import architecture, random_unet
+
+    sdxl = _plan(REPO / "configs" / "sdxl_tokencompose.yaml", "data.resolution=128")
+    assert sdxl.arch == "sdxl" and sdxl.trainable_params == 2_567_463_684
+    with torch.device("meta"):
+        sd14_unet, sdxl_unet = random_unet(architecture("sd14"), 32), random_unet(architecture("sdxl"), 32)
+    projections = ("to_q", "to_k", "to_v", "to_out.0")
+    lora = _plan(SD14_TC, "model.lora.rank=8", "data.resolution=128")
+    assert lora.trainable_params == lora_params_by_hand(sd14_unet, 8, projections)
+    sepen = _plan(REPO / "configs" / "sd14_sepen_pairs.yaml", "model.lora.rank=8", "data.resolution=128")
+    assert sepen.trainable_params == lora_params_by_hand(sd14_unet, 8, ("attn2.to_k",))
+    xl = _plan(REPO / "configs" / "sdxl_tokencompose.yaml", "model.lora.rank=8", "data.resolution=128")
+    assert xl.trainable_params == lora_params_by_hand(sdxl_unet, 8, projections)
+    assert xl.peak() < sdxl.peak()
+
+
+def test_official_replica_on_real_tensors():
+    meta = _plan(TINY_CONFIG, provider="official")
+    real = _plan(TINY_CONFIG, provider="official", device="cpu")
+    assert abs(real.activations_per_sample - meta.activations_per_sample) <= 0.01 * meta.activations_per_sample
+    assert meta.activations_per_sample > _plan(TINY_CONFIG).activations_per_sample  # explicit self-attention
+
+
+@pytest.mark.interpret
+def test_fused_backend_on_meta_matches_interpreter_run():
+    """The fused kernel's autograd Function on meta tensors allocates (and saves) what a real interpreter run does."""
+    from kernels import interpreter_enabled
+
+    if not interpreter_enabled():
+        pytest.skip("needs TRITON_INTERPRET=1 (set by conftest without a GPU)")
+    meta = _plan(TINY_CONFIG, "attention.backend=fused")
+    real = _plan(TINY_CONFIG, "attention.backend=fused", device="cpu")
+    assert abs(real.activations_per_sample - meta.activations_per_sample) <= 0.01 * meta.activations_per_sample
+    assert meta.activations_per_sample < _plan(TINY_CONFIG).activations_per_sample  # no probabilities kept
+
+
+def test_zero_partition_rules():
+    """ZeRO paper §5 for Ψ = 1000 trained, 10 frozen parameters in bf16 on 4 ranks."""
+    bf16 = torch.bfloat16
+    s0 = zero_static_bytes(1000, 10, dtype=bf16, stage=0, world_size=4)
+    assert (s0.params, s0.grads, s0.optimizer, s0.master) == (2020, 2000, 8000, 4000)
+    s1 = zero_static_bytes(1000, 10, dtype=bf16, stage=1, world_size=4)
+    assert (s1.params, s1.grads, s1.optimizer, s1.master) == (2020, 2000, 2000, 1000)
+    s2 = zero_static_bytes(1000, 10, dtype=bf16, stage=2, world_size=4)
+    assert (s2.params, s2.grads, s2.optimizer, s2.master) == (2020, 500, 2000, 1000)
+    s3 = zero_static_bytes(1000, 10, dtype=bf16, stage=3, world_size=4)
+    assert (s3.params, s3.grads, s3.optimizer, s3.master) == (506, 500, 2000, 1000)
+    fp32 = zero_static_bytes(1000, 0, dtype=torch.float32, stage=0, world_size=1)
+    assert fp32.master == 0 and fp32.params == 4000
+    # DESIGN §7: 859,520,964 parameters, 12.8 GiB with AdamW (bf16, one rank)
+    sd14 = zero_static_bytes(859_520_964, 0, dtype=bf16, stage=2, world_size=1)
+    assert round(sd14.total / 2**30, 1) == 12.8
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_optimizer_bytes_match_a_real_engine(launch, stage):
+    """Per-rank AdamW state bytes of a real 2-rank CPU DeepSpeed engine (gloo) equal the planner's ZeRO figure (the
+    1-rank figures are the unpartitioned totals, test_zero_partition_rules)."""
+    cfg = load_config(TINY_CONFIG)
+    from tcscale.memory.planner import build_models
+
+    trainable = sum(p.numel() for p in build_models(cfg, "tiny", "meta").unet.parameters())
+    for world in (2,):
+        proc = launch.run_deepspeed(
+            world, str(TINY_CONFIG), [f"deepspeed.zero_optimization.stage={stage}"],
+            timeout=300, script="tests/helpers/zero_state_bytes.py",
+        )  # fmt: skip
+        records = [json.loads(line.split(" ", 1)[1]) for line in proc.stdout.splitlines() if "ZERO_STATE " in line]
+        assert len(records) == world
+        want = zero_static_bytes(trainable, 0, dtype=torch.float32, stage=stage, world_size=world).optimizer
+        for rec in records:
+            assert rec["trainable"] == trainable
+            assert abs(rec["optimizer_bytes"] - want) <= 64, (rec, want)  # DeepSpeed's alignment padding at most
+
+
+def test_peak_and_max_micro_batch_agree():
+    plan = _plan(SD14_TC, "model.gradient_checkpointing=true", gpu_mems={"80GiB": 80 * 2**30})
+    fit = plan.fits["80GiB"]
+    assert plan.peak(fit) <= 80 * 2**30 < plan.peak(fit + 1)
+    assert 260 <= fit <= 285  # DESIGN §7's range for bf16 with checkpointing on an 80 GB card
+
+
+def _cli(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "tcscale.memory", *args], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_cli_table_and_json(tmp_path):
+    out = tmp_path / "plan.json"
+    proc = _cli("--config", str(SD14_TC), "--gpu-mem", "24GiB", "--gpu-mem", "80GiB", "--world-size", "2",
+                "--json", str(out))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "largest micro-batch on 80GiB" in proc.stdout and "activations kept / sample" in proc.stdout
+    data = json.loads(out.read_text())
+    assert data["world_size"] == 2 and data["static"]["optimizer"] == 8 * 429_760_482
+    assert data["fits"]["80GiB"] > data["fits"]["24GiB"] >= 0
+
+
+def test_cli_bad_key_one_line_exit_2():
+    proc = _cli("--config", str(SD14_TC), "attention.no_such_key=1")
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "attention.no_such_key" in lines[0]
+
+
+def test_preflight_skips_tiny_cpu_and_refuses_what_cannot_fit(monkeypatch):
+    from tcscale.memory import MemoryPreflightError, preflight_memory
+
+    t0 = time.perf_counter()
+    assert preflight_memory(load_config(TINY_CONFIG), 2, torch.device("cpu")) is None
+    assert time.perf_counter() - t0 < 1.0
+
+    class Props:
+        total_memory = 24 * 2**30
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Props())
+    cfg = load_config(SD14_TC, ["deepspeed.train_micro_batch_size_per_gpu=64"])
+    with pytest.raises(MemoryPreflightError, match=r"train_micro_batch_size_per_gpu=\d+ fits"):
+        preflight_memory(cfg, 1, torch.device("cuda"))
+    ok = preflight_memory(load_config(SD14_TC), 1, torch.device("cuda"))
+    assert ok is not None and ok.peak() < Props.total_memory
+
+
+def test_train_throughput_smoke_output_shape(tmp_path):
+    """benchmarks/train_throughput.py --smoke: one row per provider x checkpointing with every key (CPU, tiny)."""
+    from train_throughput import ROW_KEYS, main
+
+    out = tmp_path / "throughput.json"
+    assert main(["--smoke", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert {"kind", "device", "versions", "date"} <= set(data["meta"])
+    assert len(data["rows"]) == 6
+    for row in data["rows"]:
+        assert set(ROW_KEYS) <= set(row)
+        assert row["images_per_s"] > 0 and row["step_s_p20"] <= row["step_s_median"] <= row["step_s_p80"]
+        assert row["peak_memory_bytes"] is None  # no CUDA figure on a CPU
