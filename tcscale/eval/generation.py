@@ -89,6 +89,17 @@ def torch_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
 
 
+def pipeline_class_name(ref: str, revision: str | None = None) -> str | None:
+    """`_class_name` of the model_index.json of a local pipeline directory or a hub id (None when unreadable:
+    the caller then loads a StableDiffusionPipeline and reports what fails)."""
+    from diffusers import DiffusionPipeline
+
+    try:
+        return DiffusionPipeline.load_config(ref, revision=revision).get("_class_name")
+    except (OSError, ValueError):
+        return None
+
+
 def load_pipeline(path: str, model: EvalModelConfig, sampler: SamplerConfig, device: torch.device | str):
     """The pipeline to evaluate, on `device`, safety checker off, with the configured sampler."""
     device = torch.device(device)
@@ -111,11 +122,9 @@ def load_pipeline(path: str, model: EvalModelConfig, sampler: SamplerConfig, dev
     if adapter is not None:
         path = json.loads((adapter / INFO_NAME).read_text())["base_model"]
         local = Path(path).expanduser()
-    # an SDXL pipeline directory (a tcscale SDXL export) loads as StableDiffusionXLPipeline, read from its
-    # model_index.json (hub ids load as StableDiffusionPipeline)
-    from tcscale.models.sd import _pipeline_class_name
-
-    xl = local.is_dir() and "XL" in (_pipeline_class_name(str(local)) or "")
+    # an SDXL pipeline (a tcscale SDXL export, or an SDXL hub id) loads as StableDiffusionXLPipeline, read from its
+    # model_index.json
+    xl = "XL" in (pipeline_class_name(str(local) if local.is_dir() else path, model.revision) or "")
     try:
         if xl:
             from diffusers import StableDiffusionXLPipeline
