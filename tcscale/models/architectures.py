@@ -240,27 +240,25 @@ def architecture(name: str) -> SDArchitecture:
         raise ValueError(f"unknown SD architecture {name!r}, expected one of {sorted(ARCHITECTURES)}") from None
 
 
+# what the released SD1.x / SD2.x / SDXL U-Net configs share
+_RELEASED_UNET_COMMON = dict(
+    in_channels=4, out_channels=4, flip_sin_to_cos=True, freq_shift=0, layers_per_block=2, downsample_padding=1,
+    mid_block_scale_factor=1, act_fn="silu", norm_num_groups=32, norm_eps=1e-5,
+)  # fmt: skip
+
+
 def random_unet(arch: SDArchitecture, latent_size: int | None = None) -> UNet2DConditionModel:
     if arch.family == "sdxl":
         return random_sdxl_unet(arch, latent_size)
     return UNet2DConditionModel(
         sample_size=latent_size or arch.resolution // 8,
-        in_channels=4,
-        out_channels=4,
-        flip_sin_to_cos=True,
-        freq_shift=0,
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
         block_out_channels=(320, 640, 1280, 1280),
-        layers_per_block=2,
-        downsample_padding=1,
-        mid_block_scale_factor=1,
-        act_fn="silu",
-        norm_num_groups=32,
-        norm_eps=1e-5,
         cross_attention_dim=arch.cross_attention_dim,
         attention_head_dim=arch.attention_head_dim,
         use_linear_projection=arch.use_linear_projection,
+        **_RELEASED_UNET_COMMON,
     )
 
 
@@ -268,19 +266,10 @@ def random_sdxl_unet(arch: SDArchitecture, latent_size: int | None = None) -> UN
     """stabilityai/stable-diffusion-xl-base-1.0 unet/config.json: 2,567,463,684 parameters."""
     return UNet2DConditionModel(
         sample_size=latent_size or arch.resolution // 8,
-        in_channels=4,
-        out_channels=4,
-        flip_sin_to_cos=True,
-        freq_shift=0,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
         block_out_channels=(320, 640, 1280),
-        layers_per_block=2,
-        downsample_padding=1,
-        mid_block_scale_factor=1,
-        act_fn="silu",
-        norm_num_groups=32,
-        norm_eps=1e-5,
+        **_RELEASED_UNET_COMMON,
         cross_attention_dim=arch.cross_attention_dim,
         attention_head_dim=arch.attention_head_dim,
         transformer_layers_per_block=(1, 2, 10),

@@ -50,24 +50,12 @@ def _is_local(ref: str) -> bool:
     return ref.startswith((".", "/", "~")) or os.path.sep in ref.rstrip("/") and Path(ref).expanduser().exists()
 
 
-def _vae_class_name(ref: str) -> str | None:
-    """The `_class_name` of a local pipeline's vae/config.json (None for hub ids and missing files)."""
+def _local_class_name(ref: str, config_file: str) -> str | None:
+    """The `_class_name` in `config_file` of a local pipeline directory, e.g. "model_index.json" or
+    "vae/config.json" (None for hub ids and missing or unreadable files)."""
     import json
 
-    path = Path(ref).expanduser() / "vae" / "config.json"
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text()).get("_class_name")
-    except (OSError, ValueError):
-        return None
-
-
-def _pipeline_class_name(ref: str) -> str | None:
-    """The `_class_name` of a local pipeline's model_index.json (None for hub ids and missing files)."""
-    import json
-
-    path = Path(ref).expanduser() / "model_index.json"
+    path = Path(ref).expanduser() / config_file
     if not path.is_file():
         return None
     try:
@@ -79,7 +67,7 @@ def _pipeline_class_name(ref: str) -> str | None:
 def check_family(ref: str, family: str) -> None:
     """A local pipeline directory's class agrees with `model.family` (an SDXL dir read as SD would lose its second
     text tower; the reverse has none to read)."""
-    name = _pipeline_class_name(ref)
+    name = _local_class_name(ref, "model_index.json")
     if name is None:
         return
     is_xl = "XL" in name
@@ -108,7 +96,7 @@ def load_components(cfg: ModelConfig, resolution: int) -> SDComponents:
             "tokenizer": (CLIPTokenizer, {}),
             "noise_scheduler": (DDPMScheduler, {}),
         }
-        if _vae_class_name(ref) == "SpaceToDepthAutoencoder":  # tcscale's exact latent (tiny CPU models)
+        if _local_class_name(ref, "vae/config.json") == "SpaceToDepthAutoencoder":  # exact latent (tiny CPU models)
             from tcscale.models.space_to_depth import SpaceToDepthAutoencoder
 
             loaders["vae"] = (SpaceToDepthAutoencoder, {})
