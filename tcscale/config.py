@@ -365,7 +365,8 @@ def merge_layers(schema: type[T], layers: list[tuple[str, Any]], error: type[Exc
             merged = OmegaConf.merge(merged, layer)
         except OmegaConfBaseException as exc:
             key = getattr(exc, "full_key", None) or "?"
-            raise error(f"{source}: config key '{key}': {getattr(exc, 'msg', exc)}") from None
+            detail = str(getattr(exc, "msg", exc)).strip().splitlines()[0]  # OmegaConf appends full_key, types
+            raise error(f"{source}: config key '{key}': {detail}") from None
     missing = sorted(OmegaConf.missing_keys(merged))
     if missing:
         raise error(f"config key '{missing[0]}' is required but not set")
