@@ -296,11 +296,6 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError("ema.enabled with deepspeed.zero_optimization.stage=3 is not supported (use ZeRO-2)")
     if cfg.model.lora is not None:
         check_lora(cfg)
-    if cfg.model.family == "sdxl" and cfg.validation.grounding.enabled:
-        raise ConfigError(
-            "validation.grounding.enabled: the held-out grounding mIoU reads one text tower; with model.family=sdxl "
-            "set validation.grounding.enabled=false (validation images and heatmaps work)"
-        )
     check = OBJECTIVES[cfg.objective.name].check
     if check is not None:
         try:

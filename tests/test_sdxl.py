@@ -149,11 +149,16 @@ def test_sdxl_validation_and_eval_load_pipeline(tmp_path):
 
     run = tmp_path / "run"
     cfg = load_config(CONFIG, [f"output_dir={run}", "max_steps=1", "checkpoint.every_steps=0",
-                               "validation.every_steps=1", "validation.num_inference_steps=2"])  # fmt: skip
+                               "validation.every_steps=1", "validation.num_inference_steps=2",
+                               "validation.grounding.enabled=true", "validation.grounding.source=synthetic",
+                               "validation.grounding.num_samples=2",
+                               "validation.grounding.timesteps=[100]"])  # fmt: skip
     trainer_mod.train(cfg)
     client, runs = mlflow_runs(run, "tcscale-tiny-sdxl")
     files = [a.path for a in client.list_artifacts(runs[0].info.run_id, "validation/step000001")]
     assert "validation/step000001/prompt0.png" in files
+    miou = client.get_metric_history(runs[0].info.run_id, "grounding/miou")  # both towers, micro-conditioning
+    assert [m.step for m in miou] == [1] and 0 <= miou[0].value <= 1
     out = export_pipeline(run, tmp_path / "export")
     sampler = SamplerConfig(scheduler="ddim", num_inference_steps=2, resolution=64, batch_size=2)
     pipe = load_pipeline(str(out), EvalModelConfig(pretrained=str(out)), sampler, "cpu")
@@ -161,3 +166,19 @@ def test_sdxl_validation_and_eval_load_pipeline(tmp_path):
     stats = generate_missing(pipe, [GenItem("0", "a photo of a red circle", 0)], tmp_path / "images", sampler,
                              progress=False)  # fmt: skip
     assert stats.generated == 1 and (tmp_path / "images" / "0.png").is_file()
+
+    # the eval grounding suite's records on the SDXL pipeline: its U-Net conditioned as the pipeline conditions it
+    from tcscale.attention.plan import GroundingPlan, vae_scale_factor
+    from tcscale.eval.grounding_maps import grounding_batches, grounding_records, text_conditioning
+
+    batches = list(grounding_batches("synthetic", pipe.tokenizer, resolution=64, num_samples=2, batch_size=2))
+    cond = text_conditioning(pipe, batches[0], dtype=torch.float32, device="cpu")
+    with torch.no_grad():
+        captions = [pipe.tokenizer.decode(ids, skip_special_tokens=True) for ids in batches[0]["input_ids"]]
+        embeds, _, pooled, _ = pipe.encode_prompt(captions, device="cpu", do_classifier_free_guidance=False)
+    torch.testing.assert_close(cond.text, embeds, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cond.added_cond_kwargs["text_embeds"], pooled, rtol=1e-5, atol=1e-5)
+    plan = GroundingPlan.build(pipe.unet, blocks=["mid", "up"], resolutions=None, image_resolution=64,
+                               scale_factor=vae_scale_factor(pipe.vae))  # fmt: skip
+    records = grounding_records(pipe.unet, pipe.vae, pipe, pipe.scheduler, plan, batches, timesteps=[100])
+    assert records and all(0 <= r["iou"] <= 1 for r in records)

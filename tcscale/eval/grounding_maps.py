@@ -71,10 +71,26 @@ def phrase_layer_maps(maps: dict[str, torch.Tensor], token_phrase: torch.Tensor,
 
 
 @torch.no_grad()
+def text_conditioning(text, batch: dict, *, dtype: torch.dtype, device: torch.device | str):
+    """The U-Net's text inputs of a batch (a `tcscale.models.conditioning.Conditioning`). `text`: a text encoder
+    (SD1.x / SD2.x), or what holds the frozen text side — tcscale's `SDComponents` or a diffusers pipeline, SDXL's
+    two towers and micro-conditioning included."""
+    from types import SimpleNamespace
+
+    from tcscale.models.conditioning import batch_conditioning
+
+    holder = text if hasattr(text, "text_encoder") else SimpleNamespace(text_encoder=text)
+    towers = SimpleNamespace(
+        text_encoder=holder.text_encoder, tokenizer=getattr(holder, "tokenizer", None),
+        text_encoder_2=getattr(holder, "text_encoder_2", None), tokenizer_2=getattr(holder, "tokenizer_2", None),
+    )  # fmt: skip
+    return batch_conditioning(towers, batch, dtype=dtype, device=device)
+
+
 def grounding_records(
     unet,
     vae,
-    text_encoder,
+    text,
     scheduler,
     plan: GroundingPlan,
     batches: Iterable[dict],
@@ -85,7 +101,8 @@ def grounding_records(
     device: torch.device | str = "cpu",
 ) -> list[dict]:
     """One record per (sample, phrase, timestep): {"key", "phrase", "timestep", "iou", "layers": {layer: iou}}.
-    `batches` are the loader's batches with full-resolution `phrase_masks` (full_masks=True)."""
+    `batches` are the loader's batches with full-resolution `phrase_masks` (full_masks=True); `text` the text
+    side (`text_conditioning`: a text encoder, or the components / pipeline, SDXL included)."""
     observe(unet, plan)
     was_training = unet.training
     unet.eval()
@@ -95,7 +112,7 @@ def grounding_records(
         for batch in batches:
             pixels = batch["pixel_values"].to(device, vae.dtype)
             latents = vae.encode(pixels).latent_dist.mode().float() * vae.config.scaling_factor
-            text = text_encoder(batch["input_ids"].to(device))[0].to(dtype)
+            cond = text_conditioning(text, batch, dtype=dtype, device=device)
             token_phrase = batch["token_phrase"].to(device)
             masks = batch["phrase_masks"]
             hw = tuple(latents.shape[-2:])
@@ -111,7 +128,8 @@ def grounding_records(
                 tt = torch.full((latents.shape[0],), int(t), device=device, dtype=torch.long)
                 noisy = scheduler.add_noise(latents, noise, tt).to(dtype)
                 with MapCapture(hw) as capture:
-                    unet(noisy, tt, text, cross_attention_kwargs=capture.kwargs)
+                    unet(noisy, tt, cond.text, added_cond_kwargs=cond.added_cond_kwargs,
+                         cross_attention_kwargs=capture.kwargs)  # fmt: skip
                 maps = {k: v.float().cpu() for k, v in capture.maps.items()}
                 for b, (slots, layers) in enumerate(phrase_layer_maps(maps, token_phrase.cpu(), hw)):
                     if not slots:

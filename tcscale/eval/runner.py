@@ -477,7 +477,7 @@ class Evaluation:
                 min_objects=g.synthetic_min_objects,
             )  # fmt: skip
             records = grounding_records(
-                pipe.unet, pipe.vae, pipe.text_encoder, pipe.scheduler, plan, batches, timesteps=list(g.timesteps),
+                pipe.unet, pipe.vae, pipe, pipe.scheduler, plan, batches, timesteps=list(g.timesteps),
                 threshold=g.threshold, seed=self.cfg.seed, device=ctx.device,
             )  # fmt: skip
             root.mkdir(parents=True, exist_ok=True)

@@ -60,7 +60,7 @@ def grounding_metrics(unet, comps, cfg: TrainConfig, plan: GroundingPlan, env) -
         phrase=cfg.data.synthetic.phrase,
     )  # fmt: skip
     records = grounding_records(
-        unet, comps.vae, comps.text_encoder, comps.noise_scheduler, plan, batches, timesteps=list(g.timesteps),
+        unet, comps.vae, comps, comps.noise_scheduler, plan, batches, timesteps=list(g.timesteps),
         threshold=g.threshold, seed=cfg.seed, device=env.device,
     )  # fmt: skip
     return summarize_grounding(records)
