@@ -78,6 +78,12 @@ class SavedTensorCounter:
                 self.by_label[label] = self.by_label.get(label, 0) + nbytes
         return t
 
+    def hold(self, tensors: Iterable[torch.Tensor]) -> None:
+        """Count tensors kept alive past the forward by other means than autograd (a recorder's maps, held until
+        the losses are read), once each and only when not already saved for backward."""
+        for t in tensors:
+            self._pack(t)
+
     def __enter__(self) -> SavedTensorCounter:
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
         self._hooks.__enter__()

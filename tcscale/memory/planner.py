@@ -163,6 +163,7 @@ class StepRunner:
         self.factor = expected_vae_factor(cfg.model)
         self.side = cfg.data.resolution // self.factor
         self.plan = None
+        self.held: list[torch.Tensor] = []  # tensors the last loss() kept alive outside autograd (see count)
         self._install()
         if cfg.model.lora is not None:  # adapters replace the objective's trainable set, as in the trainer
             from tcscale.models.lora import add_lora, lora_target_modules
@@ -284,6 +285,9 @@ class StepRunner:
             return loss
         with self._recorder(B) as rec:
             pred = self.unet(noisy, timesteps, text, cross_attention_kwargs=rec.kwargs, **extra).sample
+        # maps a grouped recorder keeps until its losses are read: alive with the saved tensors at the forward's end
+        # (saved for backward anyway without checkpointing; with it, only held)
+        self.held = [lp.probs for lp in getattr(rec, "layer_probs", ())]
         ldm = F.mse_loss(pred.float(), target)
         return ldm + self.tc.token_loss_weight * rec.total("token") + self.tc.pixel_loss_weight * rec.total("pixel")
 
@@ -294,6 +298,8 @@ class StepRunner:
         with flash_sdpa():
             with counter:
                 loss = self.loss(B, device)
+                counter.hold(self.held)
+                self.held = []
             loss.backward()
         for p in self.unet.parameters():
             p.grad = None
