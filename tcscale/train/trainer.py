@@ -127,7 +127,8 @@ class Trainer:
         self.env = env = init_distributed()
         self.out_dir = Path(cfg.output_dir)
         self.preflight()
-        self.memory_plan = preflight.preflight_memory(cfg, env.world_size, env.device)  # refuses what cannot fit
+        # planned once, on rank 0 (seconds of meta-device work); a config that cannot fit stops every rank
+        self.memory_plan = checked_on_rank0(lambda: preflight.preflight_memory(cfg, env.world_size, env.device))
         print0(preflight.describe(self.memory_plan))
         torch.manual_seed(cfg.seed)
         ds = cfg.deepspeed
