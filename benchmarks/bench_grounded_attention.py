@@ -1,4 +1,4 @@
-"""Benchmark: fused cross-attention + grounding losses vs materialised reference vs SDPA (DESIGN §7).
+"""Benchmark: fused cross-attention + grounding losses vs materialised reference vs SDPA (docs/DESIGN.md §7).
 
 Providers, side by side on every grounded cross-attention layer shape:
   reference  explicit softmax probabilities + ``tcscale.losses.grounding_losses`` (what a PyTorch trainer does)
@@ -14,7 +14,7 @@ backward alone would replay a forward graph built outside the capture). The two 
 host overhead on the small layers.
 
 Rows are appended to benchmarks/results/grounded_attention.csv with the GPU name, torch/triton versions and date;
-a plot (grounded_attention_<gpu>.png) and a summary of the ratios against the DESIGN §7 targets
+a plot (grounded_attention_<gpu>.png) and a summary of the ratios against the docs/DESIGN.md §7 targets
 (grounded_attention_summary_<gpu>.md: fused full ≤ 1.15× sdpa, ≥ 3× faster than reference) are written beside it.
 
     python benchmarks/bench_grounded_attention.py                 # every shape, bf16, B=8, all providers/modes
@@ -61,8 +61,8 @@ def xformers_unavailable() -> str | None:
 
 
 MODES = ("forward", "backward", "full")
-LAMBDA_TOKEN, GAMMA_PIXEL = 1e-3, 5e-5  # DESIGN §3 loss weights: the upstream gradients of the two losses
-TARGET_VS_SDPA, TARGET_VS_REFERENCE = 1.15, 3.0  # DESIGN §7
+LAMBDA_TOKEN, GAMMA_PIXEL = 1e-3, 5e-5  # docs/DESIGN.md §3 loss weights: the upstream gradients of the two losses
+TARGET_VS_SDPA, TARGET_VS_REFERENCE = 1.15, 3.0  # docs/DESIGN.md §7
 # Ceilings measured on this workplace's H100 (device KINDS.md, 2026-11-13): device-to-device copy ≈ 3.0 TB/s (bytes
 # read + written), 8192³ bf16 matmul ≈ 798 TFLOP/s. Used only to turn the floors below into times.
 H100_BYTES_PER_S, H100_BF16_FLOP_PER_S = 3.0e12, 798e12
@@ -179,7 +179,7 @@ def make_provider(provider: str, inputs) -> Callable[[], list[torch.Tensor]]:
 
 def upstream_grads(outputs: list[torch.Tensor]) -> list[torch.Tensor]:
     grads = [torch.randn_like(outputs[0])]
-    if len(outputs) == 3:  # λ, γ of DESIGN §3 on the two losses
+    if len(outputs) == 3:  # λ, γ of docs/DESIGN.md §3 on the two losses
         grads += [torch.full_like(outputs[1], LAMBDA_TOKEN), torch.full_like(outputs[2], GAMMA_PIXEL)]
     return grads
 
@@ -286,10 +286,10 @@ def append_rows(path: Path, rows: list[dict]) -> None:
 
 
 def summarize(rows: list[dict], env: dict[str, str], dtype: str, smoke: bool = False, timer: str = "eager") -> str:
-    """Markdown table of full-mode ratios against the DESIGN §7 targets."""
+    """Markdown table of full-mode ratios against the docs/DESIGN.md §7 targets."""
     full = {(r["model"], r["layer"], r["provider"]): r for r in rows if r["mode"] == "full"}
     lines = [
-        f"# Fused grounded attention vs DESIGN §7 targets — {env['gpu']}, {dtype}, {timer} timer, {env['date']}",
+        f"# Fused grounded attention vs the §7 targets — {env['gpu']}, {dtype}, {timer} timer, {env['date']}",
         *(["SMOKE RUN: CPU interpreter, timings mean nothing (the script ran end to end)."] if smoke else []),
         f"torch {env['torch']}, triton {env['triton']}; full = forward + backward; median ms (peak extra MiB)",
         "",

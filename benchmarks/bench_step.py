@@ -2,7 +2,7 @@
 
 Measures one optimizer step (VAE encode + text encode + U-Net forward/backward + AdamW) of the
 real objective code, side by side in one process, without DeepSpeed (the engine adds the same
-overhead to every provider). DESIGN §7 target: TokenCompose step <= 1.05x the LDM-only step.
+overhead to every provider). docs/DESIGN.md §7 target: TokenCompose step <= 1.05x the LDM-only step.
 
     python benchmarks/bench_step.py --pretrained CompVis/stable-diffusion-v1-4 --resolution 512 --batch 4   # GPU
     python benchmarks/bench_step.py --arch sd14 --resolution 512 --batch 4      # GPU without the hub: random weights
@@ -39,7 +39,7 @@ if str(REPO) not in sys.path:  # `python benchmarks/bench_step.py` from a checko
 from tcscale.config import ModelConfig, TrainConfig  # noqa: E402
 from tcscale.models.architectures import build_random_components  # noqa: E402
 from tcscale.models.sd import load_components  # noqa: E402
-from tcscale.models.tokenizer import sd_clip_tokenizer, sdxl_second_tokenizer  # noqa: E402
+from tcscale.models.tokenizer import sd_clip_tokenizer  # noqa: E402
 from tcscale.objectives import OBJECTIVES, BuildContext  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "step_time.jsonl"
@@ -95,16 +95,14 @@ def time_provider(name: str, args, device: torch.device, dtype: torch.dtype, fin
         torch.cuda.reset_peak_memory_stats()  # peak of this provider only
     if args.arch:
         comps = build_random_components(args.arch, args.resolution, device=device, tokenizer=sd_clip_tokenizer())
-        if comps.family == "sdxl":
-            comps.tokenizer_2 = sdxl_second_tokenizer()
     else:
         comps = load_components(ModelConfig(pretrained=None if args.tiny else args.pretrained), args.resolution)
     comps.vae.requires_grad_(False).to(device, torch.float32)
-    comps.text_encoder.requires_grad_(False).to(device, dtype)
-    if comps.text_encoder_2 is not None:
-        comps.text_encoder_2.requires_grad_(False).to(device, dtype)
+    for tower in comps.text_towers:
+        tower.requires_grad_(False).to(device, dtype)
     # the objectives as a run builds them (default grounded layers: mid + every up block attn2)
     cfg = TrainConfig(max_steps=1)
+    cfg.model.family = comps.family
     cfg.data.resolution = args.resolution
     cfg.objective.name = "ldm" if name.startswith("ldm_") else "tokencompose"
     if name == "ldm_xformers":

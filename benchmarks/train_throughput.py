@@ -6,8 +6,8 @@ bf16, activation checkpointing off / on, each at the memory planner's largest mi
 
 Per row: images/s per GPU, step time median and 20/80 % quantiles (one micro-step forward + backward + AdamW step,
 CUDA-synchronised), torch.cuda.max_memory_allocated, the planner's predicted peak and micro-batch. Nothing runs
-through DeepSpeed (one GPU; its overhead is the same for every provider). DESIGN §7 targets: TokenCompose fused step
-<= 1.05x LDM-only; tcscale's best >= 10x the official-style images/s. No GPU figure has been measured yet
+through DeepSpeed (one GPU; its overhead is the same for every provider). docs/DESIGN.md §7 targets: TokenCompose
+fused step <= 1.05x LDM-only; tcscale's best >= 10x the official-style images/s. No GPU figure has been measured yet
 (docs/MEMORY.md): results go to benchmarks/results/train_throughput.json only when this is run on a GPU.
 """
 

@@ -2,7 +2,7 @@
 
 A `GroundedRecord` is one image with one caption and its phrases; each phrase either has a binary
 mask at the image's full resolution or None (the grounding found nothing). The shard writer
-(`dataprep.writer`) turns it into the DESIGN §5 contract:
+(`dataprep.writer`) turns it into the docs/DESIGN.md §5 contract:
 
     KEY.jpg        the original image (JPEG bytes passed through untouched, anything else encoded once)
     KEY.json       {"caption", "phrases": [{"text", "mask": index | null}], "source", "provenance",

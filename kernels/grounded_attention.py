@@ -1,9 +1,9 @@
-"""Fused cross-attention + TokenCompose grounding losses (DESIGN §3, §4; issue #5).
+"""Fused cross-attention + TokenCompose grounding losses (docs/DESIGN.md §3, §4; issue #5).
 
 ``cross_attention_with_grounding(q, k, v, phrase_masks, token_phrase)`` returns ``softmax(q kᵀ·scale) v`` together
 with the token and pixel losses of ``tcscale.losses.grounding_losses`` on the same probabilities, for either
 token-loss definition (token_loss_heads "mean_map", paper Eq. 5, or "per_head", the official code), without ever
-storing a (B, H, Lq, Lk) tensor. Notation as in DESIGN §3: sample b, head h, query
+storing a (B, H, Lq, Lk) tensor. Notation as in docs/DESIGN.md §3: sample b, head h, query
 (latent) position u < Lq, text token i/j < Lk (Lk ≤ 256, so a whole softmax row is one tile), phrase slot p < P.
 
 File layout (STYLE.md "kernel files in four layers"):
@@ -812,7 +812,7 @@ def cross_attention_with_grounding(
     validate_values: bool = True,
     token_loss_heads: str = "mean_map",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Cross-attention fused with the TokenCompose token and pixel losses (DESIGN §3, §4).
+    """Cross-attention fused with the TokenCompose token and pixel losses (docs/DESIGN.md §3, §4).
 
     Args:
         q: (B, H, Lq, d) queries; k, v: (B, H, Lk, d) keys/values, Lk ≤ 256; any strides (views are fine).

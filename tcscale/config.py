@@ -21,86 +21,16 @@ import yaml
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from tcscale.attention.masks import MaskInterpolation
-from tcscale.attention.plan import Block
-from tcscale.attention.processors import UngroundedAttention
+from tcscale.attention.config import AttentionConfig
 from tcscale.data.config import DataConfig
 from tcscale.eval.grounding_maps import GroundingEvalConfig
+from tcscale.models.config import LoRAConfig, ModelConfig, PredictionType, TinyModelConfig  # noqa: F401
 
 T = TypeVar("T")
-PredictionType = Literal["epsilon", "v_prediction"]
 
 
 class ConfigError(ValueError):
     """A config file or override is invalid; the message names the key."""
-
-
-@dataclass
-class TinyModelConfig:
-    """Random-init SD-shaped models for CPU runs and tests (the real SD layout, tiny widths)."""
-
-    block_out_channels: list[int] = field(default_factory=lambda: [32, 64])  # U-Net widths per down block
-    layers_per_block: int = 1  # resnets per U-Net block
-    attention_head_dim: int = 8  # number of heads (diffusers' SD1.x naming)
-    cross_attention_dim: int = 32  # text hidden size seen by attn2
-    text_layers: int = 2  # CLIP text transformer layers
-    text_heads: int = 2  # CLIP text attention heads
-    vae_block_out_channels: list[int] = field(default_factory=lambda: [8, 16, 16, 16])  # 4 blocks: 8x downsampling
-    latent: Literal["vae", "space_to_depth"] = "vae"  # tiny AutoencoderKL | exact parameter-free pixel folding
-    space_to_depth_factor: int = 2  # latent="space_to_depth": pixels per latent cell along a side
-    latent_scaling_factor: float = (
-        3.5  # latent="space_to_depth": latent x this (3.5: unit variance on the shapes world)
-    )
-    norm_num_groups: int | None = None  # U-Net GroupNorm groups; null -> min(32, block_out_channels[0])
-    prediction_type: PredictionType = "epsilon"  # scheduler prediction type of the tiny pipeline
-    seed: int = 0  # weight init seed
-    # model.family=sdxl only: width (= projection) of the second text tower; attn2 reads cross_attention_dim + this
-    text_encoder_2_hidden: int = 32
-    addition_time_embed_dim: int = 8  # model.family=sdxl only: sinusoidal width per time id (SDXL: 256)
-    # model.family=sdxl only: transformer depth per block (SDXL: [1, 2, 10]); null -> 1 in every block
-    transformer_layers_per_block: list[int] | None = None
-
-
-@dataclass
-class LoRAConfig:
-    """LoRA adapters on the U-Net (peft, injected as diffusers' `add_adapter` does); `model.lora: null` (the
-    default) finetunes the full trainable set. Only the adapter weights train and reach the optimizer."""
-
-    rank: int = 8  # r: rank of each adapter's A (r x in) and B (out x r)
-    alpha: float | None = None  # lora_alpha (the update is scaled by alpha / rank); null -> rank (scale 1)
-    dropout: float = 0.0  # dropout on the adapter input (> 0 draws from torch's global RNG: resume not bit-exact)
-    # module-name suffixes peft wraps; null -> the objective's default (tokencompose/ldm: to_q, to_k, to_v,
-    # to_out.0 of every U-Net attention; sepen: attn2.to_k, the paper's trainable set)
-    target_modules: list[str] | None = None
-    init: Literal["gaussian", "kaiming"] = "gaussian"  # A's init (B starts at 0): gaussian (diffusers' scripts)
-
-
-@dataclass
-class ModelConfig:
-    # sd: SD1.x / SD2.x (one text tower) | sdxl: two text towers, text_time micro-conditioning (StableDiffusionXL)
-    family: Literal["sd", "sdxl"] = "sd"
-    pretrained: str | None = None  # hub id or local diffusers pipeline dir (SD1.4/1.5/2.1); null -> tiny models
-    revision: str | None = None  # hub revision for `pretrained`
-    variant: str | None = None  # weights variant for `pretrained`, e.g. "fp16"
-    prediction_type: PredictionType | None = None  # override of the scheduler's own; null -> keep it
-    gradient_checkpointing: bool = False  # non-reentrant activation checkpointing in the trained module
-    # a finetuned CLIPTextModel dir (or a pipeline dir holding text_encoder/, e.g. the export of a
-    # text_encoder_infonce run) loaded instead of the base model's text encoder; null -> the base one
-    text_encoder_path: str | None = None
-    lora: LoRAConfig | None = None  # LoRA adapters on the U-Net instead of full finetuning; null -> full
-    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
-
-
-@dataclass
-class AttentionConfig:
-    """The grounded cross-attention layers (objectives that ground: tokencompose) and how masks reach them."""
-
-    backend: Literal["reference", "fused"] = "reference"  # grounded layers: explicit probabilities | Triton kernel
-    blocks: list[Block] = field(default_factory=lambda: ["mid", "up"])  # grounded attn2 layers: down / mid / up
-    resolutions: list[int] | None = None  # keep layers whose latent side is listed (e.g. [16, 32]); null -> all
-    mask_interpolation: MaskInterpolation = "bilinear"  # F.interpolate mode for masks -> layer resolution
-    mask_threshold: float = 0.0  # binarise resized masks with > threshold (official: > 0)
-    ungrounded: UngroundedAttention = "sdpa"  # the layers no objective reads (self-attention, other attn2)
 
 
 @dataclass
@@ -321,7 +251,7 @@ def check_lora(cfg: TrainConfig) -> None:
         raise ConfigError(f"model.lora.dropout must be in [0, 1), got {lora.dropout}")
     if lora.target_modules is not None and not lora.target_modules:
         raise ConfigError("model.lora.target_modules: an empty list adapts nothing (null: the objective's default)")
-    if getattr(OBJECTIVES[cfg.objective.name].build, "lora_target_modules", None) is None:
+    if OBJECTIVES[cfg.objective.name].build.lora_target_modules is None:
         raise ConfigError(
             f"model.lora: objective {cfg.objective.name!r} does not train the U-Net; LoRA applies to the U-Net "
             "objectives (tokencompose, ldm, sepen): set model.lora=null"

@@ -26,8 +26,7 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-TINY_CONFIG = REPO / "configs" / "tiny_cpu.yaml"
+from tests.helpers.paths import TINY_CONFIG  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import bench_grounded_attention as bench
 import pytest
 
-from tcscale.attention.plan import layer_latent_side, select_layers
+from tcscale.families.layout import UNET_LAYOUT, select_layers
 from tcscale.models.architectures import architecture, build_random_components
 
 # parameter counts of the released checkpoints (diffusers layout): U-Net, VAE, text encoder
@@ -40,7 +40,7 @@ def test_benchmark_shapes_are_the_grounded_layers(meta_components):
     seen = set()
     for layer in select_layers(unet, ["mid", "up"], None, side):
         attn = unet.get_submodule(layer)
-        lq = layer_latent_side(unet, layer, side) ** 2
+        lq = UNET_LAYOUT.latent_side(unet, layer, side) ** 2
         seen.add((attn.heads, lq, attn.to_q.out_features // attn.heads, attn.to_k.in_features))
     shapes = {"sd14": bench.SD14_512, "sd21": bench.SD21_768}[name]
     cross_dim = architecture(name).cross_attention_dim

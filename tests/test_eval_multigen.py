@@ -1,4 +1,5 @@
-"""MultiGen scoring (DESIGN §4): hand-computed cases, the official algorithm, validation, prompt files, plots."""
+"""MultiGen scoring (docs/DESIGN.md §4): hand-computed cases, the official algorithm, validation, prompt files,
+plots."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``tcscale.eval`` exports the DESIGN §4 entry points and stays light to import."""
+"""``tcscale.eval`` exports the docs/DESIGN.md §4 entry points and stays light to import."""
 
 from __future__ import annotations
 

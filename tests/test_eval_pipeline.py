@@ -75,7 +75,15 @@ def test_grounding_records_match_an_independent_computation(pipe):
     batches = list(grounding_batches("synthetic", pipe.tokenizer, resolution=64, num_samples=3, batch_size=2))
     assert sum(len(b["keys"]) for b in batches) == 3 and "phrase_masks" in batches[0]
     records = grounding_records(
-        pipe.unet, pipe.vae, pipe.text_encoder, pipe.scheduler, plan, batches, timesteps=[200], threshold=0.4
+        pipe.unet,
+        pipe.vae,
+        pipe.text_encoder,
+        pipe.scheduler,
+        plan,
+        batches,
+        timesteps=[200],
+        threshold=0.4,
+        family="sd",
     )
     summary = summarize_grounding(records)
     assert summary["grounding/phrases"] == len(records) > 0

@@ -1,4 +1,4 @@
-"""tcscale.losses.grounding_losses against an independent float64 loop computation of DESIGN §3."""
+"""tcscale.losses.grounding_losses against an independent float64 loop computation of docs/DESIGN.md §3."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from tcscale.losses import grounding_losses
 
 
 def loop_losses(attn, masks, token_phrase, per_head=False):
-    """DESIGN §3 written as plain loops in float64 (no shared code with the reference)."""
+    """docs/DESIGN.md §3 written as plain loops in float64 (no shared code with the reference)."""
     attn = attn.double()
     B, H, Lq, Lk = attn.shape
     tok_vals, pix_vals = [], []
@@ -95,7 +95,7 @@ def test_no_phrase_is_zero_and_differentiable():
 
 
 def test_gradient_matches_design_formulas():
-    """dL/dĀ from autograd equals DESIGN §3's closed forms (token and pixel), per phrase token."""
+    """dL/dĀ from autograd equals docs/DESIGN.md §3's closed forms (token and pixel), per phrase token."""
     attn, masks, _ = random_case(B=2, H=3, Lq=9, Lk=10, P=2, seed=5)
     token_phrase = torch.full((2, 10), -1, dtype=torch.long)
     token_phrase[0, [1, 2]] = 0

@@ -10,12 +10,12 @@ from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor2_0
 
 from tcscale.attention.masks import masks_to_layer
-from tcscale.attention.plan import layer_latent_side, select_layers
 from tcscale.attention.processors import install_grounding_processors
 from tcscale.attention.recorders import LossRecorder, MapCapture, ProbsRecorder
 from tcscale.config import TinyModelConfig
+from tcscale.families.layout import UNET_LAYOUT, select_layers
 from tcscale.losses import grounding_losses
-from tcscale.models.architectures import tiny_unet
+from tcscale.families.sd import tiny_unet
 
 
 def recorder(masks, token_phrase, **kw) -> LossRecorder:
@@ -23,11 +23,11 @@ def recorder(masks, token_phrase, **kw) -> LossRecorder:
 
 
 def test_layer_selection_on_sd14_layout():
-    """SD1.4 at 512 px: mid + up blocks = 10 grounded layers at 8², 3x16², 3x32², 3x64² (DESIGN §3)."""
+    """SD1.4 at 512 px: mid + up blocks = 10 grounded layers at 8², 3x16², 3x32², 3x64² (docs/DESIGN.md §3)."""
     with torch.device("meta"):
         unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)  # diffusers' defaults = SD1.x layout
     names = select_layers(unet, ["mid", "up"], None, 64)
-    sides = sorted(layer_latent_side(unet, n, 64) for n in names)
+    sides = sorted(UNET_LAYOUT.latent_side(unet, n, 64) for n in names)
     assert sides == [8, 16, 16, 16, 32, 32, 32, 64, 64, 64]
     assert select_layers(unet, ["down", "mid", "up"], [16], 64) == [
         "down_blocks.2.attentions.0.transformer_blocks.0.attn2",

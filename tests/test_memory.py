@@ -1,5 +1,5 @@
-"""The memory planner (tcscale.memory): meta-device counts against DESIGN §7 and against real runs, ZeRO static bytes
-against a real DeepSpeed engine, the fused kernel on meta tensors, the CLI and the trainer's preflight."""
+"""The memory planner (tcscale.memory): meta-device counts against docs/DESIGN.md §7 and against real runs, ZeRO
+static bytes against a real DeepSpeed engine, the fused kernel on meta tensors, the CLI and the trainer's preflight."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from tcscale.config import load_config
 from tcscale.memory.official import OFFICIAL_OVERRIDES
 from tcscale.memory.planner import MiB, plan_memory
 from tcscale.memory.static import zero_static_bytes
-from tests.conftest import REPO, TINY_CONFIG
+from tests.helpers.paths import REPO, TINY_CONFIG
 
 SD14_LDM = REPO / "configs" / "sd14_ldm.yaml"
 SD14_TC = REPO / "configs" / "sd14_tokencompose.yaml"
@@ -38,25 +38,25 @@ def _plan(config, *overrides, provider="tcscale", **kw):
     ids=["ldm", "tokencompose-reference", "official-bf16", "official-fp32"],
 )
 def test_sd14_activations_match_design(config, provider, overrides, design_mib):
-    """DESIGN §7: activation bytes kept per sample, full SD1.4 at 512 px, 4 phrases; within 1 %, in seconds."""
+    """docs/DESIGN.md §7: activation bytes kept per sample, full SD1.4 at 512 px, 4 phrases; within 1 %, in seconds."""
     t0 = time.perf_counter()
     plan = _plan(config, *overrides, provider=provider)
     seconds = time.perf_counter() - t0
     got = plan.activations_per_sample / MiB
-    assert abs(got - design_mib) <= 0.01 * design_mib, f"{got:.1f} MiB against DESIGN's {design_mib}"
+    assert abs(got - design_mib) <= 0.01 * design_mib, f"{got:.1f} MiB against docs/DESIGN.md's {design_mib}"
     assert plan.trainable_params == 859_520_964
     assert seconds < 60, f"planning took {seconds:.1f} s"
 
 
 def test_sd14_official_self_attention_dominates():
-    """DESIGN §7: the official-style replica's attn1 layers alone keep 1,475 MiB per sample in bf16."""
+    """docs/DESIGN.md §7: the official-style replica's attn1 layers alone keep 1,475 MiB per sample in bf16."""
     plan = _plan(SD14_TC, "deepspeed.bf16.enabled=true", provider="official")
     assert abs(plan.attention_bytes["attn1"] / MiB - 1475) <= 0.01 * 1475
 
 
 def test_sd14_checkpointing_and_fused():
-    """With checkpointing, LDM and TokenCompose keep 148 MiB per sample (DESIGN §7); the fused backend keeps less
-    than 1 MiB per sample over LDM-only (LSE and phrase maps), the reference ~62 MiB."""
+    """With checkpointing, LDM and TokenCompose keep 148 MiB per sample (docs/DESIGN.md §7); the fused backend keeps
+    less than 1 MiB per sample over LDM-only (LSE and phrase maps), the reference ~62 MiB."""
     ldm = _plan(SD14_LDM, "model.gradient_checkpointing=true")
     tc = _plan(SD14_TC, "model.gradient_checkpointing=true")
     for plan in (ldm, tc):
@@ -119,8 +119,8 @@ def test_sdxl_and_lora_meta_count_matches_a_real_cpu_run(config, overrides):
 
 
 def test_released_sdxl_and_lora_trainable_sets():
-    """SDXL-base's U-Net (DESIGN §4) is what the planner trains in full; with LoRA, the adapters of the projections
-    it targets, counted by hand from the module shapes."""
+    """SDXL-base's U-Net (docs/DESIGN.md §4) is what the planner trains in full; with LoRA, the adapters of the
+    projections it targets, counted by hand from the module shapes."""
     from tcscale.models.architectures import architecture, random_unet
 
     sdxl = _plan(REPO / "configs" / "sdxl_tokencompose.yaml", "data.resolution=128")
@@ -146,12 +146,12 @@ def test_official_replica_on_real_tensors(overrides):
 
 
 def test_sd14_official_with_checkpointing_counts_the_maps_held_for_the_loss():
-    """DESIGN §7: 172 MiB per sample in bf16 with checkpointing (this count: 174.2, 1.3 % above). Checkpointing
+    """docs/DESIGN.md §7: 172 MiB per sample in bf16 with checkpointing (this count: 174.2, 1.3 % above). Checkpointing
     saves nothing inside the blocks; what remains over TokenCompose's 148 are the grounded maps the official-style
     code keeps alive from the forward until its losses are read (counted as held, not saved)."""
     plan = _plan(SD14_TC, "deepspeed.bf16.enabled=true", "model.gradient_checkpointing=true", provider="official")
     got = plan.activations_per_sample / MiB
-    assert abs(got - 172) <= 0.02 * 172, f"{got:.1f} MiB against DESIGN's 172"
+    assert abs(got - 172) <= 0.02 * 172, f"{got:.1f} MiB against docs/DESIGN.md's 172"
     reference = _plan(SD14_TC, "model.gradient_checkpointing=true").activations_per_sample / MiB
     assert got - reference > 15  # held maps: 10 layers, 8 heads, 16,192 query rows x 77 keys x 2 bytes = 19 MiB
 
@@ -182,7 +182,7 @@ def test_zero_partition_rules():
     assert (s3.params, s3.grads, s3.optimizer, s3.master) == (506, 500, 2000, 1000)
     fp32 = zero_static_bytes(1000, 0, dtype=torch.float32, stage=0, world_size=1)
     assert fp32.master == 0 and fp32.params == 4000
-    # DESIGN §7: 859,520,964 parameters, 12.8 GiB with AdamW (bf16, one rank)
+    # docs/DESIGN.md §7: 859,520,964 parameters, 12.8 GiB with AdamW (bf16, one rank)
     sd14 = zero_static_bytes(859_520_964, 0, dtype=bf16, stage=2, world_size=1)
     assert round(sd14.total / 2**30, 1) == 12.8
 
@@ -215,7 +215,7 @@ def test_peak_and_max_micro_batch_agree():
     plan = _plan(SD14_TC, "model.gradient_checkpointing=true", gpu_mems={"80GiB": 80 * 2**30})
     fit = plan.fits["80GiB"]
     assert plan.peak(fit) <= 80 * 2**30 < plan.peak(fit + 1)
-    assert 260 <= fit <= 285  # DESIGN §7's range for bf16 with checkpointing on an 80 GB card
+    assert 260 <= fit <= 285  # docs/DESIGN.md §7's range for bf16 with checkpointing on an 80 GB card
 
 
 def _cli(*args):

@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from tcscale.objectives import OBJECTIVES, StepOutput, register_objective
+from tcscale.objectives import OBJECTIVES, Objective, StepOutput, register_objective
 
 
 @dataclass
@@ -22,11 +22,10 @@ class ToyConfig:
     weight: float = 1.0  # scale of the loss
 
 
-class ToyObjective:
+class ToyObjective(Objective):
     """Data-free: pull the U-Net's output towards a constant on random inputs, training conv_out only."""
 
     reads_data = False
-    plan = None
 
     def __init__(self, cfg: ToyConfig, ctx):
         self.cfg, self.ctx = cfg, ctx
@@ -34,16 +33,16 @@ class ToyObjective:
         for name, p in self.module.named_parameters():
             p.requires_grad_(name.startswith("conv_out."))
 
-    def trainable_parameters(self):
-        return [p for p in self.module.parameters() if p.requires_grad]
-
     def batch(self, micro_step: int) -> dict:
-        return {"micro_step": micro_step}
+        return {"micro_step": micro_step, "batch_size": self.ctx.micro_batch_size}
+
+    def synthetic_batch(self, batch_size: int, *, phrases: int = 4) -> dict:
+        return {"micro_step": 0, "batch_size": batch_size}
 
     def __call__(self, model, batch, generator):
         unet, ctx = self.module, self.ctx
         side = ctx.cfg.data.resolution // 8
-        B = ctx.micro_batch_size
+        B = batch["batch_size"]
         z = torch.randn(B, unet.config.in_channels, side, side, generator=generator, device=ctx.device)
         t = torch.randint(0, 1000, (B,), generator=generator, device=ctx.device)
         text = torch.zeros(B, 77, unet.config.cross_attention_dim, device=ctx.device)
@@ -72,6 +71,25 @@ def test_config_sections_follow_the_registry(tiny_config, tmp_path):
         tiny_config(tmp_path, "objective.name=toy", "objective.toy.wieght=3")
     with pytest.raises(ConfigError, match=r"objective\.name"):
         tiny_config(tmp_path, "objective.name=toyy")
+
+
+def test_a_registered_objective_is_planned_by_its_own_step(tmp_path):
+    """`python -m tcscale.memory` plans an objective registered outside tcscale/ (through `imports`): its own
+    synthetic batch and step on the meta device, a fp32 U-Net that trains conv_out only."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "plan.json"
+    cmd = [sys.executable, "-m", "tcscale.memory", "--config", "configs/tiny_cpu.yaml", f"imports=[{__file__}]",
+           "objective.name=toy", "--json", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    plan = json.loads(out.read_text())
+    assert plan["objective"] == "toy" and plan["predicted_peak"] > 0
+    conv_out = 4 * 32 * 3 * 3 + 4  # conv_out of the tiny U-Net: 32 channels in, 4 latent channels out, 3 x 3
+    assert plan["trainable_params"] == conv_out
+    assert plan["activations_per_sample"] > 0  # its forward through the whole U-Net keeps activations
 
 
 def test_bad_plugin_import_names_the_entry(tiny_config, tmp_path):

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from tcscale.config import load_config
+from tcscale.families.sdxl import second_tokenizer_ids
 from tcscale.models.architectures import build_random_components, build_tiny_components
-from tcscale.models.conditioning import encode_text, second_tokenizer_ids
+from tcscale.models.conditioning import encode_text
 from tcscale.models.tokenizer import sd_clip_tokenizer, sdxl_second_tokenizer
 
 CONFIG = "configs/tiny_sdxl_cpu.yaml"
@@ -53,10 +54,10 @@ def test_second_tokenizer_ids_and_token_positions_agree():
 def test_sdxl_conditioning_matches_the_diffusers_pipeline():
     """Per-token states of both towers' penultimate layers concatenated, the second tower's pooled projection
     and the time ids: what StableDiffusionXLPipeline.encode_prompt / _get_add_time_ids compute."""
-    from tcscale.models.sd import sdxl_pipeline
+    from tcscale.families import FAMILIES
 
     comps = build_tiny_components(load_config(CONFIG, ["max_steps=1"]).model.tiny, 64, "sdxl")
-    pipe = sdxl_pipeline(comps)
+    pipe = FAMILIES["sdxl"].pipeline(comps)
     prompts = CAPTIONS[:2]
     ids = comps.tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
     crops, originals = torch.tensor([[0, 5], [3, 0]]), torch.tensor([[80, 96], [64, 70]])
@@ -172,7 +173,7 @@ def test_sdxl_validation_and_eval_load_pipeline(tmp_path):
     from tcscale.eval.grounding_maps import grounding_batches, grounding_records, text_conditioning
 
     batches = list(grounding_batches("synthetic", pipe.tokenizer, resolution=64, num_samples=2, batch_size=2))
-    cond = text_conditioning(pipe, batches[0], dtype=torch.float32, device="cpu")
+    cond = text_conditioning(pipe, batches[0], family="sdxl", dtype=torch.float32, device="cpu")
     with torch.no_grad():
         captions = [pipe.tokenizer.decode(ids, skip_special_tokens=True) for ids in batches[0]["input_ids"]]
         embeds, _, pooled, _ = pipe.encode_prompt(captions, device="cpu", do_classifier_free_guidance=False)
@@ -180,5 +181,7 @@ def test_sdxl_validation_and_eval_load_pipeline(tmp_path):
     torch.testing.assert_close(cond.added_cond_kwargs["text_embeds"], pooled, rtol=1e-5, atol=1e-5)
     plan = GroundingPlan.build(pipe.unet, blocks=["mid", "up"], resolutions=None, image_resolution=64,
                                scale_factor=vae_scale_factor(pipe.vae))  # fmt: skip
-    records = grounding_records(pipe.unet, pipe.vae, pipe, pipe.scheduler, plan, batches, timesteps=[100])
+    records = grounding_records(
+        pipe.unet, pipe.vae, pipe, pipe.scheduler, plan, batches, timesteps=[100], family="sdxl"
+    )
     assert records and all(0 <= r["iou"] <= 1 for r in records)

@@ -238,7 +238,7 @@ def trained_run(tmp_path_factory, tiny_clip):
     """40 steps on synthetic crops, held-out recall every 20 (module-scoped: several tests read this run)."""
     from tcscale.config import load_config
     from tcscale.train.trainer import train
-    from tests.conftest import TINY_CONFIG
+    from tests.helpers.paths import TINY_CONFIG
 
     run = tmp_path_factory.mktemp("infonce") / "run"
     cfg = load_config(TINY_CONFIG, [f"output_dir={run}", "checkpoint.every_steps=0", "max_steps=40",

@@ -1,4 +1,4 @@
-"""Phrase masks brought to a cross-attention layer's resolution (DESIGN §3 rule)."""
+"""Phrase masks brought to a cross-attention layer's resolution (docs/DESIGN.md §3 rule)."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def masks_to_layer(
 
 @dataclass(frozen=True)
 class MaskRule:
-    """How a full-resolution phrase mask becomes a layer mask (DESIGN §3): resize with `interpolation`
+    """How a full-resolution phrase mask becomes a layer mask (docs/DESIGN.md §3): resize with `interpolation`
     (no antialias), binarise with `> threshold`. `full_res` tells the loader which full-resolution mask to resize
     (``binary`` | ``soft``, see `MaskFullRes`); the full-resolution masks a batch carries (``phrase_masks``, also
     what evaluation IoU reads) stay binary either way."""

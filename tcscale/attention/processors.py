@@ -12,17 +12,13 @@ Backends of the grounded layers: ``reference`` (probabilities materialised, ``tc
 
 from __future__ import annotations
 
-from typing import Literal, get_args
-
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0, XFormersAttnProcessor
 
+from tcscale.attention.config import GROUNDED_BACKENDS, UNGROUNDED_ATTENTION
 from tcscale.attention.plan import GroundingPlan, cross_attention_layers
 from tcscale.attention.recorders import Recorder
-
-GroundedBackend = Literal["reference", "fused"]
-GROUNDED_BACKENDS: tuple[str, ...] = get_args(GroundedBackend)
 
 
 class PlainAttnProcessor(AttnProcessor2_0):
@@ -95,10 +91,6 @@ class GroundingAttnProcessor:
         return out / attn.rescale_output_factor
 
 
-UngroundedAttention = Literal["sdpa", "xformers"]
-UNGROUNDED_ATTENTION: tuple[str, ...] = get_args(UngroundedAttention)
-
-
 class XFormersPlainProcessor(XFormersAttnProcessor):
     """xformers' memory-efficient attention (diffusers' processor) for the layers that are not grounded; accepts
     (and ignores) the recorder. Needs the xformers package and a CUDA GPU (no CPU kernels)."""
@@ -115,9 +107,10 @@ def ungrounded_processor(kind: str):
     return XFormersPlainProcessor() if kind == "xformers" else PlainAttnProcessor()
 
 
-def check_backend_available(backend: str) -> None:
-    """The fused backend needs a CUDA GPU or the Triton interpreter: a clear error naming the config key."""
-    if backend != "fused":
+def check_backend_available(backend: str, on_meta: bool = False) -> None:
+    """The fused backend needs a CUDA GPU or the Triton interpreter (not on the meta device, where its launches are
+    planned, not run): a clear error naming the config key."""
+    if backend != "fused" or on_meta:
         return
     try:
         from kernels import triton_available
@@ -135,7 +128,7 @@ def install_grounding_processors(
 ) -> None:
     """Grounding processors on the plan's attn2 layers (or a list of names); every other attention layer gets the
     `ungrounded` implementation (SDPA or xformers) that accepts (and ignores) the ``grounding`` keyword."""
-    check_backend_available(backend)
+    check_backend_available(backend, on_meta=any(p.is_meta for p in unet.parameters()))
     layers = list(plan.layers if isinstance(plan, GroundingPlan) else plan)
     if not layers:
         raise ValueError("no cross-attention layer matches attention.blocks / attention.resolutions")

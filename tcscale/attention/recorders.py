@@ -57,6 +57,10 @@ class Recorder:
         """The U-Net's ``cross_attention_kwargs``."""
         return {"grounding": self}
 
+    def held(self) -> tuple[torch.Tensor, ...]:
+        """Tensors the recorder keeps outside autograd until its results are read (none by default)."""
+        return ()
+
     def attend(self, layer: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, backend: str):
         """(B, H, Lq, d) attention output of one grounded layer; q: (B, H, Lq, d), k, v: (B, H, Lk, d)."""
         raise NotImplementedError
@@ -71,7 +75,7 @@ class LayerLoss:
 
 
 class LossRecorder(Recorder):
-    """TokenCompose: each grounded layer's token and pixel losses (DESIGN §3) against the batch's phrase masks.
+    """TokenCompose: each grounded layer's token and pixel losses (docs/DESIGN.md §3) against the batch's phrase masks.
 
     Args:
         latent_size: (h, w) of the U-Net input latent.
@@ -195,6 +199,9 @@ class GroupedLossRecorder(LossRecorder):
             self._totals = None
         return torch.matmul(probs.to(v.dtype), v)
 
+    def held(self) -> tuple[torch.Tensor, ...]:
+        return tuple(lp.probs for lp in self.layer_probs)
+
     def group_losses(self) -> dict[str, dict[str, torch.Tensor]]:
         """{group: {"token", "pixel"}} over the layers recorded so far."""
         by_group: dict[str, list[LayerProbs]] = {}
@@ -251,7 +258,3 @@ class MapCapture(Recorder):
             self.maps[layer] = mean_map if prev is None else prev + mean_map
             self.calls[layer] = self.calls.get(layer, 0) + 1
         return torch.matmul(probs.to(v.dtype), v)
-
-    def mean_maps(self) -> dict[str, torch.Tensor]:
-        """Per layer, the average over calls: {layer: (B, Lq, Lk)}."""
-        return {name: m / self.calls[name] for name, m in self.maps.items()}

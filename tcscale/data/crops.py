@@ -1,6 +1,6 @@
 """Object crops from grounded samples: (crop, phrase text) pairs for the contrastive text-encoder stage.
 
-A grounded sample (image + phrases + one binary mask per phrase, DESIGN §5) gives one pair per phrase whose mask
+A grounded sample (image + phrases + one binary mask per phrase, docs/DESIGN.md §5) gives one pair per phrase whose mask
 passes the crop policy (`CropConfig`):
 
 1. tight box: the bounding box of the mask's pixels (in the original image, before any training resize); with

@@ -1,7 +1,7 @@
 """The official TokenCompose training list (metadata.jsonl): one reader for every tool that reads it.
 
 Each line: {"file_name": "000000000142.jpg", "text": caption, "attn_list": [[phrase, mask path or null], ...]}
-(../shared/data/tokencompose_coco/metadata.jsonl, DESIGN §5).
+(../shared/data/tokencompose_coco/metadata.jsonl, docs/DESIGN.md §5).
 """
 
 from __future__ import annotations

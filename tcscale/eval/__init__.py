@@ -1,6 +1,6 @@
 """Evaluation: MultiGen, VISOR, FID, grounding mIoU, the SepEn protocol and the synthetic-world scorer.
 
-Importing ``tcscale.eval`` is cheap: the two entry points DESIGN §4 names (``multigen_scores``,
+Importing ``tcscale.eval`` is cheap: the two entry points docs/DESIGN.md §4 names (``multigen_scores``,
 ``frechet_distance``) are resolved on first use, and the modules that need transformers or
 matplotlib (``detect``, ``sepen_protocol``, plotting in ``multigen``) import them inside functions.
 """

@@ -171,10 +171,12 @@ def main(argv: list[str] | None = None) -> int:
     except EvalInputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    from tcscale.families import family_of_pipeline
+
     resolution = args.resolution or native_resolution(pipe)
     plan = GroundingPlan.build(
         pipe.unet, blocks=args.blocks, resolutions=None, image_resolution=resolution,
-        scale_factor=vae_scale_factor(pipe.vae),
+        scale_factor=vae_scale_factor(pipe.vae), layout=family_of_pipeline(pipe).layout,
     )  # fmt: skip
     print(
         f"generating {resolution} px, {args.steps} steps, maps of {len(plan.layers)} layers ({' '.join(args.blocks)})"

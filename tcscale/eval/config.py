@@ -1,8 +1,8 @@
 """Evaluation configuration: dataclass schema <- configs/eval/<name>.yaml <- `key=value` overrides, strict.
 
 One evaluation run evaluates one model on the enabled suites and writes `<output_dir>/results.json`. Inference
-defaults are the papers' (DESIGN §8): PNDM, 50 steps, CFG 7.5, the model's native resolution, safety checker off,
-one recorded seed per (suite, prompt, round).
+defaults are the papers' (docs/DESIGN.md §8): PNDM, 50 steps, CFG 7.5, the model's native resolution, safety checker
+off, one recorded seed per (suite, prompt, round).
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ class SyntheticEvalConfig:
 
 @dataclass
 class SepEnEvalConfig:
-    """The Separate-and-Enhance protocol (DESIGN §8): pair prompts, seeds 0..N-1, CFG 6.0, every object detected
+    """The Separate-and-Enhance protocol (docs/DESIGN.md §8): pair prompts, seeds 0..N-1, CFG 6.0, every object detected
     above the setting's threshold; text-text similarity of a BLIP caption against the prompt."""
 
     enabled: bool = False

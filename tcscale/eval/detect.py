@@ -1,7 +1,7 @@
 """Open-vocabulary detection over transformers: OWLv2 (MultiGen) and OWL-ViT (VISOR).
 
 ``OpenVocabDetector`` batches images with per-image category lists, turns each category into the
-query "a photo of a {obj}" (DESIGN §8), and returns, per image, the detections with score >
+query "a photo of a {obj}" (docs/DESIGN.md §8), and returns, per image, the detections with score >
 ``threshold`` as plain lists: ``{"labels": [category, ...], "scores": [...], "boxes": [[x0, y0, x1,
 y1], ...]}``, boxes in pixels of the input image, best score first. An image with no detection gets
 empty lists (a miss, not an error).

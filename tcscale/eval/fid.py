@@ -8,7 +8,7 @@ covariances, and the imaginary part that round-off leaves is dropped unless it i
 inputs are broken and a ValueError says so).
 
 Feature extractor: **clean-fid** (``clean-fid==0.1.35``), mode "clean". Why clean-fid rather than
-torch-fidelity: DESIGN §8 asks for clean resizing, and that is clean-fid's own contribution (Parmar
+torch-fidelity: docs/DESIGN.md §8 asks for clean resizing, and that is clean-fid's own contribution (Parmar
 et al., CVPR 2022): each channel is resized to 299×299 as a float image with PIL's antialiased
 bicubic filter and is not re-quantised, so the score does not depend on the resizing library.
 torch-fidelity resizes inside the network with a re-implementation of TensorFlow 1's bilinear

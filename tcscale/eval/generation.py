@@ -89,17 +89,6 @@ def torch_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
 
 
-def pipeline_class_name(ref: str, revision: str | None = None) -> str | None:
-    """`_class_name` of the model_index.json of a local pipeline directory or a hub id (None when unreadable:
-    the caller then loads a StableDiffusionPipeline and reports what fails)."""
-    from diffusers import DiffusionPipeline
-
-    try:
-        return DiffusionPipeline.load_config(ref, revision=revision).get("_class_name")
-    except (OSError, ValueError):
-        return None
-
-
 def load_pipeline(path: str, model: EvalModelConfig, sampler: SamplerConfig, device: torch.device | str):
     """The pipeline to evaluate, on `device`, safety checker off, with the configured sampler."""
     device = torch.device(device)
@@ -108,7 +97,6 @@ def load_pipeline(path: str, model: EvalModelConfig, sampler: SamplerConfig, dev
         DPMSolverMultistepScheduler,
         EulerDiscreteScheduler,
         PNDMScheduler,
-        StableDiffusionPipeline,
     )
 
     local = Path(path).expanduser()
@@ -122,28 +110,20 @@ def load_pipeline(path: str, model: EvalModelConfig, sampler: SamplerConfig, dev
     if adapter is not None:
         path = json.loads((adapter / INFO_NAME).read_text())["base_model"]
         local = Path(path).expanduser()
-    # an SDXL pipeline (a tcscale SDXL export, or an SDXL hub id) loads as StableDiffusionXLPipeline, read from its
-    # model_index.json
-    xl = "XL" in (pipeline_class_name(str(local) if local.is_dir() else path, model.revision) or "")
-    try:
-        if xl:
-            from diffusers import StableDiffusionXLPipeline
+    # the family's pipeline class (StableDiffusionPipeline, StableDiffusionXLPipeline, ...), from model_index.json
+    from tcscale.families import pipeline_family
 
-            pipe = StableDiffusionXLPipeline.from_pretrained(
-                str(local), torch_dtype=dtype, revision=model.revision, variant=model.variant, add_watermarker=False
-            )
-        else:
-            pipe = StableDiffusionPipeline.from_pretrained(
-                str(local) if local.is_dir() else path,
-                safety_checker=None,
-                requires_safety_checker=False,
-                torch_dtype=dtype,
-                revision=model.revision,
-                variant=model.variant,
-            )
+    ref = str(local) if local.is_dir() else path
+    try:
+        family = pipeline_family(ref, model.revision)
+    except ValueError as exc:
+        raise EvalInputError(f"model: {exc}") from None
+    try:
+        pipe = family.pipeline_cls().from_pretrained(
+            ref, torch_dtype=dtype, revision=model.revision, variant=model.variant, **family.load_pipeline_kwargs()
+        )
     except (OSError, ValueError) as exc:
-        what = "StableDiffusionXLPipeline" if xl else "StableDiffusionPipeline"
-        raise EvalInputError(f"model: cannot load a {what} from {path!r}: {exc}") from exc
+        raise EvalInputError(f"model: cannot load a {family.pipeline_class} from {path!r}: {exc}") from exc
     if adapter is not None:
         pipe.load_lora_weights(str(adapter), weight_name=WEIGHT_NAME)
     if model.text_encoder is not None:

@@ -1,6 +1,6 @@
 """Grounding mIoU: how well a phrase's cross-attention map segments the phrase's object.
 
-Per phrase p (DESIGN §8, TokenCompose Table 4 with DAAM's protocol):
+Per phrase p (docs/DESIGN.md §8, TokenCompose Table 4 with DAAM's protocol):
 
 1. Each layer's map is averaged over heads — a layer is given as (P, h, w) (already head-averaged)
    or (H, P, h, w) — and upsampled to the mask size (H_img, W_img) (bilinear, ``align_corners=False``,

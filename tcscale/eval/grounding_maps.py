@@ -71,20 +71,16 @@ def phrase_layer_maps(maps: dict[str, torch.Tensor], token_phrase: torch.Tensor,
 
 
 @torch.no_grad()
-def text_conditioning(text, batch: dict, *, dtype: torch.dtype, device: torch.device | str):
-    """The U-Net's text inputs of a batch (a `tcscale.models.conditioning.Conditioning`). `text`: a text encoder
-    (SD1.x / SD2.x), or what holds the frozen text side — tcscale's `SDComponents` or a diffusers pipeline, SDXL's
-    two towers and micro-conditioning included."""
+def text_conditioning(text, batch: dict, *, family: str, dtype: torch.dtype, device: torch.device | str):
+    """The U-Net's text inputs of a batch (a `tcscale.models.conditioning.Conditioning`), encoded by `family`
+    (tcscale.families). `text`: what holds the frozen text side — tcscale's `SDComponents` or a diffusers pipeline
+    (SDXL's two towers included) — or, for a one-tower family, the text encoder itself."""
     from types import SimpleNamespace
 
     from tcscale.models.conditioning import batch_conditioning
 
-    holder = text if hasattr(text, "text_encoder") else SimpleNamespace(text_encoder=text)
-    towers = SimpleNamespace(
-        text_encoder=holder.text_encoder, tokenizer=getattr(holder, "tokenizer", None),
-        text_encoder_2=getattr(holder, "text_encoder_2", None), tokenizer_2=getattr(holder, "tokenizer_2", None),
-    )  # fmt: skip
-    return batch_conditioning(towers, batch, dtype=dtype, device=device)
+    towers = text if hasattr(text, "text_encoder") else SimpleNamespace(text_encoder=text)
+    return batch_conditioning(towers, batch, dtype=dtype, device=device, family=family)
 
 
 def grounding_records(
@@ -96,13 +92,14 @@ def grounding_records(
     batches: Iterable[dict],
     *,
     timesteps: list[int],
+    family: str,
     threshold: float = 0.4,
     seed: int = 0,
     device: torch.device | str = "cpu",
 ) -> list[dict]:
     """One record per (sample, phrase, timestep): {"key", "phrase", "timestep", "iou", "layers": {layer: iou}}.
     `batches` are the loader's batches with full-resolution `phrase_masks` (full_masks=True); `text` the text
-    side (`text_conditioning`: a text encoder, or the components / pipeline, SDXL included)."""
+    side (`text_conditioning`: the components / pipeline, or a text encoder) encoded by `family`."""
     observe(unet, plan)
     was_training = unet.training
     unet.eval()
@@ -112,7 +109,7 @@ def grounding_records(
         for batch in batches:
             pixels = batch["pixel_values"].to(device, vae.dtype)
             latents = vae.encode(pixels).latent_dist.mode().float() * vae.config.scaling_factor
-            cond = text_conditioning(text, batch, dtype=dtype, device=device)
+            cond = text_conditioning(text, batch, family=family, dtype=dtype, device=device)
             token_phrase = batch["token_phrase"].to(device)
             masks = batch["phrase_masks"]
             hw = tuple(latents.shape[-2:])

@@ -1,6 +1,6 @@
 """MultiGen (TokenCompose, Wang et al. CVPR 2024): multi-category instance composition scores.
 
-Scoring is a pure function of stored detections (DESIGN §4, the official ``gen_multigen_scores.py``):
+Scoring is a pure function of stored detections (docs/DESIGN.md §4, the official ``gen_multigen_scores.py``):
 
 * a prompt category is *present* in an image when some detection with that label has
   score > ``threshold`` (strict; default 0.1);
@@ -18,7 +18,7 @@ also counts empty slots up to ``img_per_prompt`` as 0 %). The count uses every c
 
 Prompt files: ``coco_obj_comp_5_1k.json`` / ``ade20k_obj_comp_5_1k.json``, lists of
 ``{unique_id, num_objects, obj_1_attributes: [name], ..., text}``; detector queries are
-"a photo of a {obj}" (DESIGN §8, the official ``gen_json_dist.py``; its article is always "a").
+"a photo of a {obj}" (docs/DESIGN.md §8, the official ``gen_json_dist.py``; its article is always "a").
 """
 
 from __future__ import annotations

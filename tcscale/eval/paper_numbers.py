@@ -1,4 +1,4 @@
-"""Reference numbers from the papers (DESIGN §8), keyed by the MLflow metric names of results.json.
+"""Reference numbers from the papers (docs/DESIGN.md §8), keyed by the MLflow metric names of results.json.
 
 These are the *papers'* numbers, printed by ``python -m tcscale.eval.compare`` in rows labelled
 "paper: ...", never mixed with measured ones. Sources:

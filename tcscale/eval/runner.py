@@ -458,12 +458,14 @@ class Evaluation:
     def run_grounding(self) -> None:
         from tcscale.attention.plan import GroundingPlan, vae_scale_factor
         from tcscale.eval.grounding_maps import grounding_batches, grounding_records, summarize_grounding
+        from tcscale.families import family_of_pipeline
 
         g, ctx, pipe = self.cfg.grounding, self.ctx, self.pipe
+        family = family_of_pipeline(pipe)
         resolution = g.resolution or self.cfg.sampler.resolution or native_resolution(pipe)
         plan = GroundingPlan.build(
             pipe.unet, blocks=list(g.blocks), resolutions=g.resolutions, image_resolution=resolution,
-            scale_factor=vae_scale_factor(pipe.vae),
+            scale_factor=vae_scale_factor(pipe.vae), layout=family.layout,
         )  # fmt: skip
         root = self.out / "grounding"
         if self.generates:
@@ -478,7 +480,7 @@ class Evaluation:
             )  # fmt: skip
             records = grounding_records(
                 pipe.unet, pipe.vae, pipe, pipe.scheduler, plan, batches, timesteps=list(g.timesteps),
-                threshold=g.threshold, seed=self.cfg.seed, device=ctx.device,
+                threshold=g.threshold, seed=self.cfg.seed, device=ctx.device, family=family.name,
             )  # fmt: skip
             root.mkdir(parents=True, exist_ok=True)
             write_json_atomic(root / f"records-rank{ctx.rank}.json", records)
@@ -617,11 +619,6 @@ class Evaluation:
 def write_json_atomic_mkdir(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, data)
-
-
-def run_evaluation(cfg: EvalConfig, ctx: EvalContext) -> dict | None:
-    """Collective: every rank calls it. Rank 0 returns the results dict (also in results.json)."""
-    return Evaluation(cfg, ctx).run()
 
 
 def run_share(cfg: EvalConfig, rank: int, world_size: int, device: torch.device, progress: bool = False) -> None:

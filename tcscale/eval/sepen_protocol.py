@@ -1,4 +1,4 @@
-"""The Separate-and-Enhance evaluation protocol (Bao et al., SIGGRAPH 2024; DESIGN §8).
+"""The Separate-and-Enhance evaluation protocol (Bao et al., SIGGRAPH 2024; docs/DESIGN.md §8).
 
 * **Success rate.** An image succeeds when *every* object of its prompt is detected with
   score > 0.7 ("individual": one model per concept pair) or > 0.3 ("large_scale"). The paper's

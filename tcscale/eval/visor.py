@@ -10,7 +10,7 @@ Sources read (microsoft/VISOR): ``create_spatial_phrases.py`` (the SR2D prompt s
   then the two "A and B" prompts; the 80 single-object prompts at the end; ``unique_id`` counts
   through that order (31,680 prompts). The article comes from ``inflect`` ("an" before a vowel
   sound); for the COCO-80 names that is "an" exactly before a written vowel, which is the rule here.
-  DESIGN §8 uses the relation prompts only (25,280); ``visor_prompts`` keeps the official ids.
+  docs/DESIGN.md §8 uses the relation prompts only (25,280); ``visor_prompts`` keeps the official ids.
 * **Detection.** OWL-ViT base-patch32, queries "a photo of a {obj}", detections with score > 0.1.
 * **Per image.** An object is detected when any detection carries its label. The spatial check
   (``sra``) holds when *at least one* pair (box of A, box of B) has box centres in the relation
@@ -59,7 +59,7 @@ def visor_prompts(
     """The SR2D prompts with the official ``unique_id`` numbering.
 
     Returns ``[{"prompt_id", "prompt", "objects": [A, B], "relation"}]``; by default only the spatial
-    prompts (DESIGN §8). ``include_and`` adds the "A and B" prompts (relation "and"),
+    prompts (docs/DESIGN.md §8). ``include_and`` adds the "A and B" prompts (relation "and"),
     ``include_single`` the single-object ones (relation "single", objects [A]). Ids are the official
     ones whatever is included (they count every kind), so they index ``text_spatial_rel_phrases.json``.
     """

@@ -1,4 +1,4 @@
-"""InfoNCE between paired text and image embeddings (DESIGN §4; the contrastive text-encoder stage).
+"""InfoNCE between paired text and image embeddings (docs/DESIGN.md §4; the contrastive text-encoder stage).
 
 N pairs (t_i, v_i). Rows are L2-normalised, t̂_i = t_i / ‖t_i‖, v̂_j = v_j / ‖v_j‖, and
 

@@ -1,4 +1,4 @@
-"""TokenCompose grounding losses on cross-attention probabilities: the PyTorch reference (DESIGN §3, §4).
+"""TokenCompose grounding losses on cross-attention probabilities: the PyTorch reference (docs/DESIGN.md §3, §4).
 
 Notation per layer: B samples, H heads, Lq latent positions, Lk text tokens, P phrase slots.
 A sample's phrases are the phrase indices that occur in its ``token_phrase`` row; padded phrase

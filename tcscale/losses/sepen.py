@@ -1,10 +1,10 @@
-"""Separate-and-Enhance losses on cross-attention object maps (Bao et al., SIGGRAPH 2024; DESIGN §3).
+"""Separate-and-Enhance losses on cross-attention object maps (Bao et al., SIGGRAPH 2024; docs/DESIGN.md §3).
 
 Notation: B samples, K object slots, h×w the SepEn resolution (16×16 for SD1.4 at 512 px, Lq = h·w),
 Lk text tokens (77, SOT at position 0). Token positions index the tokenizer's ``input_ids`` directly,
 SOT included, so position i is column i of the attention probabilities (the official code is off by one).
 
-* ``object_maps``   (DESIGN §3): Ā = mean over the given layers and their heads of the per-head
+* ``object_maps``   (docs/DESIGN.md §3): Ā = mean over the given layers and their heads of the per-head
   probabilities (all Lk tokens, no SOT exclusion, no re-softmax); object k's map A_k = mean of Ā[:, i]
   over its tokens i ∈ T_k.
 * ``separate_loss`` paper Eq. 2: L_sep = max_u ( Π_k A_k[u] / Σ_k A_k[u] ), per sample, mean over the batch.
@@ -80,7 +80,7 @@ def object_maps(
     *,
     size: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-object attention maps averaged over layers and heads: the A_k of paper Eq. 2 and 3 (DESIGN §3).
+    """Per-object attention maps averaged over layers and heads: the A_k of paper Eq. 2 and 3 (docs/DESIGN.md §3).
 
     Args:
         attn_maps: list of (B, H_m, Lq, Lk) per-head attention probabilities, one per cross-attention layer

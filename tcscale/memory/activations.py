@@ -23,8 +23,15 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+_ORIGINAL_SDPA = F.scaled_dot_product_attention
+
 
 def _flash_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    if not torch.is_grad_enabled():  # nothing is saved (e.g. the frozen text towers, with their causal masks)
+        return _ORIGINAL_SDPA(
+            query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+            enable_gqa=enable_gqa,
+        )  # fmt: skip
     if attn_mask is not None or enable_gqa:
         raise ValueError("memory planning models SDPA without attention masks (the SD U-Nets use none)")
     # the CPU flash-attention op has meta kernels and the autograd formula of the GPU kernels (saves out + LSE)
@@ -37,12 +44,11 @@ def _flash_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fals
 @contextlib.contextmanager
 def flash_sdpa() -> Iterator[None]:
     """``F.scaled_dot_product_attention`` saves what a flash / memory-efficient GPU kernel saves, on any device."""
-    original = F.scaled_dot_product_attention
     F.scaled_dot_product_attention = _flash_sdpa
     try:
         yield
     finally:
-        F.scaled_dot_product_attention = original
+        F.scaled_dot_product_attention = _ORIGINAL_SDPA
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """The official-style replica provider: how the official TokenCompose training computes attention, for memory
-planning and throughput comparison (written from the description in DESIGN §7, not from the official code).
+planning and throughput comparison (written from the description in docs/DESIGN.md §7, not from the official code).
 
 * every attention layer, self-attention included, computes ``softmax(Q Kᵀ · scale) V`` with explicit probabilities
   (`ExplicitAttnProcessor`): autograd keeps each layer's B x H x Lq x Lk probabilities;
@@ -19,6 +19,7 @@ from tcscale.attention.plan import GroundingPlan, layer_size
 from tcscale.attention.processors import GroundingAttnProcessor
 from tcscale.attention.recorders import GroupedLossRecorder, LayerProbs, Recorder
 from tcscale.attention.reference import attention_probs
+from tcscale.objectives.tokencompose import TokenComposeObjective
 
 OFFICIAL_OVERRIDES: tuple[str, ...] = (
     "objective.name=tokencompose",
@@ -98,3 +99,21 @@ def install_official_processors(unet: torch.nn.Module, plan: GroundingPlan) -> N
             mod.set_processor(
                 GroundingAttnProcessor(name, "reference") if name in plan.layers else ExplicitAttnProcessor()
             )
+
+
+class OfficialTokenComposeObjective(TokenComposeObjective):
+    """TokenCompose trained the official way (see the module docstring): explicit probabilities in every attention
+    layer, and every grounded layer's maps kept until the losses are read (`KeptMapsRecorder`, the pixel loss per
+    (place, resolution) group)."""
+
+    def install_attention(self, ctx) -> None:
+        super().install_attention(ctx)  # the plan, from the run's attention section
+        install_official_processors(self.module, self.plan)
+
+    def recorder(self, latent_size: tuple[int, int], batch: dict) -> KeptMapsRecorder:
+        layer_masks = {k: v.to(self.phrase_device) for k, v in (batch.get("layer_masks") or {}).items()}
+        return KeptMapsRecorder(
+            latent_size, batch["token_phrase"].to(self.phrase_device), groups=self.plan.groups(),
+            pixel_loss_reduction="per_resolution", layer_masks=layer_masks, mask_rule=self.plan.mask_rule,
+            token_loss_heads=self.tc.token_loss_heads,
+        )  # fmt: skip

@@ -25,7 +25,7 @@ planned, not run).
 
 from __future__ import annotations
 
-import json
+import copy
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -33,18 +33,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from tcscale.config import TrainConfig, expected_vae_factor
+from tcscale.config import TrainConfig
 from tcscale.memory.activations import ModuleLabels, SavedTensorCounter, flash_sdpa
 from tcscale.memory.static import StaticBytes, zero_static_bytes
+from tcscale.models.sd import SDComponents
+from tcscale.train.precision import compute_dtype
 
 GiB = 2**30
 MiB = 2**20
 DEFAULT_WORKSPACE = int(1.5 * GiB)
-DEFAULT_PHRASES = 4  # phrases per sample of the planned batch (DESIGN §7 measures with 4)
+DEFAULT_PHRASES = 4  # phrases per sample of the planned batch (docs/DESIGN.md §7 measures with 4)
 PROVIDERS = ("tcscale", "official")
-SUPPORTED_OBJECTIVES = ("ldm", "tokencompose", "sepen")
 
 
 class PlanError(ValueError):
@@ -53,122 +53,109 @@ class PlanError(ValueError):
 
 # -- the architecture ------------------------------------------------------------------------------------------------
 def architecture_name(cfg: TrainConfig) -> str:
-    """ "tiny" (model.pretrained null), "local" (a directory with unet/config.json), or a released SD architecture
-    recognised from the hub id (sd14 for SD1.x, sd21 for SD2.x, sdxl for SDXL)."""
+    """ "tiny" (model.pretrained null), "local" (a directory with unet/config.json), or the released architecture a
+    hub id names, as the family of `model.family` knows it (sd14 / sd21 for SD1.x / SD2.x, sdxl for SDXL)."""
+    from tcscale.families import family_of
+
     ref = cfg.model.pretrained
     if ref is None:
         return "tiny"
     if (Path(ref).expanduser() / "unet" / "config.json").is_file():
         return "local"
-    low = ref.lower()
-    if "stable-diffusion-v1" in low or "stable-diffusion-1" in low:
-        return "sd14"
-    if "stable-diffusion-2" in low:
-        return "sd21"
-    if "stable-diffusion-xl" in low or "sdxl" in low:
-        return "sdxl"
-    raise PlanError(
-        f"model.pretrained={ref!r}: unknown U-Net architecture (known: SD1.x, SD2.x and SDXL hub ids, a local "
-        "pipeline directory, or null for the tiny models); pass --arch sd14|sd21|sdxl|tiny"
-    )
+    family = family_of(cfg.model)
+    arch = family.released_architecture(ref)
+    if arch is None:
+        known = ", ".join(sorted(family.hub_names))
+        raise PlanError(
+            f"model.pretrained={ref!r}: not a released model.family={family.name} architecture the planner knows "
+            f"({known}), nor a local pipeline directory; pass --arch"
+        )
+    return arch
 
 
 @dataclass
 class Models:
-    """The meta-device (or real) U-Net and the frozen components' parameter counts."""
+    """The run's components on the planning device (meta: shapes only) and the frozen ones' parameter counts."""
 
-    unet: torch.nn.Module
-    latent_channels: int
-    cross_attention_dim: int
+    comps: SDComponents
     frozen_fp32: int  # parameters kept in fp32 on the device (the VAE)
-    frozen_compute: int  # parameters kept in the compute dtype (the text encoder)
+    frozen_compute: int  # parameters kept in the compute dtype (the text towers)
+
+    @property
+    def unet(self) -> torch.nn.Module:
+        return self.comps.unet
 
 
-def _numel(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
+def _numel(module: torch.nn.Module | None) -> int:
+    return sum(p.numel() for p in module.parameters()) if module is not None else 0
 
 
 def build_models(cfg: TrainConfig, arch: str, device: str | torch.device = "meta") -> Models:
-    """The configured U-Net on `device` ("meta": shapes only; real devices: random weights, seed model.tiny.seed)."""
+    """The configured components on `device` ("meta": shapes only; real devices: random weights, seed
+    model.tiny.seed), built by the family of `model.family`."""
+    from tcscale.families import family_of
     from tcscale.models import architectures as archs
+    from tcscale.models.tokenizer import sd_clip_tokenizer
 
+    family = family_of(cfg.model)
     res = cfg.data.resolution
-    frozen_text_2 = 0  # SDXL's second text tower
     if arch == "tiny":
-        tiny = cfg.model.tiny
-        sdxl = getattr(cfg.model, "family", "sd") == "sdxl"
-        with torch.random.fork_rng(devices=[]), torch.device(device):
-            torch.manual_seed(tiny.seed)
-            vae = archs.tiny_vae(tiny, res)
-            latent_channels = vae.config.latent_channels
-            build_unet = archs.tiny_sdxl_unet if sdxl else archs.tiny_unet
-            unet = build_unet(tiny, res // expected_vae_factor(cfg.model), latent_channels)
-            text = archs.tiny_text_encoder(tiny, 49408)
-            if sdxl:
-                frozen_text_2 = _numel(archs.tiny_text_encoder_2(tiny, 49408))
-    elif arch == "local":
-        from diffusers import UNet2DConditionModel
-
-        base = Path(cfg.model.pretrained).expanduser()
         with torch.device(device):
-            unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(str(base / "unet")))
-        latent_channels = unet.config.in_channels
-        vae, text = None, None
+            comps = family.build_tiny(cfg.model.tiny, res)
+    elif arch == "local":
+        comps = family.build_from_configs(Path(cfg.model.pretrained).expanduser(), device)
     else:
-        comps = archs.build_random_components(arch, res, device=device, seed=cfg.model.tiny.seed)
-        unet, vae, text = comps.unet, comps.vae, comps.text_encoder
-        frozen_text_2 = _numel(comps.text_encoder_2) if comps.text_encoder_2 is not None else 0
-        latent_channels = 4
+        if archs.architecture(arch).family != family.name:
+            raise PlanError(f"--arch {arch} is a {archs.architecture(arch).family} model, model.family={family.name}")
+        comps = archs.build_random_components(
+            arch, res, device=device, seed=cfg.model.tiny.seed, tokenizer=sd_clip_tokenizer()
+        )  # fmt: skip
     return Models(
-        unet=unet,
-        latent_channels=latent_channels,
-        cross_attention_dim=unet.config.cross_attention_dim,
-        frozen_fp32=_numel(vae) if vae is not None else 0,
-        frozen_compute=(_numel(text) if text is not None else 0) + frozen_text_2,
+        comps=comps,
+        frozen_fp32=_numel(comps.vae),
+        frozen_compute=_numel(comps.text_encoder) + _numel(comps.text_encoder_2),
     )
 
 
 # -- one micro-step --------------------------------------------------------------------------------------------------
-def compute_dtype(cfg: TrainConfig) -> torch.dtype:
-    ds = cfg.deepspeed
-    if ds.get("bf16", {}).get("enabled"):
-        return torch.bfloat16
-    if ds.get("fp16", {}).get("enabled"):
-        return torch.float16
-    return torch.float32
-
-
-def _token_phrase(B: int, phrases: int) -> torch.Tensor:
-    """(B, 77) int64: tokens 1+2p and 2+2p belong to phrase p (two BPE tokens per phrase), the rest -1."""
-    tp = torch.full((B, 77), -1, dtype=torch.int64)
-    for p in range(phrases):
-        tp[:, 1 + 2 * p : 3 + 2 * p] = p
-    return tp
-
-
 class StepRunner:
-    """One micro-step of the configured objective on a U-Net whose processors it installs (meta or real tensors)."""
+    """One micro-step of the configured objective as the trainer runs it: the registered objective built on the
+    planning device's components, its `synthetic_batch(B)` and its own step (official provider: the official-style
+    replica of TokenCompose, `tcscale.memory.official`)."""
 
     def __init__(self, cfg: TrainConfig, models: Models, provider: str = "tcscale", phrases: int = DEFAULT_PHRASES):
+        from tcscale.objectives import OBJECTIVES, BuildContext
+
         if provider not in PROVIDERS:
             raise PlanError(f"provider {provider!r} is not one of {list(PROVIDERS)}")
-        name = cfg.objective.name
-        if name not in SUPPORTED_OBJECTIVES:
-            raise PlanError(f"objective.name={name}: the memory planner models {list(SUPPORTED_OBJECTIVES)}")
-        if provider == "official" and name != "tokencompose":
-            raise PlanError("provider official replicates TokenCompose training: objective.name must be tokencompose")
+        spec = OBJECTIVES[cfg.objective.name]
+        build = spec.build
+        if provider == "official":
+            if spec.name != "tokencompose":
+                raise PlanError(
+                    "provider official replicates TokenCompose training: objective.name must be tokencompose"
+                )
+            from tcscale.memory.official import OfficialTokenComposeObjective as build
+        # xformers is planned as SDPA: both keep q, k, v, out and the row LSE (and xformers needs a GPU to build)
+        cfg = copy.deepcopy(cfg)
+        cfg.attention.ungrounded = "sdpa"
         self.cfg, self.models, self.provider, self.phrases = cfg, models, provider, phrases
-        self.unet = unet = models.unet
-        self.dtype = compute_dtype(cfg)
-        self.factor = expected_vae_factor(cfg.model)
-        self.side = cfg.data.resolution // self.factor
-        self.plan = None
-        self.held: list[torch.Tensor] = []  # tensors the last loss() kept alive outside autograd (see count)
-        self._install()
+        self.dtype = compute_dtype(cfg.deepspeed)
+        comps = models.comps
+        device = next(comps.unet.parameters()).device
+        ctx = BuildContext(cfg, comps, self.dtype, device, micro_batch_size=1)
+        self.objective = build(getattr(cfg.objective, spec.name), ctx)
+        try:
+            self.objective.synthetic_batch(1, phrases=phrases)
+        except NotImplementedError as exc:
+            raise PlanError(f"objective.name={spec.name}: {exc}") from None
         if cfg.model.lora is not None:  # adapters replace the objective's trainable set, as in the trainer
-            from tcscale.models.lora import add_lora, lora_target_modules
+            from tcscale.models.lora import apply_lora
 
-            add_lora(unet, cfg.model.lora, lora_target_modules(cfg), seed=cfg.seed)
+            apply_lora(self.objective, cfg)
+        self.unet = unet = self.objective.module
+        self.plan = self.objective.plan
+        self.held: list[torch.Tensor] = []  # tensors the last loss() kept alive outside autograd (see count)
         unet.to(self.dtype)
         unet.train()
         if cfg.model.gradient_checkpointing:
@@ -180,116 +167,14 @@ class StepRunner:
             self.segments[id(fn)] = fn
         return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False, **kwargs)
 
-    def _install(self) -> None:
-        from tcscale.attention.plan import GroundingPlan
-        from tcscale.attention.processors import install_grounding_processors, set_ungrounded_attention
-
-        cfg, unet = self.cfg, self.unet
-        name = cfg.objective.name
-        if name == "ldm":
-            set_ungrounded_attention(unet, "sdpa")  # xformers is modelled as SDPA (both keep q, k, v, out, LSE)
-            return
-        if name == "sepen":
-            sep = cfg.objective.sepen
-            self.plan = GroundingPlan.build(
-                unet, blocks=["down", "mid", "up"], resolutions=[sep.map_resolution],
-                image_resolution=cfg.data.resolution, scale_factor=self.factor,
-            )  # fmt: skip
-            for pname, p in unet.named_parameters():
-                p.requires_grad_(pname.endswith(("attn2.to_k.weight", "attn2.to_k.bias")))
-            install_grounding_processors(unet, self.plan, "reference", "sdpa")
-            return
-        from tcscale.objectives.tokencompose import resolve_tokencompose
-
-        self.tc = resolve_tokencompose(cfg.objective.tokencompose)
-        self.plan = GroundingPlan.from_config(
-            unet, cfg.attention, cfg.data.resolution, self.factor, mask_full_res=self.tc.mask_full_res
-        )
-        if self.provider == "official":
-            from tcscale.memory.official import install_official_processors
-
-            install_official_processors(unet, self.plan)
-            return
-        # installed as reference, then switched: the install-time check asks for a GPU or the Triton interpreter,
-        # which the fused kernel does not need on meta tensors (it allocates, and plans its launches without running)
-        install_grounding_processors(unet, self.plan, "reference", "sdpa")
-        if cfg.attention.backend == "fused":
-            for mod in unet.modules():
-                if hasattr(mod, "processor") and hasattr(mod.processor, "backend"):
-                    mod.processor.backend = "fused"
-
-    def _recorder(self, B: int):
-        from tcscale.attention.recorders import GroupedLossRecorder, LossRecorder
-
-        masks = {
-            size: torch.bernoulli(torch.full((B, self.phrases, size[0] * size[1]), 0.5))
-            for size in self.plan.layer_sizes
-        }
-        kwargs = dict(layer_masks=masks, mask_rule=self.plan.mask_rule, token_loss_heads=self.tc.token_loss_heads)
-        tp = _token_phrase(B, self.phrases)
-        if self.provider == "official":
-            from tcscale.memory.official import KeptMapsRecorder
-
-            groups = self.plan.groups()
-            return KeptMapsRecorder(
-                (self.side, self.side), tp, groups=groups, pixel_loss_reduction="per_resolution", **kwargs
-            )
-        if self.tc.pixel_loss_reduction == "per_resolution":
-            reduction = "per_resolution" if self.provider == "official" else self.tc.pixel_loss_reduction
-            return GroupedLossRecorder(
-                (self.side, self.side), tp, groups=self.plan.groups(), pixel_loss_reduction=reduction, **kwargs
-            )
-        return LossRecorder((self.side, self.side), tp, **kwargs)
-
-    def inputs(self, B: int, device: torch.device):
-        g = torch.Generator().manual_seed(0)
-        shape = (B, self.models.latent_channels, self.side, self.side)
-        noisy = torch.randn(shape, generator=g).to(device, self.dtype)
-        timesteps = torch.randint(0, 1000, (B,), generator=g).to(device)
-        text = torch.randn((B, 77, self.models.cross_attention_dim), generator=g).to(device, self.dtype)
-        target = torch.randn(shape, generator=g).to(device)
-        return noisy, timesteps, text, target
-
-    def added_cond(self, B: int, device: torch.device) -> dict[str, Any]:
-        """SDXL's `added_cond_kwargs` (pooled text embedding, the six size/crop time ids); {} for SD1.x/2.x."""
-        c = self.unet.config
-        if c.addition_embed_type != "text_time":
-            return {}
-        pooled = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
-        return {"added_cond_kwargs": {
-            "text_embeds": torch.zeros((B, pooled), device=device, dtype=self.dtype),
-            "time_ids": torch.zeros((B, 6), device=device, dtype=self.dtype),
-        }}  # fmt: skip
-
-    def loss(self, B: int, device: torch.device) -> torch.Tensor:
-        """The micro-step's loss (forward and loss; the caller runs backward)."""
-        noisy, timesteps, text, target = self.inputs(B, device)
-        extra = self.added_cond(B, device)
-        name = self.cfg.objective.name
-        if name == "ldm":
-            return F.mse_loss(self.unet(noisy, timesteps, text, **extra).sample.float(), target)
-        if name == "sepen":
-            from tcscale.attention.recorders import ProbsRecorder
-            from tcscale.losses.sepen import sepen_losses
-
-            sep = self.cfg.objective.sepen
-            with ProbsRecorder((self.side, self.side)) as rec:
-                self.unet(noisy, timesteps, text, cross_attention_kwargs=rec.kwargs, **extra)
-            objects = [[[1 + k] for k in range(sep.objects_per_prompt)] for _ in range(B)]
-            losses = sepen_losses([r.probs for r in rec.records], objects, sigma=sep.gaussian_sigma, kernel=sep.kernel)
-            loss = sep.lambda_sep * losses["sep"] + sep.lambda_en * losses["en"]
-            if sep.lambda_norm > 0:  # L_norm's second forward (its frozen reference runs without a graph)
-                loss = loss + sep.lambda_norm * F.mse_loss(
-                    self.unet(noisy, timesteps, text, **extra).sample.float(), target
-                )
-            return loss
-        with self._recorder(B) as rec:
-            pred = self.unet(noisy, timesteps, text, cross_attention_kwargs=rec.kwargs, **extra).sample
-        # maps a grouped recorder keeps until its losses are read: alive with the saved tensors at the forward's end
-        # (saved for backward anyway without checkpointing; with it, only held)
-        self.held = [lp.probs for lp in getattr(rec, "layer_probs", ())]
-        ldm = F.mse_loss(pred.float(), target)
-        return ldm + self.tc.token_loss_weight * rec.total("token") + self.tc.pixel_loss_weight * rec.total("pixel")
+    def loss(self, B: int, device: torch.device | None = None) -> torch.Tensor:
+        """The micro-step's loss on B synthetic samples (forward and loss; the caller runs backward)."""
+        batch = self.objective.synthetic_batch(B, phrases=self.phrases)
+        out = self.objective(self.unet, batch, torch.Generator().manual_seed(0))
+        # e.g. the maps a grouped recorder keeps until its losses are read: alive with the saved tensors at the
+        # forward's end (saved for backward anyway without checkpointing; with it, only held)
+        self.held = list(out.held)
+        return out.loss
 
     def count(self, B: int, device: str | torch.device = "meta", labels=None) -> SavedTensorCounter:
         """Forward + backward of one micro-step of B samples; the saved-tensor count of its forward."""
@@ -412,8 +297,8 @@ def plan_memory(
     static: StaticBytes = zero_static_bytes(trainable, frozen_unet, dtype=dtype, stage=stage, world_size=world_size)
     item = torch.empty((), dtype=dtype).element_size()
     frozen_bytes = 4 * models.frozen_fp32 + item * models.frozen_compute
-    if cfg.objective.name == "sepen" and cfg.objective.sepen.lambda_norm > 0:
-        frozen_bytes += item * (trainable + frozen_unet)  # L_norm's frozen U-Net copy
+    for module in runner.objective.extra_modules():  # e.g. SepEn's frozen U-Net copy for L_norm
+        frozen_bytes += sum(p.numel() * p.element_size() for p in module.parameters())
     plan = MemoryPlan(
         arch=arch,
         provider=provider,
@@ -442,8 +327,3 @@ def plan_memory(
         plan.fits[label] = plan.max_micro_batch(nbytes)
     plan.seconds = round(time.perf_counter() - t0, 2)
     return plan
-
-
-def write_json(plans: list[MemoryPlan], path: str | Path, meta: dict[str, Any] | None = None) -> None:
-    data = {"meta": meta or {}, "plans": [p.as_dict() for p in plans]}
-    Path(path).write_text(json.dumps(data, indent=1) + "\n")

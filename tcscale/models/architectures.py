@@ -22,76 +22,11 @@ from dataclasses import dataclass
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+from transformers import CLIPTextConfig, CLIPTextModel
 
-from tcscale.config import TinyModelConfig
+from tcscale.models.config import TinyModelConfig
 from tcscale.models.sd import SDComponents
-from tcscale.models.tokenizer import sd_clip_tokenizer, sdxl_second_tokenizer
-
-SDXL_TIME_IDS = 6  # original (h, w), crop top-left (y, x), target (h, w)
-
-
-def tiny_unet(cfg: TinyModelConfig, latent_size: int, latent_channels: int = 4) -> UNet2DConditionModel:
-    n = len(cfg.block_out_channels)
-    return UNet2DConditionModel(
-        sample_size=latent_size,
-        in_channels=latent_channels,
-        out_channels=latent_channels,
-        block_out_channels=tuple(cfg.block_out_channels),
-        layers_per_block=cfg.layers_per_block,
-        down_block_types=("CrossAttnDownBlock2D",) * n,
-        up_block_types=("CrossAttnUpBlock2D",) * n,
-        cross_attention_dim=cfg.cross_attention_dim,
-        attention_head_dim=cfg.attention_head_dim,
-        norm_num_groups=cfg.norm_num_groups or min(32, cfg.block_out_channels[0]),
-    )
-
-
-def tiny_sdxl_unet(cfg: TinyModelConfig, latent_size: int, latent_channels: int = 4) -> UNet2DConditionModel:
-    """SDXL's U-Net layout at tiny widths: the first block without attention, linear projections, text_time."""
-    n = len(cfg.block_out_channels)
-    if n < 2:
-        raise ValueError("model.tiny.block_out_channels: SDXL's layout needs >= 2 blocks (the first has no attention)")
-    layers = cfg.transformer_layers_per_block or [1] * n
-    if len(layers) != n:
-        raise ValueError(f"model.tiny.transformer_layers_per_block must have {n} entries, got {layers}")
-    return UNet2DConditionModel(
-        sample_size=latent_size,
-        in_channels=latent_channels,
-        out_channels=latent_channels,
-        block_out_channels=tuple(cfg.block_out_channels),
-        layers_per_block=cfg.layers_per_block,
-        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
-        up_block_types=("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",),
-        transformer_layers_per_block=tuple(layers),
-        cross_attention_dim=cfg.cross_attention_dim + cfg.text_encoder_2_hidden,
-        attention_head_dim=cfg.attention_head_dim,
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=cfg.addition_time_embed_dim,
-        projection_class_embeddings_input_dim=cfg.text_encoder_2_hidden + SDXL_TIME_IDS * cfg.addition_time_embed_dim,
-        norm_num_groups=cfg.norm_num_groups or min(32, cfg.block_out_channels[0]),
-    )
-
-
-def tiny_text_encoder_2(cfg: TinyModelConfig, vocab_size: int) -> CLIPTextModelWithProjection:
-    """The second (OpenCLIP-bigG-shaped) tower of a tiny SDXL: with projection; special ids as SDXL's config."""
-    width = cfg.text_encoder_2_hidden
-    return CLIPTextModelWithProjection(
-        CLIPTextConfig(
-            vocab_size=vocab_size,
-            hidden_size=width,
-            intermediate_size=2 * width,
-            num_hidden_layers=cfg.text_layers,
-            num_attention_heads=cfg.text_heads,
-            max_position_embeddings=77,
-            hidden_act="gelu",
-            projection_dim=width,
-            bos_token_id=0,
-            eos_token_id=2,  # SDXL's text_encoder_2 config: the legacy ids (pooled output at the argmax = EOS)
-            pad_token_id=1,
-        )
-    )
+from tcscale.models.tokenizer import sd_clip_tokenizer
 
 
 def tiny_vae(cfg: TinyModelConfig, resolution: int):
@@ -146,24 +81,32 @@ def sd_noise_scheduler(prediction_type: str) -> DDPMScheduler:
     )
 
 
-def build_tiny_components(cfg: TinyModelConfig, resolution: int, family: str = "sd") -> SDComponents:
-    """Tiny random-init SD (or, family="sdxl", SDXL-shaped) components, seeded by cfg.seed, with the real CLIP
-    tokenizer (SDXL: and its "!"-padding twin as tokenizer_2)."""
+def tiny_components(cfg: TinyModelConfig, resolution: int, build_unet, family: str, build_text_encoder_2=None):
+    """Tiny random-init components with the real CLIP tokenizer, seeded by cfg.seed: the VAE, `build_unet(cfg,
+    latent_size, latent_channels)`, the text encoder and (two-tower families) `build_text_encoder_2(cfg, vocab)`,
+    drawn in that order from one generator. The families (tcscale.families) choose the builders."""
     tokenizer = sd_clip_tokenizer()
+    text_encoder_2 = None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         vae = tiny_vae(cfg, resolution)
         factor = 2 ** (len(vae.config.block_out_channels) - 1)
         if resolution % factor:
             raise ValueError(f"resolution must be a multiple of {factor} (the latent's factor), got {resolution}")
-        build_unet = tiny_sdxl_unet if family == "sdxl" else tiny_unet
         unet = build_unet(cfg, resolution // factor, vae.config.latent_channels)
         text_encoder = tiny_text_encoder(cfg, len(tokenizer))
-        text_encoder_2 = tiny_text_encoder_2(cfg, len(tokenizer)) if family == "sdxl" else None
-    comps = SDComponents(unet, vae, text_encoder, tokenizer, sd_noise_scheduler(cfg.prediction_type))
-    if family == "sdxl":
-        comps.text_encoder_2, comps.tokenizer_2 = text_encoder_2, sdxl_second_tokenizer()
-    return comps
+        if build_text_encoder_2 is not None:
+            text_encoder_2 = build_text_encoder_2(cfg, len(tokenizer))
+    return SDComponents(
+        unet, vae, text_encoder, tokenizer, sd_noise_scheduler(cfg.prediction_type), text_encoder_2, family=family
+    )
+
+
+def build_tiny_components(cfg: TinyModelConfig, resolution: int, family: str = "sd") -> SDComponents:
+    """Tiny random-init components of `family`'s layout (`model.tiny`), seeded by cfg.seed."""
+    from tcscale.families import family_named
+
+    return family_named(family).build_tiny(cfg, resolution)
 
 
 @dataclass(frozen=True)
@@ -179,8 +122,10 @@ class SDArchitecture:
     text_act: str
     text_projection_dim: int
     prediction_type: str
-    family: str = "sd"  # "sd" (SD1.x / SD2.x) | "sdxl"
+    family: str = "sd"  # the tcscale.families name that builds it
     text_hidden: int | None = None  # first text tower's width; None -> cross_attention_dim (SD1/2: one tower)
+    vae_scaling_factor: float = 0.18215  # the VAE's latent scale (SDXL's VAE: 0.13025)
+    text_pad_token_id: int = 49407  # the text encoder config's pad id (SD2.x's OpenCLIP tower: 1)
 
 
 ARCHITECTURES = {
@@ -209,6 +154,7 @@ ARCHITECTURES = {
         text_act="gelu",
         text_projection_dim=512,
         prediction_type="v_prediction",
+        text_pad_token_id=1,
     ),
     "sdxl": SDArchitecture(
         name="sdxl",
@@ -224,13 +170,9 @@ ARCHITECTURES = {
         prediction_type="epsilon",
         family="sdxl",
         text_hidden=768,
+        vae_scaling_factor=0.13025,
     ),
 }
-# stabilityai/stable-diffusion-xl-base-1.0 text_encoder_2/config.json (OpenCLIP ViT-bigG/14 text tower)
-SDXL_TEXT_ENCODER_2 = dict(
-    vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
-    max_position_embeddings=77, hidden_act="gelu", projection_dim=1280, bos_token_id=0, eos_token_id=2, pad_token_id=1,
-)  # fmt: skip
 
 
 def architecture(name: str) -> SDArchitecture:
@@ -241,43 +183,17 @@ def architecture(name: str) -> SDArchitecture:
 
 
 # what the released SD1.x / SD2.x / SDXL U-Net configs share
-_RELEASED_UNET_COMMON = dict(
+RELEASED_UNET_COMMON = dict(
     in_channels=4, out_channels=4, flip_sin_to_cos=True, freq_shift=0, layers_per_block=2, downsample_padding=1,
     mid_block_scale_factor=1, act_fn="silu", norm_num_groups=32, norm_eps=1e-5,
 )  # fmt: skip
 
 
 def random_unet(arch: SDArchitecture, latent_size: int | None = None) -> UNet2DConditionModel:
-    if arch.family == "sdxl":
-        return random_sdxl_unet(arch, latent_size)
-    return UNet2DConditionModel(
-        sample_size=latent_size or arch.resolution // 8,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        block_out_channels=(320, 640, 1280, 1280),
-        cross_attention_dim=arch.cross_attention_dim,
-        attention_head_dim=arch.attention_head_dim,
-        use_linear_projection=arch.use_linear_projection,
-        **_RELEASED_UNET_COMMON,
-    )
+    """The released U-Net of `arch` with random weights (on the current default device)."""
+    from tcscale.families import family_named
 
-
-def random_sdxl_unet(arch: SDArchitecture, latent_size: int | None = None) -> UNet2DConditionModel:
-    """stabilityai/stable-diffusion-xl-base-1.0 unet/config.json: 2,567,463,684 parameters."""
-    return UNet2DConditionModel(
-        sample_size=latent_size or arch.resolution // 8,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=(320, 640, 1280),
-        **_RELEASED_UNET_COMMON,
-        cross_attention_dim=arch.cross_attention_dim,
-        attention_head_dim=arch.attention_head_dim,
-        transformer_layers_per_block=(1, 2, 10),
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=256,
-        projection_class_embeddings_input_dim=SDXL_TEXT_ENCODER_2["projection_dim"] + SDXL_TIME_IDS * 256,  # 2816
-    )
+    return family_named(arch.family).released_unet(arch, latent_size)
 
 
 def random_vae(resolution: int, scaling_factor: float = 0.18215) -> AutoencoderKL:
@@ -309,7 +225,7 @@ def random_text_encoder(arch: SDArchitecture) -> CLIPTextModel:
             projection_dim=arch.text_projection_dim,
             bos_token_id=49406,
             eos_token_id=49407,
-            pad_token_id=1 if arch.name == "sd21" else 49407,
+            pad_token_id=arch.text_pad_token_id,
         )
     )
 
@@ -317,20 +233,12 @@ def random_text_encoder(arch: SDArchitecture) -> CLIPTextModel:
 def build_random_components(
     name: str, resolution: int | None = None, *, device: str | torch.device = "cpu", seed: int = 0, tokenizer=None
 ) -> SDComponents:
-    """U-Net, VAE and text encoder of architecture `name` with random weights, created directly on `device`
-    (``"meta"`` builds shapes only). `tokenizer` is passed through (benchmarks feed token ids directly)."""
+    """The components of architecture `name` with random weights, created directly on `device` (``"meta"`` builds
+    shapes only), by the family that owns it. `tokenizer` is passed through (benchmarks feed token ids directly)."""
+    from tcscale.families import family_named
+
     arch = architecture(name)
     resolution = resolution or arch.resolution
     if resolution % 8:
         raise ValueError(f"resolution must be a multiple of 8, got {resolution}")
-    with torch.random.fork_rng(devices=[]), torch.device(device):
-        torch.manual_seed(seed)
-        unet = random_unet(arch, resolution // 8)
-        vae = random_vae(resolution, 0.13025 if arch.family == "sdxl" else 0.18215)  # SDXL VAE's scaling factor
-        text_encoder = random_text_encoder(arch)
-        text_encoder_2 = None
-        if arch.family == "sdxl":
-            text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_TEXT_ENCODER_2))
-    comps = SDComponents(unet, vae, text_encoder, tokenizer, sd_noise_scheduler(arch.prediction_type))
-    comps.text_encoder_2 = text_encoder_2
-    return comps
+    return family_named(arch.family).build_released(arch, resolution, device=device, seed=seed, tokenizer=tokenizer)

@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from tcscale.config import LoRAConfig, TrainConfig
+    from tcscale.config import TrainConfig
+    from tcscale.models.config import LoRAConfig
 
 ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
 ADAPTER_NAME = "default"
@@ -79,10 +80,6 @@ def apply_lora(objective, cfg: TrainConfig) -> None:
     add_lora(objective.module, cfg.model.lora, lora_target_modules(cfg), seed=cfg.seed)
 
 
-def is_lora_state(state: dict[str, torch.Tensor]) -> bool:
-    return any(".lora_A." in k for k in state)
-
-
 def adapter_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The adapter weights in diffusers' key format (what `save_lora_weights` writes)."""
     from diffusers.utils import convert_state_dict_to_diffusers
@@ -96,11 +93,11 @@ def save_lora_dir(unet: torch.nn.Module, out_dir: str | os.PathLike, *, family: 
     `tcscale_lora.json` (the base model it adapts) into `out_dir`."""
     from dataclasses import asdict
 
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from tcscale.families import family_named
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    pipeline_cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+    pipeline_cls = family_named(family).pipeline_cls()
     metadata = unet.peft_config[ADAPTER_NAME].to_dict()
     pipeline_cls.save_lora_weights(
         str(out),
@@ -119,11 +116,3 @@ def merge_lora(unet: torch.nn.Module) -> torch.nn.Module:
     unet.fuse_lora()
     unet.unload_lora()
     return unet
-
-
-def trainable_counts(unet: torch.nn.Module, lora: LoRAConfig, target_modules: list[str]) -> dict[str, int]:
-    """Parameters of `unet` (build it on the meta device for released shapes: no memory) and the trainable ones
-    with LoRA adapters on `target_modules` (the U-Net is changed in place)."""
-    total = sum(p.numel() for p in unet.parameters())
-    add_lora(unet, lora, target_modules)
-    return {"unet_params": total, "lora_params": sum(p.numel() for p in unet.parameters() if p.requires_grad)}

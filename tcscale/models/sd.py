@@ -2,10 +2,10 @@
 saving.
 
 `load_components` reads a diffusers pipeline layout (hub id or local directory) with the real `from_pretrained`
-code, or builds the tiny random-init models of `tcscale.models.architectures` when no model is named;
-`save_pipeline_dir` writes a `StableDiffusionPipeline` directory. No distributed code here: under ZeRO-3 the engine
-partitions the U-Net after loading, and the frozen VAE / text encoder are loaded plainly (no `zero.Init`), as
-DESIGN §6 asks.
+code, or builds the tiny random-init models when no model is named, both through the family of `model.family`
+(tcscale.families); `save_pipeline_dir` writes that family's pipeline directory. No distributed code here: under
+ZeRO-3 the engine partitions the U-Net after loading, and the frozen VAE / text encoder are loaded plainly (no
+`zero.Init`; docs/DESIGN.md §6).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from tcscale.config import ModelConfig
+from tcscale.models.config import ModelConfig
 
 
 class ModelLoadError(RuntimeError):
@@ -35,15 +35,16 @@ class SDComponents:
     # SDXL only: the second text tower (OpenCLIP ViT-bigG with projection) and its tokenizer (pads with "!")
     text_encoder_2: CLIPTextModelWithProjection | None = None
     tokenizer_2: CLIPTokenizer | None = None
+    family: str = "sd"  # the tcscale.families name that built them (`model.family`)
 
     @property
     def prediction_type(self) -> str:
         return self.noise_scheduler.config.prediction_type
 
     @property
-    def family(self) -> str:
-        """The model family: "sdxl" when there is a second text tower, else "sd" (SD1.x / SD2.x)."""
-        return "sdxl" if self.text_encoder_2 is not None else "sd"
+    def text_towers(self) -> tuple[torch.nn.Module, ...]:
+        """The frozen text encoders the family loaded (one for SD, two for SDXL)."""
+        return tuple(t for t in (self.text_encoder, self.text_encoder_2) if t is not None)
 
 
 def _is_local(ref: str) -> bool:
@@ -64,55 +65,38 @@ def _local_class_name(ref: str, config_file: str) -> str | None:
         return None
 
 
-def check_family(ref: str, family: str) -> None:
-    """A local pipeline directory's class agrees with `model.family` (an SDXL dir read as SD would lose its second
-    text tower; the reverse has none to read)."""
-    name = _local_class_name(ref, "model_index.json")
-    if name is None:
-        return
-    is_xl = "XL" in name
-    if is_xl != (family == "sdxl"):
-        raise ModelLoadError(
-            f"model.pretrained={ref!r} is a {name}: set model.family={'sdxl' if is_xl else 'sd'} (got {family!r})"
-        )
-
-
 def load_components(cfg: ModelConfig, resolution: int) -> SDComponents:
-    """Load SD components from `cfg.pretrained` (hub id or local dir), or build tiny ones when it is null."""
-    if cfg.pretrained is None:
-        from tcscale.models.architectures import build_tiny_components
+    """Load the components of `model.family` from `cfg.pretrained` (hub id or local dir) with `from_pretrained`, or
+    build tiny ones when it is null."""
+    from tcscale.families import check_pipeline_family, family_of
 
-        comps = build_tiny_components(cfg.tiny, resolution, cfg.family)
+    family = family_of(cfg)
+    if cfg.pretrained is None:
+        comps = family.build_tiny(cfg.tiny, resolution)
     else:
         ref = cfg.pretrained
         if _is_local(ref) and not Path(ref).expanduser().is_dir():
             raise ModelLoadError(f"model.pretrained={ref!r}: directory not found")
-        kw = {"revision": cfg.revision}
-        parts = {}
-        loaders = {
-            "unet": (UNet2DConditionModel, {"variant": cfg.variant}),
-            "vae": (AutoencoderKL, {"variant": cfg.variant}),
-            "text_encoder": (CLIPTextModel, {"variant": cfg.variant}),
-            "tokenizer": (CLIPTokenizer, {}),
-            "noise_scheduler": (DDPMScheduler, {}),
-        }
+        try:
+            check_pipeline_family(Path(ref).expanduser() if _is_local(ref) else ref, family)
+        except ValueError as exc:
+            raise ModelLoadError(str(exc)) from None
+        loaders = family.component_classes(cfg.variant)
         if _local_class_name(ref, "vae/config.json") == "SpaceToDepthAutoencoder":  # exact latent (tiny CPU models)
             from tcscale.models.space_to_depth import SpaceToDepthAutoencoder
 
             loaders["vae"] = (SpaceToDepthAutoencoder, {})
-        if cfg.family == "sdxl":
-            loaders["text_encoder_2"] = (CLIPTextModelWithProjection, {"variant": cfg.variant})
-            loaders["tokenizer_2"] = (CLIPTokenizer, {})
-        check_family(ref, cfg.family)
+        parts = {}
         for name, (cls, extra) in loaders.items():
             subfolder = "scheduler" if name == "noise_scheduler" else name
             try:
                 parts[name] = cls.from_pretrained(
-                    str(Path(ref).expanduser()) if _is_local(ref) else ref, subfolder=subfolder, **kw, **extra
-                )
+                    str(Path(ref).expanduser()) if _is_local(ref) else ref, subfolder=subfolder, revision=cfg.revision,
+                    **extra,
+                )  # fmt: skip
             except (OSError, ValueError) as exc:
                 raise ModelLoadError(f"model.pretrained={ref!r}: cannot load {subfolder}/: {exc}") from exc
-        comps = SDComponents(**parts)
+        comps = SDComponents(**parts, family=family.name)
     if cfg.text_encoder_path is not None:
         comps.text_encoder = load_text_encoder(cfg.text_encoder_path, "model.text_encoder_path")
         width, expected = comps.text_encoder.config.hidden_size, comps.unet.config.cross_attention_dim
@@ -153,9 +137,9 @@ def load_base_text_encoder(cfg: ModelConfig, resolution: int) -> CLIPTextModel:
     if cfg.text_encoder_path is not None:
         return load_text_encoder(cfg.text_encoder_path, "model.text_encoder_path")
     if cfg.pretrained is None:
-        from tcscale.models.architectures import build_tiny_components
+        from tcscale.families import family_of
 
-        return build_tiny_components(cfg.tiny, resolution, cfg.family).text_encoder
+        return family_of(cfg).build_tiny(cfg.tiny, resolution).text_encoder
     ref = cfg.pretrained
     try:
         return CLIPTextModel.from_pretrained(
@@ -169,39 +153,10 @@ def load_base_text_encoder(cfg: ModelConfig, resolution: int) -> CLIPTextModel:
 def save_pipeline_dir(
     comps: SDComponents, out_dir: str | os.PathLike, unet: UNet2DConditionModel | None = None
 ) -> Path:
-    """Write a StableDiffusionPipeline- (SDXL: StableDiffusionXLPipeline-) loadable directory (no safety checker),
-    optionally with another U-Net."""
-    from diffusers import StableDiffusionPipeline
+    """Write a pipeline directory of the components' family (`StableDiffusionPipeline`,
+    `StableDiffusionXLPipeline`, ...; no safety checker), optionally with another U-Net."""
+    from tcscale.families import family_named
 
     out = Path(out_dir)
-    if comps.family == "sdxl":
-        sdxl_pipeline(comps, unet).save_pretrained(str(out))
-        return out
-    pipe = StableDiffusionPipeline(
-        vae=comps.vae,
-        text_encoder=comps.text_encoder,
-        tokenizer=comps.tokenizer,
-        unet=unet if unet is not None else comps.unet,
-        scheduler=comps.noise_scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(str(out))
+    family_named(comps.family).pipeline(comps, unet).save_pretrained(str(out))
     return out
-
-
-def sdxl_pipeline(comps: SDComponents, unet: UNet2DConditionModel | None = None, scheduler=None):
-    """A StableDiffusionXLPipeline of the components (no watermarker; `force_zeros_for_empty_prompt` as SDXL-base)."""
-    from diffusers import StableDiffusionXLPipeline
-
-    return StableDiffusionXLPipeline(
-        vae=comps.vae,
-        text_encoder=comps.text_encoder,
-        text_encoder_2=comps.text_encoder_2,
-        tokenizer=comps.tokenizer,
-        tokenizer_2=comps.tokenizer_2,
-        unet=unet if unet is not None else comps.unet,
-        scheduler=scheduler if scheduler is not None else comps.noise_scheduler,
-        add_watermarker=False,
-    )

@@ -1,4 +1,4 @@
-"""LDM-only objective: the latent-diffusion loss on the batch images, no grounding (DESIGN §3 "LDM loss").
+"""LDM-only objective: the latent-diffusion loss on the batch images, no grounding (docs/DESIGN.md §3 "LDM loss").
 
 Its options (`objective.ldm`) also configure the L_LDM term of the objectives built on it (TokenCompose).
 """
@@ -9,9 +9,10 @@ from dataclasses import dataclass
 
 import torch
 
-from tcscale.losses.diffusion import diffusion_target, ldm_loss, sample_noise
+from tcscale.losses.diffusion import ldm_loss, sample_noise
 from tcscale.models.conditioning import batch_conditioning
-from tcscale.objectives.base import BuildContext, StepOutput, register_objective, unet_trainable_parameters
+from tcscale.models.lora import ATTENTION_PROJECTIONS
+from tcscale.objectives.base import BuildContext, Objective, StepOutput, register_objective
 
 
 @dataclass
@@ -30,30 +31,54 @@ class NoisedBatch:
     added_cond_kwargs: dict | None = None  # SDXL: text_embeds + micro-conditioning time_ids; None for SD1/2
 
 
-class LDMObjective:
+class LDMObjective(Objective):
     """L_LDM: ε- (or v-) prediction MSE, optional min-SNR weighting and noise offset. Trains the whole U-Net."""
 
-    reads_data = True
-    plan = None
     # model.lora default: every U-Net attention projection (self- and cross-attention), as diffusers' LoRA scripts
-    lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0")
+    lora_target_modules = ATTENTION_PROJECTIONS
 
     def __init__(self, cfg: LDMConfig, ctx: BuildContext):
         self.ldm = cfg
         self.comps = ctx.comps
+        self.family = ctx.family
         self.module = ctx.comps.unet
         self.dtype = ctx.dtype
         self.device = ctx.device
-        if type(self) is LDMObjective and ctx.cfg.attention.ungrounded != "sdpa":
+        self.resolution = ctx.cfg.data.resolution
+        self.install_attention(ctx)
+
+    def install_attention(self, ctx: BuildContext) -> None:
+        """The attention processors of the run: LDM-only grounds nothing, so only `attention.ungrounded` applies."""
+        if ctx.cfg.attention.ungrounded != "sdpa":
             from tcscale.attention.processors import set_ungrounded_attention
 
             set_ungrounded_attention(self.module, ctx.cfg.attention.ungrounded)
 
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return unet_trainable_parameters(self.module)
-
-    def batch(self, micro_step: int):
-        raise TypeError(f"{type(self).__name__} reads its batches from the training loader")
+    def synthetic_batch(self, batch_size: int, *, phrases: int = 4) -> dict:
+        """Images at the run's resolution and captions of `phrases` two-token phrases (BOS, 2·phrases tokens, EOS
+        padding), with each grounded layer's masks when the objective grounds layers."""
+        B, side = batch_size, self.resolution
+        tok = self.comps.tokenizer
+        bos, eos = (tok.bos_token_id, tok.eos_token_id) if tok is not None else (49406, 49407)
+        g = torch.Generator().manual_seed(0)
+        input_ids = torch.full((B, 77), eos, dtype=torch.int64)
+        input_ids[:, 0] = bos
+        input_ids[:, 1 : 1 + 2 * phrases] = torch.randint(400, 40000, (B, 2 * phrases), generator=g)
+        token_phrase = torch.full((B, 77), -1, dtype=torch.int64)
+        for p in range(phrases):
+            token_phrase[:, 1 + 2 * p : 3 + 2 * p] = p
+        batch = {
+            "pixel_values": torch.rand((B, 3, side, side), generator=g) * 2 - 1,
+            "input_ids": input_ids,
+            "token_phrase": token_phrase,
+            "keys": [f"synthetic{b}" for b in range(B)],
+        }
+        if self.plan is not None:
+            batch["layer_masks"] = {
+                size: torch.bernoulli(torch.full((B, phrases, size[0] * size[1]), 0.5), generator=g)
+                for size in self.plan.layer_sizes
+            }
+        return batch
 
     @torch.no_grad()
     def noised(self, batch: dict, generator: torch.Generator) -> NoisedBatch:
@@ -67,7 +92,7 @@ class LDMObjective:
         T = scheduler.config.num_train_timesteps
         timesteps = torch.randint(0, T, (latents.shape[0],), generator=generator, device=device).long()
         noisy = scheduler.add_noise(latents, noise, timesteps)
-        target = diffusion_target(scheduler, latents, noise, timesteps)
+        target = self.family.training_target(scheduler, latents, noise, timesteps)
         return NoisedBatch(latents, timesteps, noisy.to(self.dtype), target, cond.text, cond.added_cond_kwargs)
 
     def ldm_loss(self, pred: torch.Tensor, nb: NoisedBatch) -> torch.Tensor:

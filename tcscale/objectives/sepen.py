@@ -25,7 +25,7 @@ from tcscale.attention.processors import install_grounding_processors
 from tcscale.attention.recorders import ProbsRecorder
 from tcscale.losses.sepen import SmoothingKernel, norm_loss, sepen_losses
 from tcscale.models.conditioning import Conditioning, encode_text
-from tcscale.objectives.base import BuildContext, StepOutput, register_objective, unet_trainable_parameters
+from tcscale.objectives.base import BuildContext, Objective, StepOutput, register_objective
 from tcscale.objectives.fidelity import Fidelity, apply_preset, resolved
 from tcscale.objectives.sepen_prompts import SepEnPromptSampler, pair_concepts
 
@@ -101,7 +101,7 @@ def sepen_latents(
     return scheduler.add_noise(z0, eps, t), t
 
 
-class SepEnObjective:
+class SepEnObjective(Objective):
     reads_data = False
     lora_target_modules = ("attn2.to_k",)  # model.lora default: adapters on the paper's trainable set only
 
@@ -118,6 +118,7 @@ class SepEnObjective:
                 resolutions=[cfg.map_resolution],
                 image_resolution=ctx.cfg.data.resolution,
                 scale_factor=vae_scale_factor(ctx.comps.vae),
+                layout=ctx.family.layout,
             )
         except ValueError:
             raise ValueError(
@@ -140,14 +141,21 @@ class SepEnObjective:
             style=prompt_style(cfg),
         )
 
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return unet_trainable_parameters(self.module)
-
     def batch(self, micro_step: int) -> dict:
-        out = {"prompts": self.sampler.multi(micro_step, self.rank, self.micro_batch)}
+        return self._prompts(micro_step, self.rank, self.micro_batch)
+
+    def _prompts(self, micro_step: int, rank: int, count: int) -> dict:
+        out = {"prompts": self.sampler.multi(micro_step, rank, count)}
         if self.frozen is not None:
-            out["singles"] = self.sampler.single(micro_step, self.rank, self.micro_batch)
+            out["singles"] = self.sampler.single(micro_step, rank, count)
         return out
+
+    def synthetic_batch(self, batch_size: int, *, phrases: int = 4) -> dict:
+        """The prompts of micro-step 0 for `batch_size` samples (data-free: real prompts cost nothing)."""
+        return self._prompts(0, 0, batch_size)
+
+    def extra_modules(self) -> tuple[torch.nn.Module, ...]:
+        return (self.frozen,) if self.frozen is not None else ()
 
     @torch.no_grad()
     def _text(self, prompts: list[str]) -> Conditioning:

@@ -39,7 +39,7 @@ from torch import nn
 from tcscale.data.crops import CLIP_MEAN, CLIP_STD, CropConfig, CropProcessor, check_crop_config, held_out_crops
 from tcscale.eval.retrieval import retrieval_recall
 from tcscale.losses.contrastive import info_nce
-from tcscale.objectives.base import BuildContext, StepOutput, register_objective
+from tcscale.objectives.base import BuildContext, Objective, StepOutput, register_objective
 
 SECTION = "objective.text_encoder_infonce"
 MIN_TEMPERATURE = 0.01  # CLIP clamps its logit scale at 100
@@ -192,11 +192,8 @@ def set_trainable_layers(text_encoder: nn.Module, cfg: TextEncoderInfoNCEConfig)
     text_encoder.text_model.final_layer_norm.requires_grad_(True)
 
 
-class TextEncoderInfoNCEObjective:
+class TextEncoderInfoNCEObjective(Objective):
     """InfoNCE between the trained text tower's phrase embeddings and the frozen image tower's crop embeddings."""
-
-    reads_data = True
-    plan = None
 
     def __init__(self, cfg: TextEncoderInfoNCEConfig, ctx: BuildContext):
         from tcscale.models.sd import load_base_text_encoder
@@ -237,13 +234,8 @@ class TextEncoderInfoNCEObjective:
                 )
 
     # -- the protocol ----------------------------------------------------------------------------
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.module.parameters() if p.requires_grad]
-
-    def batch(self, micro_step: int):
-        raise TypeError(f"{type(self).__name__} reads its batches from the training loader")
-
-    def build_loader(self, data_cfg, tokenizer, *, rank, world_size, micro_batch_size, seed, start_step):
+    def build_loader(self, data_cfg, tokenizer, *, rank, world_size, micro_batch_size, seed, start_step, anchor=None):
+        """Object crops and their phrases (the synthetic slot anchor does not apply to crop streams)."""
         from tcscale.data.crops import build_crop_loader
 
         return build_crop_loader(

@@ -1,4 +1,4 @@
-"""TokenCompose objective: L = L_LDM + Σ_m (λ L_token^(m) + γ L_pixel^(m)) over the grounded layers (DESIGN §3).
+"""TokenCompose objective: L = L_LDM + Σ_m (λ L_token^(m) + γ L_pixel^(m)) over the grounded layers (docs/DESIGN.md §3).
 
 The grounded layers come from `attention` (blocks, resolutions, mask rule) as a `GroundingPlan`; the loader makes
 each batch's layer masks from the same plan. The L_LDM term is configured by `objective.ldm`.
@@ -55,28 +55,39 @@ class TokenComposeObjective(LDMObjective):
     """L_LDM plus the token and pixel losses of every grounded layer (or group of layers), summed."""
 
     def __init__(self, cfg: TokenComposeConfig, ctx: BuildContext):
+        self.tc = resolve_tokencompose(cfg)
         super().__init__(ctx.cfg.objective.ldm, ctx)
-        self.tc = cfg = resolve_tokencompose(cfg)
+
+    def install_attention(self, ctx: BuildContext) -> None:
+        """Grounding processors on the plan's layers (`attention.backend`), `attention.ungrounded` elsewhere."""
         self.plan = GroundingPlan.from_config(
             self.module,
             ctx.cfg.attention,
             ctx.cfg.data.resolution,
             vae_scale_factor(ctx.comps.vae),
-            mask_full_res=cfg.mask_full_res,
+            mask_full_res=self.tc.mask_full_res,
+            layout=ctx.family.layout,
         )
         install_grounding_processors(self.module, self.plan, ctx.cfg.attention.backend, ctx.cfg.attention.ungrounded)
 
+    @property
+    def phrase_device(self) -> torch.device:
+        """Where masks and token-phrase indices go: the run's device, except on the meta device (the memory
+        planner), where they stay on the host because the losses read their values."""
+        return torch.device("cpu") if self.device.type == "meta" else self.device
+
     def recorder(self, latent_size: tuple[int, int], batch: dict) -> LossRecorder:
         """The recorder of one micro-step: per layer (paper) or per (place, resolution) group (official pixel loss)."""
-        layer_masks = {k: v.to(self.device) for k, v in (batch.get("layer_masks") or {}).items()}
+        device = self.phrase_device
+        layer_masks = {k: v.to(device) for k, v in (batch.get("layer_masks") or {}).items()}
         phrase_masks = batch.get("phrase_masks")
         kwargs = dict(
             layer_masks=layer_masks,
-            phrase_masks=None if phrase_masks is None else phrase_masks.to(self.device),
+            phrase_masks=None if phrase_masks is None else phrase_masks.to(device),
             mask_rule=self.plan.mask_rule,
             token_loss_heads=self.tc.token_loss_heads,
         )
-        token_phrase = batch["token_phrase"].to(self.device)
+        token_phrase = batch["token_phrase"].to(device)
         if self.tc.pixel_loss_reduction == "per_resolution":
             return GroupedLossRecorder(
                 latent_size, token_phrase, groups=self.plan.groups(), pixel_loss_reduction="per_resolution", **kwargs
@@ -91,7 +102,7 @@ class TokenComposeObjective(LDMObjective):
         ldm = self.ldm_loss(pred, nb)
         token, pixel = rec.total("token"), rec.total("pixel")
         loss = ldm + self.tc.token_loss_weight * token + self.tc.pixel_loss_weight * pixel
-        return StepOutput(loss, {"ldm": ldm, "token": token, "pixel": pixel})
+        return StepOutput(loss, {"ldm": ldm, "token": token, "pixel": pixel}, held=rec.held())
 
 
 def check_tokencompose_options(cfg) -> None:

@@ -50,8 +50,9 @@ from tcscale.train.distributed import (
     print0,
     sum_counters,
 )
-from tcscale.train.engine import build_engine, compute_dtype
+from tcscale.train.engine import build_engine
 from tcscale.train.errors import NonFiniteLossError, RunInputError
+from tcscale.train.precision import compute_dtype
 from tcscale.train.preemption import PreemptionFlag
 
 
@@ -141,9 +142,8 @@ class Trainer:
         if cfg.model.pretrained is None and env.is_rank0:
             save_pipeline_dir(comps, self.out_dir / "base_model")  # the tiny base, so export has a full pipeline
         comps.vae.requires_grad_(False).to(env.device, torch.float32).eval()
-        comps.text_encoder.requires_grad_(False).to(env.device, self.dtype).eval()
-        if comps.text_encoder_2 is not None:  # SDXL's second text tower
-            comps.text_encoder_2.requires_grad_(False).to(env.device, self.dtype).eval()
+        for tower in comps.text_towers:
+            tower.requires_grad_(False).to(env.device, self.dtype).eval()
         spec = OBJECTIVES[cfg.objective.name]
         ctx = BuildContext(cfg, comps, self.dtype, env.device, self.micro_bs, env.rank, env.world_size)
         self.objective = spec.build(getattr(cfg.objective, spec.name), ctx)
@@ -226,22 +226,16 @@ class Trainer:
 
         checked_on_rank0(rank0_checks)
         spec = OBJECTIVES[cfg.objective.name]
-        if getattr(spec.build, "reads_data", True) and cfg.data.source == "webdataset":
+        if spec.build.reads_data and cfg.data.source == "webdataset":
             from tcscale.data import resolve_shards
 
             checked_on_rank0(lambda: resolve_shards(cfg.data))
         barrier()
 
     def _build_loader(self, data_state):
-        from functools import partial
-
-        from tcscale.data import build_train_loader
-
         env = self.env
-        # an objective may bring its own loader (same arguments, same interface), e.g. object crops
-        default = partial(build_train_loader, plan=self.objective.plan, anchor=self.anchor.position)
-        build = getattr(self.objective, "build_loader", None) or default
-        loader = build(
+        # the objective's loader: grounded images over its plan by default, e.g. object crops for the text stage
+        loader = self.objective.build_loader(
             self.cfg.data,
             self.comps.tokenizer,
             rank=env.rank,
@@ -249,6 +243,7 @@ class Trainer:
             micro_batch_size=self.micro_bs,
             seed=self.cfg.seed,
             start_step=self.micro_step,
+            anchor=self.anchor.position,
         )
         # one loader state per rank (the client state holds the list), continued at this run's micro-step (its count
         # changes with gradient_accumulation_steps); on another world size, rank 0 carries the summed counters on
@@ -355,9 +350,8 @@ class Trainer:
         print0(f"checkpoint saved: {path}")
 
     def validate(self) -> None:
-        own = getattr(self.objective, "validate", None)
-        if own is not None:  # an objective with its own validation (every rank calls it; rank 0 logs)
-            metrics = own(self.engine.module)
+        metrics = self.objective.validate(self.engine.module)  # every rank calls it; rank 0 logs
+        if metrics is not None:  # the objective's own validation
             self.tracker.log_metrics(metrics, self.step)
             print0(f"validation step {self.step} " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
             return

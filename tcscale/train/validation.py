@@ -14,35 +14,26 @@ import torch
 from tcscale.attention.plan import GroundingPlan, vae_scale_factor
 from tcscale.config import TrainConfig
 from tcscale.eval.attention_maps import attention_figure, generate_with_maps, phrase_tokens
+from tcscale.families import family_named
 
 
 def validation_plan(unet, comps, cfg: TrainConfig, plan: GroundingPlan | None) -> GroundingPlan:
     """The layers whose maps validation reads: the objective's, or those `attention` selects."""
     if plan is not None:
         return plan
-    return GroundingPlan.from_config(unet, cfg.attention, cfg.data.resolution, vae_scale_factor(comps.vae))
+    layout = family_named(comps.family).layout
+    return GroundingPlan.from_config(
+        unet, cfg.attention, cfg.data.resolution, vae_scale_factor(comps.vae), layout=layout
+    )
 
 
 def validation_pipeline(unet, comps):
-    """StableDiffusionPipeline (SDXL components: StableDiffusionXLPipeline) around the trained U-Net, DDIM."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    """The family's pipeline (StableDiffusionPipeline, StableDiffusionXLPipeline, ...) around the trained U-Net,
+    DDIM."""
+    from diffusers import DDIMScheduler
 
-    if comps.family == "sdxl":
-        from tcscale.models.sd import sdxl_pipeline
-
-        pipe = sdxl_pipeline(comps, unet, DDIMScheduler.from_config(comps.noise_scheduler.config))
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
-    pipe = StableDiffusionPipeline(
-        vae=comps.vae,
-        text_encoder=comps.text_encoder,
-        tokenizer=comps.tokenizer,
-        unet=unet,
-        scheduler=DDIMScheduler.from_config(comps.noise_scheduler.config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    scheduler = DDIMScheduler.from_config(comps.noise_scheduler.config)
+    pipe = family_named(comps.family).pipeline(comps, unet, scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -61,7 +52,7 @@ def grounding_metrics(unet, comps, cfg: TrainConfig, plan: GroundingPlan, env) -
     )  # fmt: skip
     records = grounding_records(
         unet, comps.vae, comps, comps.noise_scheduler, plan, batches, timesteps=list(g.timesteps),
-        threshold=g.threshold, seed=cfg.seed, device=env.device,
+        threshold=g.threshold, seed=cfg.seed, device=env.device, family=comps.family,
     )  # fmt: skip
     return summarize_grounding(records)
 

@@ -7,7 +7,7 @@ import torch
 from tcscale.attention.plan import GroundingPlan
 from tcscale.attention.processors import install_grounding_processors
 from tcscale.config import TinyModelConfig
-from tcscale.models.architectures import tiny_unet
+from tcscale.families.sd import tiny_unet
 
 
 def make_inputs(B: int = 2, side: int = 8, seed: int = 0):

@@ -1,0 +1,27 @@
+"""The `attention` section of a run config: the grounded cross-attention layers, their backend, and how masks
+reach them. Kept beside the attention code it configures (tcscale.config assembles the sections)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, get_args
+
+from tcscale.attention.masks import MaskInterpolation
+from tcscale.families.layout import Block
+
+GroundedBackend = Literal["reference", "fused"]  # explicit probabilities | the fused Triton kernel
+GROUNDED_BACKENDS: tuple[str, ...] = get_args(GroundedBackend)
+UngroundedAttention = Literal["sdpa", "xformers"]
+UNGROUNDED_ATTENTION: tuple[str, ...] = get_args(UngroundedAttention)
+
+
+@dataclass
+class AttentionConfig:
+    """The grounded cross-attention layers (objectives that ground: tokencompose) and how masks reach them."""
+
+    backend: GroundedBackend = "reference"  # grounded layers: explicit probabilities | Triton kernel
+    blocks: list[Block] = field(default_factory=lambda: ["mid", "up"])  # grounded attn2 layers: down / mid / up
+    resolutions: list[int] | None = None  # keep layers whose latent side is listed (e.g. [16, 32]); null -> all
+    mask_interpolation: MaskInterpolation = "bilinear"  # F.interpolate mode for masks -> layer resolution
+    mask_threshold: float = 0.0  # binarise resized masks with > threshold (official: > 0)
+    ungrounded: UngroundedAttention = "sdpa"  # the layers no objective reads (self-attention, other attn2)
