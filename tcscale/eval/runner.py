@@ -583,13 +583,13 @@ class Evaluation:
             GenItem(f"{i:05d}", p["caption"], image_seed(self.cfg.seed, suite, i, 0), dict(p))
             for i, p in enumerate(pairs)
         ]
+        real_paths = [Path(f.images_dir) / name for name in reference_files(pairs, f.reference)]
+        missing = [p for p in real_paths if not p.is_file()]
+        if missing:  # checked before generating: a missing real image would otherwise surface after hours
+            raise EvalInputError(f"{suite}.images_dir: {len(missing)} real images missing (first: {missing[0]})")
         self._generate(suite, items)
         if not self.scores:
             return
-        real_paths = [Path(f.images_dir) / name for name in reference_files(pairs, f.reference)]
-        missing = [p for p in real_paths if not p.is_file()]
-        if missing:
-            raise EvalInputError(f"{suite}.images_dir: {len(missing)} real images missing (first: {missing[0]})")
         extractor = self.fid_extractor or InceptionFeatureExtractor(weights_dir=f.weights_dir, device=str(ctx.device))
         ctx.log0(f"{suite}: Inception features of {len(items)} generated and {len(real_paths)} real images")
         cache = Path(f.stats_cache or self.out / "fid_stats") / (
