@@ -106,6 +106,20 @@ def test_every_cell_off_the_papers_protocol_is_marked_with_its_reason(tmp_path):
     assert "†" not in compare_table([load_results(p) for p in runs], paper=False)  # no paper value beside it
 
 
+def test_table4_is_comparable_only_from_the_daam_cocogen_suite(tmp_path):
+    daam = {"suite": "daam_cocogen", "precision": "fp32", "samples": 4, "steps": 50, "guidance": 7.5}
+    run = write(tmp_path / "a.json", metrics={"daam_cocogen/miou": 0.55, "grounding/miou": 0.6},
+                protocol={"daam_cocogen": daam, "grounding": {"suite": "grounding", "precision": "fp32"}})  # fmt: skip
+    lines = compare_table([load_results(run)]).splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = {line.split("|")[1].strip(): dict(zip(header, (c.strip() for c in line.strip("|").split("|"))))
+            for line in lines[2:] if line.startswith("|")}  # fmt: skip
+    assert rows["tc-sd14"]["daam_cocogen/miou"] == "0.5500"  # Table 4's protocol: no mark
+    assert rows["tc-sd14"]["grounding/miou"] == "0.6000 †1"
+    paper_sd14 = rows["paper: SD1.4 (TokenCompose Tab. 1, 4; VISOR)"]
+    assert paper_sd14["daam_cocogen/miou"] == paper_sd14["grounding/miou"] == "0.5371"
+
+
 def test_paper_numbers_are_the_design_numbers():
     sd, tc = (
         PAPER_ROWS["paper: SD1.4 (TokenCompose Tab. 1, 4; VISOR)"],
@@ -114,7 +128,7 @@ def test_paper_numbers_are_the_design_numbers():
     assert [sd[f"multigen/ade20k/MG{k}"] for k in range(2, 6)] == [89.81, 53.96, 16.52, 1.89]
     assert [tc[f"multigen/ade20k/MG{k}"] for k in range(2, 6)] == [97.75, 76.93, 33.92, 6.21]
     assert [tc[f"multigen/coco/MG{k}"] for k in range(2, 6)] == [98.08, 76.16, 28.81, 3.28]
-    assert PAPER_ROWS["paper: SD1.4 LDM-only finetune (TokenCompose Tab. 4)"]["grounding/miou"] == 0.5412
+    assert PAPER_ROWS["paper: SD1.4 LDM-only finetune (TokenCompose Tab. 4)"]["daam_cocogen/miou"] == 0.5412
     # Table 1's standard deviations over rounds, and FID (F)
     assert [sd[f"multigen/coco/MG{k}_std"] for k in range(2, 6)] == [1.33, 0.89, 0.45, 0.21]
     assert [tc[f"multigen/ade20k/MG{k}_std"] for k in range(2, 6)] == [0.34, 1.09, 1.47, 0.62]

@@ -36,7 +36,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 
-from tcscale.eval.paper_numbers import PAPER_PROTOCOLS, PAPER_ROWS
+from tcscale.eval.paper_numbers import PAPER_ALIASES, PAPER_PROTOCOLS, PAPER_ROWS
 from tcscale.eval.suites import COLUMN_ORDER
 
 
@@ -92,7 +92,7 @@ def _columns(metric_sets: Sequence[Mapping[str, float]], details: bool = False) 
 def _fmt(name: str, metrics: Mapping[str, float]) -> str:
     if name not in metrics:
         return "—"
-    digits = 4 if name.startswith("grounding/") else 2
+    digits = 4 if name.endswith("/miou") or name.startswith("grounding/") else 2
     cell = f"{metrics[name]:.{digits}f}"
     if f"{name}_std" in metrics:
         cell += f" ± {metrics[f'{name}_std']:.{digits}f}"
@@ -125,9 +125,8 @@ def protocol_difference(metric: str, protocol: Mapping[str, Mapping]) -> str | N
         what = f": {paper['what']}" if "what" in paper else ""
         return f"suite {run.get('suite')} (paper: {paper['suite']}{what})"
     reasons = []
-    for key in ("precision", "samples", "sampler"):
-        want = paper.get(key)
-        if want is not None and run.get(key) != want:
+    for key, want in paper.items():
+        if key not in ("suite", "what") and want is not None and run.get(key) != want:
             reasons.append(f"{key} {run.get(key)} (paper: {want})")
     return "; ".join(reasons) or None
 
@@ -137,9 +136,11 @@ def compare_table(results: Sequence[Mapping], *, paper: bool = True, details: bo
     per-timestep metrics only with ``details``. With paper rows, a measured cell not measured with the paper's
     protocol is marked †N, and note N under the table says why."""
     columns = _columns([r["metrics"] for r in results], details)
-    paper_rows = (
-        {label: metrics for label, metrics in PAPER_ROWS.items() if any(c in metrics for c in columns)} if paper else {}
-    )
+    paper_rows = {}
+    for label, metrics in PAPER_ROWS.items() if paper else ():
+        shown = {**metrics, **{col: metrics[src] for col, src in PAPER_ALIASES.items() if src in metrics}}
+        if any(c in shown for c in columns):
+            paper_rows[label] = shown
     with_paper = {c for c in columns if any(c in m for m in paper_rows.values())}
     lines = [
         "| run | model | " + " | ".join(columns) + " |",

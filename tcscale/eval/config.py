@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from tcscale.config import ConfigError, merge_structured
+from tcscale.eval.daam import DaamCocoGenConfig
 from tcscale.eval.grounding_maps import GroundingEvalConfig
 from tcscale.eval.suites import SUITES
 
@@ -155,6 +156,7 @@ class EvalConfig:
     fid: FIDConfig = field(default_factory=FIDConfig)
     fid_flickr30k: FlickrFIDConfig = field(default_factory=FlickrFIDConfig)
     grounding: GroundingEvalConfig = field(default_factory=GroundingEvalConfig)
+    daam_cocogen: DaamCocoGenConfig = field(default_factory=DaamCocoGenConfig)
     synthetic: SyntheticEvalConfig = field(default_factory=SyntheticEvalConfig)
     sepen: SepEnEvalConfig = field(default_factory=SepEnEvalConfig)
     latency: LatencyConfig = field(default_factory=LatencyConfig)
@@ -179,13 +181,15 @@ def validate_eval(cfg: EvalConfig) -> EvalConfig:
         "synthetic.rounds": cfg.synthetic.rounds,
         "sepen.images_per_prompt": cfg.sepen.images_per_prompt,
         "latency.prompts": cfg.latency.prompts,
+        "daam_cocogen.num_inference_steps": cfg.daam_cocogen.num_inference_steps,
+        "daam_cocogen.inner_steps": cfg.daam_cocogen.inner_steps,
     }
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key} must be > 0, got {value}")
     if cfg.sampler.resolution is not None and cfg.sampler.resolution % 8:
         raise ConfigError(f"sampler.resolution must be a multiple of 8, got {cfg.sampler.resolution}")
-    for key in ("multigen.threshold", "visor.threshold", "grounding.threshold"):
+    for key in ("multigen.threshold", "visor.threshold", "grounding.threshold", "daam_cocogen.threshold"):
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
         if not 0.0 <= value <= 1.0:
@@ -205,6 +209,8 @@ def validate_eval(cfg: EvalConfig) -> EvalConfig:
         )
     if cfg.fid.enabled and fl.enabled and cfg.fid.name == fl.name:
         raise ConfigError(f"fid.name and fid_flickr30k.name are both {fl.name!r}: the metrics would collide")
+    if cfg.daam_cocogen.enabled and not cfg.daam_cocogen.data_dir:
+        raise ConfigError("daam_cocogen.data_dir must name DAAM's COCO-Gen folder when daam_cocogen.enabled")
     names = [s.name for s in SUITES]
     if not any(getattr(cfg, s).enabled for s in names):
         raise ConfigError(f"nothing to evaluate: enable one of {', '.join(s + '.enabled' for s in names)}")

@@ -534,6 +534,44 @@ class Evaluation:
             self.record_protocol("grounding", "grounding", len(merged), sampler=False, timesteps=list(g.timesteps))
             self.details["grounding"] = {"layers": list(plan.layers), "records": len(merged)}
 
+    def run_daam_cocogen(self) -> None:
+        """Table 4: null-text inversion of each COCO-Gen image under the model, DAAM heat maps, mIoU (daam.py)."""
+        from tcscale.attention.plan import GroundingPlan, vae_scale_factor
+        from tcscale.eval.daam import cocogen_items, daam_image_records, summarize_daam, write_records
+
+        d, ctx = self.cfg.daam_cocogen, self.ctx
+        self.use_precision(None)  # model.dtype: the inversion optimises in it
+        items = cocogen_items(d.data_dir, d.limit)
+        root = self.out / "daam_cocogen" / "records"
+        if self.generates:
+            pipe = self.pipe
+            resolution = d.resolution or native_resolution(pipe)
+            plan = GroundingPlan.build(
+                pipe.unet, blocks=["down", "up"], resolutions=None, image_resolution=resolution,
+                scale_factor=vae_scale_factor(pipe.vae),
+            )  # fmt: skip
+            root.mkdir(parents=True, exist_ok=True)
+            mine = rank_items(items, ctx.rank, ctx.world_size)
+            for n, item in enumerate(mine, start=1):
+                path = root / f"{item['key']}.json"
+                if not path.is_file():  # one file per image: a killed run resumes at the next image
+                    write_records(path, daam_image_records(pipe, plan, item, d, resolution, ctx.device))
+                ctx.log(f"rank {ctx.rank}: daam_cocogen: {n}/{len(mine)} images inverted and scored")
+        ctx.barrier()
+        if self.scores:
+            records = []
+            for item in items:
+                path = root / f"{item['key']}.json"
+                if not path.is_file():
+                    raise EvalInputError(f"daam_cocogen: {path} missing: did every rank finish?")
+                records += json.loads(path.read_text())
+            self.metrics.update(summarize_daam(records))
+            self.details["daam_cocogen"] = {"images": len(items), "words": len(records)}
+            self.record_protocol(
+                "daam_cocogen", "daam_cocogen", len(items), sampler=False, words=len(records),
+                steps=d.num_inference_steps, guidance=d.guidance_scale, threshold=d.threshold,
+            )  # fmt: skip
+
     def run_fid(self) -> None:
         """FID (C): pairs sampled from a COCO captions file (val2014 or val2017)."""
         f = self.cfg.fid

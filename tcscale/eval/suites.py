@@ -28,6 +28,7 @@ SUITES: tuple[Suite, ...] = (
     Suite("fid", True, ("fid/coco10k",)),
     Suite("fid_flickr30k", True, ("fid/flickr30k1k",)),
     Suite("grounding", False, ("grounding/miou",)),
+    Suite("daam_cocogen", False, ("daam_cocogen/miou",)),
     Suite("latency", True, ("latency/s_per_image", "latency/ratio_vs_base")),
 )
 """Every suite, in the order an evaluation runs them."""
