@@ -8,7 +8,8 @@ paper's is marked there with the reason. Sources:
   MultiGen MG2–MG5 on COCO and ADE20K with their standard deviations over the 10 rounds (``_std``), VISOR object
   accuracy, FID on 10,000 COCO validation image-caption pairs (C) and 1,000 Flickr30K Entities validation pairs
   (F), latency (seconds per image, ± std), for SD1.4 and TokenCompose (SD1.4 finetuned).
-* TokenCompose Table 4: grounding mIoU with DAAM on COCO-Gen — SD1.4 frozen, LDM-only finetune,
+* TokenCompose Table 4 (``daam_cocogen/miou``, also shown, marked, beside tcscale's own ``grounding/miou``):
+  segmentation mIoU with DAAM on COCO-Gen after null-text inversion — SD1.4 frozen, LDM-only finetune,
   TokenCompose.
 * VISOR (Gokhale et al. 2022), the microsoft/VISOR README table, row "SD" (whose OA, 29.86, is the
   SD1.4 object accuracy TokenCompose reports): VISOR_uncond, VISOR_cond, VISOR_1..4.

@@ -8,12 +8,12 @@ Stages read the previous stage's files and skip what is on disk (STYLE "evaluati
     <output_dir>/<suite>/detections/<key>.json  the detector's output per image
     <output_dir>/results.json, table.md         rank 0, once every suite is scored (temp name, then rename)
 
-Suites (`tcscale.eval.suites.SUITES`, run in that order): multigen (per prompt set; OWLv2), visor (OWL-ViT), synthetic
-(the synthetic world's exact scorer), sepen, fid and fid_flickr30k (image-caption pairs, clean-fid), grounding
-(held-out mIoU, no generation), latency (rank 0). Each suite samples in its own precision (`<suite>.dtype`, null:
-`model.dtype`) and records what it ran — suite, precision, sample count, sampler — under results.json "protocol",
-keyed by its metrics' prefix (e.g. "multigen/coco"), which `tcscale.eval.compare` checks against the paper's.
-Collective parts
+Suites (`tcscale.eval.suites.SUITES`, run in that order): multigen (per prompt set; OWLv2), visor (OWL-ViT),
+synthetic (the synthetic world's exact scorer), sepen, fid and fid_flickr30k (image-caption pairs, clean-fid),
+grounding (held-out mIoU, no generation), daam_cocogen (Table 4: COCO-Gen's images inverted, one records file per
+image), latency (rank 0). Each suite samples in its own precision (`<suite>.dtype`, null: `model.dtype`) and
+records what it ran (suite, precision, sample count, sampler) under results.json "protocol", keyed by its metrics'
+prefix (e.g. "multigen/coco"), which `tcscale.eval.compare` checks against the paper's. Collective parts
 (waiting for every rank) go through the `barrier` the launcher passes in: this module knows nothing of process
 groups, and ranks exchange results through files.
 
