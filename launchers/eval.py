@@ -51,9 +51,9 @@ def log_to_mlflow(cfg, evaluation, results: dict) -> str:
     from tcscale.tracking.mlflow_tracker import EvalRun
 
     uri, parent = tracking_target(cfg)
-    run = EvalRun(
-        uri, cfg.name, experiment=cfg.tracking.experiment, parent_run_id=parent, params=flatten(results["config"])
-    )
+    # what each suite ran (its precision, sample count, sampler) as params "protocol.<metric prefix>.<key>"
+    params = {**flatten(results["config"]), **flatten({"protocol": results.get("protocol", {})})}
+    run = EvalRun(uri, cfg.name, experiment=cfg.tracking.experiment, parent_run_id=parent, params=params)
     run.log_metrics(results["metrics"], 0)
     out = Path(cfg.output_dir)
     for path in (out / "results.json", out / "table.md", *evaluation.artifacts):

@@ -32,7 +32,7 @@ CATEGORIES = [["cat", "dog", "wine glass"], ["traffic light"]]
 
 @pytest.mark.parametrize("kind, loader", [("owlv2", load_owlv2), ("owlvit", load_owlvit)])
 def test_detections_are_plain_lists_of_the_asked_categories(model_dirs, images, kind, loader):
-    detector = loader(model_dirs[kind], threshold=0.0)
+    detector = loader(model_dirs[kind], threshold=0.0, clip_boxes=True)
     assert detector.kind == kind
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)  # no deprecated post-processing
@@ -47,6 +47,29 @@ def test_detections_are_plain_lists_of_the_asked_categories(model_dirs, images, 
         for x0, y0, x1, y1 in det["boxes"]:
             assert 0 <= x0 <= x1 <= w and 0 <= y0 <= y1 <= h
     assert set(out[1]["labels"]) == {"traffic light"}
+
+
+@pytest.mark.parametrize("kind", ["owlv2", "owlvit"])
+def test_boxes_are_the_processors_unclipped_unless_asked(model_dirs, images, kind):
+    """VISOR's code uses the post-processed boxes as they are; clipping them (an option) moves a box's centre."""
+    import torch
+
+    raw = OpenVocabDetector.from_pretrained(model_dirs[kind], threshold=0.0)
+    clipped = OpenVocabDetector.from_pretrained(model_dirs[kind], threshold=0.0, clip_boxes=True)
+    image, cats = images[0], CATEGORIES[0]
+    out = raw([image], [cats])[0]
+    inputs = raw.processor(text=[[f"a photo of a {c}" for c in cats]], images=[image], return_tensors="pt")
+    with torch.no_grad():
+        outputs = raw.model(**inputs)
+    (ref,) = raw.processor.post_process_grounded_object_detection(
+        outputs=outputs, threshold=0.0, target_sizes=[(image.height, image.width)], text_labels=[cats]
+    )
+    order = np.argsort(-ref["scores"].numpy(), kind="stable")
+    np.testing.assert_allclose(out["boxes"], ref["boxes"].numpy()[order], rtol=1e-5, atol=1e-4)
+    outside = np.asarray(out["boxes"]) - np.clip(out["boxes"], 0, [56, 40, 56, 40])
+    assert np.abs(outside).max() > 0  # random weights: some box reaches past the 56x40 image
+    np.testing.assert_allclose(clipped([image], [cats])[0]["boxes"], np.clip(out["boxes"], 0, [56, 40, 56, 40]),
+                               rtol=1e-5, atol=1e-4)  # fmt: skip
 
 
 @pytest.mark.parametrize("kind", ["owlv2", "owlvit"])

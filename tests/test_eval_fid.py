@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -21,6 +22,7 @@ from tcscale.eval.fid import (
     load_caption_sample,
     load_statistics,
     open_images,
+    reference_files,
     sample_coco_captions,
     save_statistics,
 )
@@ -188,19 +190,103 @@ def test_sample_coco_captions(tmp_path):
     images = _fake_captions(src)
     out = tmp_path / "sample" / "coco10k_seed7.json"
     sample = sample_coco_captions(src, n=12, seed=7, out_path=out)
-    assert len(sample) == 12 and len({s["image_id"] for s in sample}) == 12  # one caption per image
+    assert len(sample) == 12 and len({s["image_id"] for s in sample}) == 12  # fewer pairs than images: one each
     by_id = {im["id"]: im["file_name"] for im in images}
     for s in sample:
+        assert set(s) == {"image_id", "file_name", "caption"}
         assert s["file_name"] == by_id[s["image_id"]]
         assert s["caption"].startswith(f"image {s['image_id']} caption ")  # its own caption, whitespace normalised
     assert sample_coco_captions(src, n=12, seed=7) == sample  # the seed fixes the sample
     assert sample_coco_captions(src, n=12, seed=8) != sample
     assert load_caption_sample(out) == sample
-    assert json.loads(out.read_text())["seed"] == 7
+    assert json.loads(out.read_text())["seed"] == 7 and json.loads(out.read_text())["images"] == 12
     assert [p.name for p in out.parent.iterdir()] == [out.name]
     assert len(sample_coco_captions(src, n=30, seed=0)) == 30
-    with pytest.raises(ValueError, match="only 30 have captions"):
-        sample_coco_captions(src, n=31, seed=0)
+    more = sample_coco_captions(src, n=31, seed=0)  # more pairs than images: one image gives a second caption
+    assert len({(s["image_id"], s["caption"]) for s in more}) == 31 and len({s["image_id"] for s in more}) == 30
+    assert more[:30] == sample_coco_captions(src, n=30, seed=0)  # a smaller sample is a prefix of a larger one
+    assert len(sample_coco_captions(src, n=150, seed=0)) == 150  # every pair of the file
+    with pytest.raises(ValueError, match="151 image-caption pairs but only 150 exist"):
+        sample_coco_captions(src, n=151, seed=0)
     src.write_text(json.dumps({"images": []}))
     with pytest.raises(ValueError, match="'images' and 'annotations'"):
         sample_coco_captions(src, n=1, seed=0)
+
+
+def _coco_shaped(path, n_images, seed):
+    """A captions file shaped like COCO's: ids not contiguous, 5-7 captions per image, one repeated caption text."""
+    rng = np.random.default_rng(seed)
+    ids = sorted(rng.choice(600_000, size=n_images, replace=False).tolist())
+    images = [{"id": i, "file_name": f"{i:012d}.jpg"} for i in ids]
+    anns, k = [], 0
+    for i in ids:
+        for j in range(int(rng.integers(5, 8))):
+            anns.append({"id": 900_000 - k, "image_id": i, "caption": f"A photo {i} number {j}."})
+            k += 1
+    anns.append({"id": 1, "image_id": ids[0], "caption": "A photo  " + f"{ids[0]} number 0."})  # same text again
+    rng.shuffle(anns)
+    path.write_text(json.dumps({"images": images, "annotations": anns}))
+    return len(anns) - 1
+
+
+def test_ten_thousand_distinct_pairs_from_a_val2017_shaped_file(tmp_path):
+    src = tmp_path / "captions_val2017.json"
+    captions = _coco_shaped(src, 5000, seed=0)
+    assert 25000 <= captions <= 35000
+    sample = sample_coco_captions(src, n=10000, seed=0)
+    assert len(sample) == 10000 and len({(s["image_id"], s["caption"]) for s in sample}) == 10000
+    per_image = Counter(s["image_id"] for s in sample)
+    assert len(per_image) == 5000 and set(per_image.values()) == {2}  # every val2017 image in exactly two pairs
+    assert reference_files(sample) == list(dict.fromkeys(s["file_name"] for s in sample))
+    assert len(reference_files(sample, "images")) == 5000 and len(reference_files(sample, "pairs")) == 10000
+    again = tmp_path / "copy.json"
+    again.write_bytes(src.read_bytes())
+    assert sample_coco_captions(again, n=10000, seed=0) == sample  # a function of the file's content, n and seed
+
+
+def test_a_val2014_shaped_file_gives_pairs_of_distinct_images(tmp_path):
+    src = tmp_path / "captions_val2014.json"
+    _coco_shaped(src, 12000, seed=1)
+    sample = sample_coco_captions(src, n=10000, seed=3)
+    assert len({s["image_id"] for s in sample}) == 10000  # more images than pairs: no image twice
+
+
+def test_frechet_distance_is_clean_fids_on_the_same_statistics():
+    from cleanfid.fid import frechet_distance as cleanfid_frechet_distance
+
+    rng = np.random.default_rng(9)
+    a, b = rng.normal(size=(300, 12)), rng.normal(size=(250, 12)) * 1.3 + 0.1
+    (mu_a, sig_a), (mu_b, sig_b) = feature_statistics(a), feature_statistics(b)
+    assert frechet_distance(a, b) == float(cleanfid_frechet_distance(mu_a, sig_a, mu_b, sig_b))
+    with pytest.raises(ValueError, match="sigma2 contains NaN"):
+        frechet_distance_from_stats(mu_a, sig_a, mu_b, np.full_like(sig_b, np.nan))
+
+
+def test_flickr30k_entities_import(tmp_path):
+    from tcscale.eval.flickr30k import flickr30k_captions, strip_entities, write_flickr30k_captions
+
+    assert strip_entities("[/EN#18/people A child] in [/EN#19/clothing/other a pink  dress] runs .") == (
+        "A child in a pink dress runs ."
+    )
+    root = tmp_path / "flickr30k_entities"
+    (root / "annotations" / "Sentences").mkdir(parents=True)
+    ids = ["1000092795", "10002456", "1000268201"]
+    (root / "val.txt").write_text("\n".join(ids[:2]) + "\n")
+    (root / "test.txt").write_text(ids[2] + "\n")
+    for i in ids:
+        lines = [f"[/EN#{k}/people Person {k}] of image {i} [/EN#0/notvisual stands] ." for k in range(1, 6)]
+        (root / "annotations" / "Sentences" / f"{i}.txt").write_text("\n".join(lines) + "\n")
+    (root / "UNRELATED_CAPTIONS").write_text("# format: <imageID> <sentence number>\n10002456 5\n")
+    data = flickr30k_captions(root, "val")
+    assert [im["file_name"] for im in data["images"]] == ["1000092795.jpg", "10002456.jpg"]
+    caps = [a["caption"] for a in data["annotations"]]
+    assert len(caps) == 9 and "Person 5 of image 10002456 stands ." not in caps  # the unrelated caption dropped
+    assert caps[0] == "Person 1 of image 1000092795 stands ."
+    out = write_flickr30k_captions(root, "val", tmp_path / "f.json")
+    sample = sample_coco_captions(out, n=4, seed=0)
+    assert len(sample) == 4 and Counter(s["image_id"] for s in sample) == {1000092795: 2, 10002456: 2}
+    with pytest.raises(FileNotFoundError, match="train.txt"):
+        flickr30k_captions(root, "train")
+    (root / "val.txt").write_text("123\n")
+    with pytest.raises(FileNotFoundError, match="Sentences/123.txt"):
+        flickr30k_captions(root, "val")

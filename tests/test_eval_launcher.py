@@ -91,5 +91,7 @@ def test_eval_on_two_ranks_exactly_once_resumable_and_nested_in_mlflow(tmp_path,
     assert len(evals) == 1 and evals[0].info.status == "FINISHED"
     logged = evals[0].data.metrics
     assert logged["multigen/mg/MG1"] == pytest.approx(results["metrics"]["multigen/mg/MG1"])
+    params = evals[0].data.params  # each suite's protocol, its precision labelled
+    assert params["protocol.multigen/mg.precision"] == "fp32" and params["protocol.multigen/mg.samples"] == "9"
     files = {a.path for a in client.list_artifacts(evals[0].info.run_id)}
     assert {"results.json", "table.md"} <= files

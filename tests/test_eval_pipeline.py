@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from tcscale.eval.config import EvalModelConfig, SamplerConfig, load_eval_config
-from tcscale.eval.generation import GenItem, generate_missing, image_seed, load_pipeline, rank_items
+from tcscale.eval.generation import EvalInputError, GenItem, generate_missing, image_seed, load_pipeline, rank_items
 
 
 @pytest.fixture(scope="module")
@@ -190,39 +190,96 @@ def test_every_shipped_eval_config_validates(path):
     assert cfg.name and cfg.output_dir
 
 
-def test_fid_suite_samples_captions_generates_and_scores_with_an_injected_extractor(tiny_pipeline_dir, tmp_path):
-    """The FID stage end to end on a fake COCO: the caption list is sampled with the seed and written for reuse,
-    one image per caption is generated, and FID is computed against the real images (cached statistics)."""
+def test_fid_suites_sample_pairs_generate_and_score_with_an_injected_extractor(tiny_pipeline_dir, tmp_path):
+    """Both FID stages end to end, FID (C) on a fake COCO and FID (F) on a fake Flickr30K Entities: the image-caption
+    pairs are sampled with the seed and written for reuse, one image is generated per pair, FID is computed against
+    the distinct real images (cached statistics), and results.json records each suite's protocol and precision."""
     from tcscale.eval.fid import InceptionFeatureExtractor, load_caption_sample
     from tcscale.eval.runner import EvalContext, Evaluation
     from tests.helpers.eval_models import TinyConvFeatures
+    from tests.helpers.fid_data import fake_coco, fake_flickr30k
 
-    images = tmp_path / "val2017"
-    images.mkdir()
-    rng = np.random.default_rng(0)
-    coco = {"images": [], "annotations": []}
-    for i in range(8):
-        name = f"{i:012d}.jpg"
-        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(images / name)
-        coco["images"].append({"id": i, "file_name": name})
-        coco["annotations"] += [{"id": 10 * i + j, "image_id": i, "caption": f"a photo {i} {j}"} for j in range(2)]
-    (tmp_path / "captions.json").write_text(json.dumps(coco))
+    captions, images = fake_coco(tmp_path, n_images=8, captions_per_image=2)
+    flickr, flickr_images = fake_flickr30k(tmp_path)
     args = [
         "model.run_dir=null", f"model.pretrained={tiny_pipeline_dir}", f"output_dir={tmp_path / 'e'}",
         "synthetic.enabled=false", "grounding.enabled=false", "sampler.num_inference_steps=2", "fid.enabled=true",
-        f"fid.captions_json={tmp_path / 'captions.json'}", f"fid.images_dir={images}", "fid.num_images=6",
+        f"fid.captions_json={captions}", f"fid.images_dir={images}", "fid.num_images=12",
+        "fid.dtype=fp16", "fid_flickr30k.enabled=true", f"fid_flickr30k.entities_dir={flickr}",
+        f"fid_flickr30k.images_dir={flickr_images}", "fid_flickr30k.num_images=4",
     ]  # fmt: skip
     cfg = load_eval_config("configs/eval/tiny_cpu.yaml", args)
     extractor = InceptionFeatureExtractor(model=TinyConvFeatures(), batch_size=4)
     results = Evaluation(cfg, EvalContext(progress=False), fid_extractor=extractor).run()
-    fid = results["metrics"]["fid/coco10k"]
-    assert np.isfinite(fid) and fid > 0
-    sample = load_caption_sample(tmp_path / "e" / "fid" / "captions.json")
-    assert len(sample) == 6 and len({s["image_id"] for s in sample}) == 6
-    assert sorted(p.stem for p in (tmp_path / "e" / "fid" / "images").glob("*.png")) == sorted(
-        str(s["image_id"]) for s in sample
-    )
-    assert list((tmp_path / "e" / "fid_stats").glob("*.npz"))  # real statistics cached for the next evaluation
+    fid, fid_f = results["metrics"]["fid/coco10k"], results["metrics"]["fid/flickr30k1k"]
+    assert np.isfinite(fid) and fid > 0 and np.isfinite(fid_f) and fid_f > 0
+    pairs = load_caption_sample(tmp_path / "e" / "fid" / "captions.json")
+    assert len(pairs) == 12 and len({(s["image_id"], s["caption"]) for s in pairs}) == 12  # 12 pairs of 8 images
+    items = [json.loads(x) for x in (tmp_path / "e" / "fid" / "items.jsonl").read_text().splitlines()]
+    assert [it["prompt"] for it in items] == [p["caption"] for p in pairs]
+    assert sorted(p.stem for p in (tmp_path / "e" / "fid" / "images").glob("*.png")) == [f"{i:05d}" for i in range(12)]
+    flickr_pairs = load_caption_sample(tmp_path / "e" / "fid_flickr30k" / "captions.json")
+    assert len(flickr_pairs) == 4 and {p["file_name"] for p in flickr_pairs} == {"101.jpg", "102.jpg", "103.jpg"}
+    assert all(not any(ch in p["caption"] for ch in "[]#") for p in flickr_pairs)  # entity markup removed
+    protocol = results["protocol"]
+    assert protocol["fid/coco10k"] == {
+        "suite": "fid",
+        "precision": "fp32",
+        "requested_precision": "fp16",
+        "samples": 12,
+        "sampler": "ddim, 2 steps, CFG 7.5, 64 px",
+        "reference": "images",
+        "real_images": 8,
+    }  # fmt: skip  (a CPU samples in fp32 whatever is asked, and says so)
+    assert protocol["fid/flickr30k1k"]["suite"] == "fid_flickr30k" and protocol["fid/flickr30k1k"]["samples"] == 4
+    assert sorted(p.name for p in (tmp_path / "e" / "fid_stats").glob("*.npz")) == [
+        "coco10k_seed0_n12_images.npz",
+        "flickr30k1k_seed0_n4_images.npz",
+    ]  # fmt: skip  (real statistics cached for the next evaluation)
     again = Evaluation(cfg, EvalContext(progress=False), fid_extractor=extractor).run()  # resumes: same images
     assert again["metrics"]["fid/coco10k"] == pytest.approx(fid)
     assert again["details"]["counts"]["fid"]["generated"] == 0
+    from tcscale.config import ConfigError
+
+    with pytest.raises(ConfigError, match="fid_flickr30k.entities_dir"):
+        load_eval_config("configs/eval/tiny_cpu.yaml", [*args[:-3], "fid_flickr30k.images_dir=x"])
+    stale = load_eval_config("configs/eval/tiny_cpu.yaml", [*args, "fid.num_images=10"])
+    with pytest.raises(EvalInputError, match="holds 12 pairs but fid.num_images=10"):
+        Evaluation(stale, EvalContext(progress=False), fid_extractor=extractor).run()
+
+
+def test_an_exported_pipelines_pndm_equals_the_base_pipelines(tmp_path):
+    """An export stores the training scheduler (DDPM, built from the base's PNDM config); the evaluation rebuilds PNDM
+    from it. Every PNDM setting (skip_prk_steps, steps_offset, set_alpha_to_one, betas ...) must be the base's, so
+    the sampled timesteps and a sampler step are identical."""
+    import inspect
+
+    from diffusers import PNDMScheduler
+
+    from tcscale.config import ModelConfig, TinyModelConfig
+    from tcscale.models.architectures import build_tiny_components
+    from tcscale.models.sd import load_components, save_pipeline_dir
+
+    sd14 = {  # CompVis/stable-diffusion-v1-4 scheduler/scheduler_config.json
+        "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000,
+        "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "clip_sample": False,
+        "trained_betas": None,
+    }  # fmt: skip
+    comps = build_tiny_components(TinyModelConfig(), 64)
+    comps.noise_scheduler = PNDMScheduler.from_config(sd14)
+    base = save_pipeline_dir(comps, tmp_path / "base")
+    trained = load_components(ModelConfig(pretrained=str(base)), 64)  # what the trainer and the export load
+    assert type(trained.noise_scheduler).__name__ == "DDPMScheduler"
+    export = save_pipeline_dir(trained, tmp_path / "export")  # what tcscale.train.export writes
+    model = EvalModelConfig(pretrained="x")
+    a = load_pipeline(str(base), model, SamplerConfig(), "cpu").scheduler
+    b = load_pipeline(str(export), model, SamplerConfig(), "cpu").scheduler
+    assert type(a) is type(b) is PNDMScheduler
+    keys = [k for k in inspect.signature(PNDMScheduler.__init__).parameters if k != "self"]
+    assert {k: b.config[k] for k in keys} == {k: a.config[k] for k in keys}
+    assert (b.config.skip_prk_steps, b.config.steps_offset, b.config.set_alpha_to_one) == (True, 1, False)
+    a.set_timesteps(50)
+    b.set_timesteps(50)
+    assert torch.equal(a.timesteps, b.timesteps) and int(a.timesteps[0]) == 981
+    x, eps = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.randn(1, 4, 8, 8)
+    assert torch.equal(a.step(eps, a.timesteps[0], x).prev_sample, b.step(eps, b.timesteps[0], x).prev_sample)

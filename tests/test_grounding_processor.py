@@ -14,8 +14,8 @@ from tcscale.attention.processors import install_grounding_processors
 from tcscale.attention.recorders import LossRecorder, MapCapture, ProbsRecorder
 from tcscale.config import TinyModelConfig
 from tcscale.families.layout import UNET_LAYOUT, select_layers
-from tcscale.losses import grounding_losses
 from tcscale.families.sd import tiny_unet
+from tcscale.losses import grounding_losses
 
 
 def recorder(masks, token_phrase, **kw) -> LossRecorder:

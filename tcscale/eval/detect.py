@@ -3,8 +3,9 @@
 ``OpenVocabDetector`` batches images with per-image category lists, turns each category into the
 query "a photo of a {obj}" (docs/DESIGN.md §8), and returns, per image, the detections with score >
 ``threshold`` as plain lists: ``{"labels": [category, ...], "scores": [...], "boxes": [[x0, y0, x1,
-y1], ...]}``, boxes in pixels of the input image, best score first. An image with no detection gets
-empty lists (a miss, not an error).
+y1], ...]}``, boxes in pixels of the input image as the processor's post-processing returns them (VISOR's code
+uses them so; ``clip_boxes=True`` clips them to the image, which moves the centre of a box reaching past an
+edge), best score first. An image with no detection gets empty lists (a miss, not an error).
 
 Post-processing uses ``processor.post_process_grounded_object_detection`` — in transformers 4.57
 the processors' ``post_process_object_detection`` is deprecated (FutureWarning, removed in v5) in
@@ -98,6 +99,7 @@ class OpenVocabDetector:
         query_template: text query per category (default "a photo of a {}").
         batch_size: images per forward pass (default 8).
         device: torch device (default "cpu").
+        clip_boxes: clip boxes to the image (default False: as returned, as VISOR's code uses them).
     """
 
     def __init__(
@@ -109,6 +111,7 @@ class OpenVocabDetector:
         query_template: str = QUERY_TEMPLATE,
         batch_size: int = 8,
         device: str = "cpu",
+        clip_boxes: bool = False,
     ):
         kind = getattr(model.config, "model_type", None)
         if kind not in KINDS:
@@ -126,6 +129,7 @@ class OpenVocabDetector:
         self.query_template = query_template
         self.batch_size = batch_size
         self.device = device
+        self.clip_boxes = clip_boxes
 
     @classmethod
     def from_pretrained(cls, id_or_dir: str | os.PathLike, *, kind: str | None = None, **kwargs) -> OpenVocabDetector:
@@ -187,7 +191,8 @@ class OpenVocabDetector:
         for (h, w), res in zip(sizes, results):
             scores = res["scores"].float().cpu().numpy()
             boxes = res["boxes"].float().cpu().numpy().reshape(-1, 4)
-            boxes = np.clip(boxes, 0, [w, h, w, h])  # OWLv2 boxes may reach into the square padding
+            if self.clip_boxes:
+                boxes = np.clip(boxes, 0, [w, h, w, h])
             order = np.argsort(-scores, kind="stable")
             out.append(
                 {

@@ -1,11 +1,10 @@
-"""Fréchet Inception Distance: statistics, the distance, cached real statistics, COCO caption sampling.
+"""Fréchet Inception Distance: statistics, the distance, cached real statistics, image-caption pair sampling.
 
 FID(a, b) = ‖μ_a − μ_b‖² + Tr(Σ_a + Σ_b − 2 (Σ_a Σ_b)^½), with μ, Σ the mean and the unbiased
-(N − 1) covariance of the (N, D) features, all in float64. The matrix square root is
-``scipy.linalg.sqrtm``; as in pytorch-fid / clean-fid, a product that has no finite square root
-(a singular product, e.g. fewer samples than dimensions) is retried with ε·I added to both
-covariances, and the imaginary part that round-off leaves is dropped unless it is large (then the
-inputs are broken and a ValueError says so).
+(N − 1) covariance of the (N, D) features, all in float64. The distance itself is clean-fid's
+``cleanfid.fid.frechet_distance`` (``scipy.linalg.sqrtm``; a product with no finite square root, e.g.
+fewer samples than dimensions, is retried with ε·I added to both covariances; the imaginary part
+round-off leaves is dropped); tcscale only checks what goes in (shapes, NaN) and what comes out.
 
 Feature extractor: **clean-fid** (``clean-fid==0.1.35``), mode "clean". Why clean-fid rather than
 torch-fidelity: docs/DESIGN.md §8 asks for clean resizing, and that is clean-fid's own contribution (Parmar
@@ -63,9 +62,11 @@ def frechet_distance_from_stats(
 ) -> float:
     """FID between two Gaussians given by their means (D,) and covariances (D, D), in float64.
 
-    ``eps`` is the diagonal offset used when (Σ1 Σ2)^½ is not finite (default 1e-6).
+    The distance is ``cleanfid.fid.frechet_distance`` (the library the features come from); this wrapper checks
+    the inputs first (shapes, finiteness: clean-fid only asserts equal shapes) and the result after. ``eps`` is
+    clean-fid's diagonal offset when (Σ1 Σ2)^½ is not finite (default 1e-6).
     """
-    from scipy import linalg
+    from cleanfid.fid import frechet_distance as cleanfid_frechet_distance
 
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
@@ -77,17 +78,10 @@ def frechet_distance_from_stats(
     for name, arr in (("mu1", mu1), ("mu2", mu2), ("sigma1", sigma1), ("sigma2", sigma2)):
         if not np.isfinite(arr).all():
             raise ValueError(f"{name} contains NaN or infinite values")
-    diff = mu1 - mu2
-    covmean = linalg.sqrtm(sigma1 @ sigma2)
-    if not np.isfinite(covmean).all():  # singular product: offset both diagonals, as pytorch-fid does
-        offset = np.eye(d) * eps
-        covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    if np.iscomplexobj(covmean):
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            imag = np.abs(covmean.imag).max()
-            raise ValueError(f"(Σ1 Σ2)^½ has a large imaginary part ({imag:.3g}): the covariances are not valid")
-        covmean = covmean.real
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
+    value = float(cleanfid_frechet_distance(mu1, sigma1, mu2, sigma2, eps=eps))
+    if not np.isfinite(value):
+        raise ValueError(f"the Fréchet distance is {value}: the covariances are not valid")
+    return value
 
 
 def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
@@ -315,23 +309,16 @@ def open_images(paths: Iterable[str | os.PathLike]) -> Iterable[Image.Image]:
             yield im.convert("RGB")
 
 
-# --------------------------------------------------------------------------- COCO caption sample
+# --------------------------------------------------------------------------- image-caption pairs
 
 
-def sample_coco_captions(
-    captions_json: str | os.PathLike, n: int = 10000, seed: int = 0, *, out_path: str | os.PathLike | None = None
-) -> list[dict]:
-    """Sample ``n`` COCO images with one caption each from a ``captions_val2017.json``.
-
-    Images are sorted by id; each image's caption is drawn from its captions (sorted by annotation id)
-    and the ``n`` images are drawn without replacement, both with ``numpy.random.default_rng(seed)``, so
-    the sample is a function of (file, n, seed). Returns ``[{"image_id", "file_name", "caption"}]`` in
-    sample order. With ``out_path`` the sample is also written as JSON ``{"source", "seed", "n",
-    "captions": [...]}`` (temporary name, then rename) for other stages to reuse.
-    """
+def read_captions_file(captions_json: str | os.PathLike) -> tuple[dict[int, str], dict[int, list[tuple[int, str]]]]:
+    """({image id: file name}, {image id: [(annotation id, caption)]}) of a COCO-captions-shaped file (COCO val2014 /
+    val2017, or what ``tcscale.eval.flickr30k`` writes); captions whitespace-normalised, an image's repeated
+    caption text kept once."""
     path = Path(captions_json)
     if not path.is_file():
-        raise FileNotFoundError(f"COCO captions file not found: {path}")
+        raise FileNotFoundError(f"captions file not found: {path}")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -342,37 +329,64 @@ def sample_coco_captions(
         or not isinstance(data.get("annotations"), list)
     ):
         raise ValueError(f"{path}: expected a COCO captions file with 'images' and 'annotations' lists")
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive integer, got {n!r}")
     files: dict[int, str] = {}
     for i, im in enumerate(data["images"]):
         if not isinstance(im, dict) or "id" not in im or "file_name" not in im:
             raise ValueError(f"{path}: images[{i}] needs 'id' and 'file_name'")
         files[int(im["id"])] = str(im["file_name"])
-    captions: dict[int, list[tuple[int, str]]] = {}
+    captions: dict[int, dict[str, int]] = {}
     for i, ann in enumerate(data["annotations"]):
         if not isinstance(ann, dict) or "image_id" not in ann or "caption" not in ann:
             raise ValueError(f"{path}: annotations[{i}] needs 'image_id' and 'caption'")
         image_id = int(ann["image_id"])
         if image_id not in files:
             raise ValueError(f"{path}: annotations[{i}] names image {image_id}, which 'images' lacks")
-        captions.setdefault(image_id, []).append((int(ann.get("id", i)), " ".join(str(ann["caption"]).split())))
+        text = " ".join(str(ann["caption"]).split())
+        if text:
+            seen = captions.setdefault(image_id, {})
+            seen[text] = min(seen.get(text, int(ann.get("id", i))), int(ann.get("id", i)))
+    return files, {k: sorted((a, t) for t, a in v.items()) for k, v in captions.items()}
+
+
+def sample_coco_captions(
+    captions_json: str | os.PathLike, n: int = 10000, seed: int = 0, *, out_path: str | os.PathLike | None = None
+) -> list[dict]:
+    """``n`` distinct image-caption pairs from a COCO captions file (val2014 or val2017 shaped).
+
+    Spread over the images as evenly as the captions allow: every image gives one pair before any gives a second,
+    and so on (val2014, 40,504 images: 10,000 pairs of 10,000 different images; val2017, 5,000 images with 5-7
+    captions each: each image in exactly two of 10,000 pairs). Which images come first and which of an image's
+    captions are used are drawn with ``numpy.random.default_rng(seed)`` over images sorted by id and captions sorted
+    by annotation id, so the sample is a function of (file, n, seed), and a smaller n is a prefix of a larger one.
+    Returns ``[{"image_id", "file_name", "caption"}]`` (no two equal). With ``out_path`` the pairs are also written
+    as JSON ``{"source", "seed", "n", "images", "captions": [...]}`` (temporary name, then rename) for reuse.
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive integer, got {n!r}")
+    path = Path(captions_json)
+    files, captions = read_captions_file(path)
     ids = sorted(captions)
-    if n > len(ids):
-        raise ValueError(f"{path}: asked for {n} images but only {len(ids)} have captions")
+    total = sum(len(c) for c in captions.values())
+    if n > total:
+        raise ValueError(f"{path}: asked for {n} image-caption pairs but only {total} exist ({len(ids)} images)")
     rng = np.random.default_rng(seed)
-    chosen_caption = {i: sorted(captions[i])[int(rng.integers(len(captions[i])))][1] for i in ids}
-    picked = rng.choice(len(ids), size=n, replace=False)
-    sample = [
-        {"image_id": ids[k], "file_name": files[ids[k]], "caption": chosen_caption[ids[k]]} for k in picked.tolist()
-    ]
+    image_rank = {ids[k]: r for r, k in enumerate(rng.permutation(len(ids)).tolist())}  # which image goes first
+    ranked = []  # (caption round j, image rank, image id, caption): round j holds every image's j-th drawn caption
+    for image_id in ids:
+        caps = captions[image_id]
+        for j, k in enumerate(rng.permutation(len(caps)).tolist()):
+            ranked.append((j, image_rank[image_id], image_id, caps[k][1]))
+    ranked.sort()
+    sample = [{"image_id": i, "file_name": files[i], "caption": c} for _, _, i, c in ranked[:n]]
     if out_path is not None:
+        record = {
+            "source": path.name, "seed": seed, "n": n, "images": len({s["image_id"] for s in sample}),
+            "captions": sample,
+        }  # fmt: skip
         out = Path(out_path)
         tmp = _atomic_tmp(out, ".json")
         try:
-            Path(tmp).write_text(
-                json.dumps({"source": path.name, "seed": seed, "n": n, "captions": sample}, indent=1), encoding="utf-8"
-            )
+            Path(tmp).write_text(json.dumps(record, indent=1), encoding="utf-8")
             os.replace(tmp, out)
         finally:
             if os.path.exists(tmp):
@@ -380,8 +394,18 @@ def sample_coco_captions(
     return sample
 
 
+def reference_files(pairs: Sequence[dict], reference: str = "images") -> list[str]:
+    """The real side of FID for sampled pairs: ``"images"`` each distinct image once (first-appearance order),
+    ``"pairs"`` one image per pair (an image in two pairs counts twice). docs/FIDELITY.md says why "images"."""
+    if reference == "pairs":
+        return [p["file_name"] for p in pairs]
+    if reference != "images":
+        raise ValueError(f"reference must be 'images' or 'pairs', got {reference!r}")
+    return list(dict.fromkeys(p["file_name"] for p in pairs))
+
+
 def load_caption_sample(path: str | os.PathLike) -> list[dict]:
-    """The ``captions`` list of a ``sample_coco_captions(..., out_path=...)`` file."""
+    """The ``captions`` list (the pairs) of a ``sample_coco_captions(..., out_path=...)`` file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"caption sample not found: {path}")
@@ -410,6 +434,8 @@ __all__ = [
     "fid_score",
     "image_folder_files",
     "open_images",
+    "read_captions_file",
     "sample_coco_captions",
+    "reference_files",
     "load_caption_sample",
 ]

@@ -83,14 +83,21 @@ def readable_image(path: Path) -> bool:
         return False
 
 
+def precision_name(name: str, device: torch.device | str) -> str:
+    """The precision that actually runs for a requested one: itself on a GPU, "fp32" on a CPU (fp16/bf16 inference
+    is slow or unsupported there)."""
+    return name if torch.device(device).type == "cuda" else "fp32"
+
+
 def torch_dtype(name: str, device: torch.device) -> torch.dtype:
-    if device.type != "cuda":
-        return torch.float32  # CPU: fp16/bf16 inference is slow or unsupported
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision_name(name, device)]
 
 
-def load_pipeline(path: str, model: EvalModelConfig, sampler: SamplerConfig, device: torch.device | str):
-    """The pipeline to evaluate, on `device`, safety checker off, with the configured sampler."""
+def load_pipeline(
+    path: str, model: EvalModelConfig, sampler: SamplerConfig, device: torch.device | str, *, dtype: str | None = None
+):
+    """The pipeline to evaluate, on `device`, safety checker off, with the configured sampler, in precision `dtype`
+    ("fp32" / "fp16" / "bf16"; null: `model.dtype`; a CPU always runs fp32)."""
     device = torch.device(device)
     from diffusers import (
         DDIMScheduler,
@@ -102,7 +109,7 @@ def load_pipeline(path: str, model: EvalModelConfig, sampler: SamplerConfig, dev
     local = Path(path).expanduser()
     if (path.startswith((".", "/", "~")) or os.sep in path) and not local.is_dir():
         raise EvalInputError(f"model: pipeline directory not found: {path}")
-    dtype = torch_dtype(model.dtype, device)
+    dtype = torch_dtype(dtype or model.dtype, device)
     # a LoRA export (tcscale.models.lora.save_lora_dir): its base pipeline, then the adapter on top
     from tcscale.models.lora import INFO_NAME, WEIGHT_NAME
 

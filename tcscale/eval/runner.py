@@ -8,8 +8,12 @@ Stages read the previous stage's files and skip what is on disk (STYLE "evaluati
     <output_dir>/<suite>/detections/<key>.json  the detector's output per image
     <output_dir>/results.json, table.md         rank 0, once every suite is scored (temp name, then rename)
 
-Suites: multigen (per prompt set; OWLv2), visor (OWL-ViT), synthetic (the synthetic world's exact scorer),
-grounding (held-out mIoU, no generation), fid (Inception features, clean-fid), latency (rank 0). Collective parts
+Suites (`tcscale.eval.suites.SUITES`, run in that order): multigen (per prompt set; OWLv2), visor (OWL-ViT),
+synthetic (the synthetic world's exact scorer), sepen, fid and fid_flickr30k (image-caption pairs, clean-fid),
+grounding (held-out mIoU, no generation), daam_cocogen (Table 4: COCO-Gen's images inverted, one records file per
+image), latency (rank 0). Each suite samples in its own precision (`<suite>.dtype`, null: `model.dtype`) and
+records what it ran (suite, precision, sample count, sampler) under results.json "protocol", keyed by its metrics'
+prefix (e.g. "multigen/coco"), which `tcscale.eval.compare` checks against the paper's. Collective parts
 (waiting for every rank) go through the `barrier` the launcher passes in: this module knows nothing of process
 groups, and ranks exchange results through files.
 
@@ -35,7 +39,7 @@ from typing import Any
 
 import torch
 
-from tcscale.eval.config import EvalConfig
+from tcscale.eval.config import EvalConfig, FIDCommon
 from tcscale.eval.generation import (
     EvalInputError,
     GenItem,
@@ -44,11 +48,13 @@ from tcscale.eval.generation import (
     image_seed,
     load_pipeline,
     native_resolution,
+    precision_name,
     rank_items,
     read_detections,
     write_items,
     write_json_atomic,
 )
+from tcscale.eval.suites import SUITES
 
 PROMPT_DIR = Path(__file__).resolve().parent / "prompts"
 SHIPPED_SETS = {"coco": "coco_obj_comp_5_1k.json", "ade20k": "ade20k_obj_comp_5_1k.json"}
@@ -254,24 +260,47 @@ class Evaluation:
         self.generates = phase != "merge"  # this process makes (and detects) its share of the images
         self.scores = phase == "merge" or (phase == "all" and ctx.is_rank0)  # ... and this one scores them
         self._pipe = None
+        self._pipe_dtype: str | None = None  # the precision the loaded pipeline runs in ("fp32" on a CPU)
+        self.dtype = cfg.model.dtype  # the precision asked for by the suite now running
         self.model_name: str | None = None
         self.fid_extractor = fid_extractor
         self.out = Path(cfg.output_dir)
         self.metrics: dict[str, float] = {}
         self.details: dict[str, Any] = {}
         self.counts: dict[str, dict[str, int]] = {}
+        self.protocol: dict[str, dict[str, Any]] = {}  # metric prefix -> what was run (results.json "protocol")
         self.artifacts: list[Path] = []
 
     @property
     def pipe(self):
-        """The pipeline, loaded on first use (a merge of detection suites never needs it)."""
-        if self._pipe is None:
-            self._pipe = load_pipeline(self.model_name, self.cfg.model, self.cfg.sampler, self.ctx.device)
+        """The pipeline in the current suite's precision, loaded on first use (a merge of detection suites never
+        needs it) and reloaded, not cast, when a suite asks for another precision (a cast fp32 -> fp16 -> fp32 would
+        round the weights)."""
+        want = precision_name(self.dtype, self.ctx.device)
+        if self._pipe is None or self._pipe_dtype != want:
+            self._pipe = None  # free the other precision's copy first
+            self._pipe = load_pipeline(self.model_name, self.cfg.model, self.cfg.sampler, self.ctx.device,
+                                       dtype=self.dtype)  # fmt: skip
+            self._pipe_dtype = want
         return self._pipe
 
-    @pipe.setter
-    def pipe(self, value) -> None:
-        self._pipe = value
+    def use_precision(self, section) -> str:
+        """Make `section.dtype` (null: model.dtype) the current precision; returns what actually runs ("fp32" on
+        a CPU whatever is asked)."""
+        self.dtype = getattr(section, "dtype", None) or self.cfg.model.dtype
+        return precision_name(self.dtype, self.ctx.device)
+
+    def record_protocol(self, prefix: str, suite: str, samples: int, *, sampler: bool = True, **extra: Any) -> None:
+        """What a suite ran, for results.json "protocol" (compare reads it against the paper's)."""
+        entry: dict[str, Any] = {"suite": suite, "precision": precision_name(self.dtype, self.ctx.device)}
+        if self.dtype != entry["precision"]:
+            entry["requested_precision"] = self.dtype
+        entry["samples"] = int(samples)
+        if sampler:
+            s = self.cfg.sampler
+            size = s.resolution or (native_resolution(self._pipe) if self._pipe is not None else "native")
+            entry["sampler"] = f"{s.scheduler}, {s.num_inference_steps} steps, CFG {s.guidance_scale:g}, {size} px"
+        self.protocol[prefix] = {**entry, **extra}
 
     def _rank_files(self, root: Path, pattern: str) -> list[Path]:
         """`pattern.format(rank=r)` under root for every rank; a missing one is an error naming the rank."""
@@ -345,6 +374,7 @@ class Evaluation:
         )
 
         mg = self.cfg.multigen
+        self.use_precision(mg)
         detector = None
         for set_name in mg.sets:
             name, items = multigen_items(self.cfg, set_name)
@@ -361,6 +391,8 @@ class Evaluation:
             num_objects = max(len(it.meta["objects"]) for it in items)
             scores = multigen_scores(records, threshold=mg.threshold, num_objects=num_objects)
             self.metrics.update(multigen_metrics(scores, f"multigen/{name}"))
+            prompts = len({it.meta["prompt_id"] for it in items})
+            self.record_protocol(f"multigen/{name}", "multigen", len(records), prompts=prompts)
             rates = category_success_rates(records, threshold=mg.threshold)
             self.details[suite] = {"scores": scores, "category_success": rates, "images": len(records)}
             self.artifacts.append(plot_category_success(rates, self.out / suite / "category_success.png", title=suite))
@@ -371,18 +403,24 @@ class Evaluation:
         from tcscale.eval.visor import visor_metrics, visor_scores
 
         v = self.cfg.visor
+        self.use_precision(v)
         items = visor_items(self.cfg)
         self._generate("visor", items)
         detector = None
         if self.generates:
             self.ctx.log0(f"loading detector {v.detector}")
             detector = OpenVocabDetector.from_pretrained(
-                v.detector, threshold=v.threshold, batch_size=v.detector_batch_size, device=str(self.ctx.device)
+                v.detector,
+                threshold=v.threshold,
+                batch_size=v.detector_batch_size,
+                device=str(self.ctx.device),
+                clip_boxes=v.clip_boxes,
             )
         records = self._detect("visor", items, detector)
         if records is not None:
             scores = visor_scores(records, threshold=v.threshold, num_images=v.rounds)
             self.metrics.update(visor_metrics(scores))
+            self.record_protocol("visor", "visor", len(records), clip_boxes=v.clip_boxes)
             self.details["visor"] = scores
             self._sample_grid("visor", items)
 
@@ -397,6 +435,7 @@ class Evaluation:
                 out.append({"labels": [d["label"] for d in dets], "scores": [float(d["score"]) for d in dets]})
             return out
 
+        self.use_precision(self.cfg.synthetic)
         for k in self.cfg.synthetic.num_objects:
             suite = f"synthetic_k{k}"
             items = synthetic_items(self.cfg, k)
@@ -410,6 +449,7 @@ class Evaluation:
             for j in range(1, k + 1):
                 self.metrics[f"synthetic/k{k}/MG{j}"] = scores[f"MG{j}"]["mean"]
             self.details[suite] = {"scores": scores, "images": len(records)}
+            self.record_protocol(f"synthetic/k{k}", "synthetic", len(records))
             self._sample_grid(suite, items)
 
     def run_sepen(self) -> None:
@@ -425,11 +465,13 @@ class Evaluation:
         )
 
         s, ctx = self.cfg.sepen, self.ctx
+        self.use_precision(s)
         items = sepen_items(self.cfg)
         sampler = self.cfg.sampler
         self.cfg.sampler = replace(sampler, guidance_scale=s.guidance_scale)  # the protocol's CFG for this suite
         try:
             self._generate("sepen", items)
+            self.record_protocol("sepen", "sepen", len(items), setting=s.setting)
         finally:
             self.cfg.sampler = sampler
         detector = None
@@ -460,6 +502,7 @@ class Evaluation:
         from tcscale.eval.grounding_maps import grounding_batches, grounding_records, summarize_grounding
         from tcscale.families import family_of_pipeline
 
+        self.use_precision(None)  # model.dtype: one U-Net forward per sample and timestep
         g, ctx, pipe = self.cfg.grounding, self.ctx, self.pipe
         family = family_of_pipeline(pipe)
         resolution = g.resolution or self.cfg.sampler.resolution or native_resolution(pipe)
@@ -490,56 +533,125 @@ class Evaluation:
             for path in self._rank_files(root, "records-rank{rank}.json"):
                 merged.extend(json.loads(path.read_text()))
             self.metrics.update(summarize_grounding(merged))
+            self.record_protocol("grounding", "grounding", len(merged), sampler=False, timesteps=list(g.timesteps))
             self.details["grounding"] = {"layers": list(plan.layers), "records": len(merged)}
 
+    def run_daam_cocogen(self) -> None:
+        """Table 4: null-text inversion of each COCO-Gen image under the model, DAAM heat maps, mIoU (daam.py)."""
+        from tcscale.attention.plan import GroundingPlan, vae_scale_factor
+        from tcscale.eval.daam import cocogen_items, daam_image_records, summarize_daam, write_records
+        from tcscale.families import family_of_pipeline
+
+        d, ctx = self.cfg.daam_cocogen, self.ctx
+        self.use_precision(None)  # model.dtype: the inversion optimises in it
+        items = cocogen_items(d.data_dir, d.limit)
+        root = self.out / "daam_cocogen" / "records"
+        if self.generates:
+            pipe = self.pipe
+            resolution = d.resolution or native_resolution(pipe)
+            plan = GroundingPlan.build(
+                pipe.unet, blocks=["down", "up"], resolutions=None, image_resolution=resolution,
+                scale_factor=vae_scale_factor(pipe.vae), layout=family_of_pipeline(pipe).layout,
+            )  # fmt: skip
+            root.mkdir(parents=True, exist_ok=True)
+            mine = rank_items(items, ctx.rank, ctx.world_size)
+            for n, item in enumerate(mine, start=1):
+                path = root / f"{item['key']}.json"
+                if not path.is_file():  # one file per image: a killed run resumes at the next image
+                    write_records(path, daam_image_records(pipe, plan, item, d, resolution, ctx.device))
+                ctx.log(f"rank {ctx.rank}: daam_cocogen: {n}/{len(mine)} images inverted and scored")
+        ctx.barrier()
+        if self.scores:
+            records = []
+            for item in items:
+                path = root / f"{item['key']}.json"
+                if not path.is_file():
+                    raise EvalInputError(f"daam_cocogen: {path} missing: did every rank finish?")
+                records += json.loads(path.read_text())
+            self.metrics.update(summarize_daam(records))
+            self.details["daam_cocogen"] = {"images": len(items), "words": len(records)}
+            self.record_protocol(
+                "daam_cocogen", "daam_cocogen", len(items), sampler=False, words=len(records),
+                steps=d.num_inference_steps, guidance=d.guidance_scale, threshold=d.threshold,
+            )  # fmt: skip
+
     def run_fid(self) -> None:
+        """FID (C): pairs sampled from a COCO captions file (val2014 or val2017)."""
+        f = self.cfg.fid
+        self._run_fid("fid", f, lambda root: f.captions_json)
+
+    def run_fid_flickr30k(self) -> None:
+        """FID (F): pairs sampled from a Flickr30K Entities split, imported into a COCO-shaped captions file."""
+        from tcscale.eval.flickr30k import write_flickr30k_captions
+
+        f = self.cfg.fid_flickr30k
+
+        def captions(root: Path) -> str:
+            return str(write_flickr30k_captions(f.entities_dir, f.split, root / f"flickr30k_{f.split}_captions.json"))
+
+        self._run_fid("fid_flickr30k", f, captions)
+
+    def _run_fid(self, suite: str, f: FIDCommon, captions_json: Callable[[Path], str | None]) -> None:
         from tcscale.eval.fid import (
             InceptionFeatureExtractor,
             fid_score,
             load_caption_sample,
             open_images,
+            reference_files,
             sample_coco_captions,
         )
 
-        f, ctx = self.cfg.fid, self.ctx
-        root = self.out / "fid"
-        caption_file = root / "captions.json"
-        # one job: rank 0 writes the caption sample; array tasks each write it if absent (the same file: a seeded
-        # sample, written atomically); the merge reads it
+        ctx = self.ctx
+        self.use_precision(f)
+        root = self.out / suite
+        pair_file = root / "captions.json"
+        # one job: rank 0 writes the pair list; array tasks each write it if absent (the same file: a seeded sample,
+        # written atomically); the merge reads it
         if (ctx.is_rank0 and self.phase == "all") or self.phase == "share":
             root.mkdir(parents=True, exist_ok=True)
             if f.caption_list:
-                write_json_atomic(caption_file, load_caption_sample(f.caption_list))
-            elif not caption_file.is_file():  # sampled once with the eval seed, then reused (and shareable)
-                sample_coco_captions(f.captions_json, n=f.num_images, seed=self.cfg.seed, out_path=caption_file)
+                reused = load_caption_sample(f.caption_list)
+                write_json_atomic(pair_file, {"source": str(f.caption_list), "captions": reused})
+            elif not pair_file.is_file():  # sampled once with the eval seed, then reused (and shareable)
+                sample_coco_captions(captions_json(root), n=f.num_images, seed=self.cfg.seed, out_path=pair_file)
         ctx.barrier()
-        captions = load_caption_sample(caption_file)
+        pairs = load_caption_sample(pair_file)
+        if not f.caption_list and len(pairs) != f.num_images:
+            raise EvalInputError(
+                f"{pair_file} holds {len(pairs)} pairs but {suite}.num_images={f.num_images}: remove it to sample again"
+            )
         items = [
-            GenItem(str(c["image_id"]), c["caption"], image_seed(self.cfg.seed, "fid", c["image_id"], 0), dict(c))
-            for c in captions
+            GenItem(f"{i:05d}", p["caption"], image_seed(self.cfg.seed, suite, i, 0), dict(p))
+            for i, p in enumerate(pairs)
         ]
-        self._generate("fid", items)
+        real_paths = [Path(f.images_dir) / name for name in reference_files(pairs, f.reference)]
+        missing = [p for p in real_paths if not p.is_file()]
+        if missing:  # checked before generating: a missing real image would otherwise surface after hours
+            raise EvalInputError(f"{suite}.images_dir: {len(missing)} real images missing (first: {missing[0]})")
+        self._generate(suite, items)
         if not self.scores:
             return
-        real_paths = [Path(f.images_dir) / it.meta["file_name"] for it in items]
-        missing = [p for p in real_paths if not p.is_file()]
-        if missing:
-            raise EvalInputError(f"fid.images_dir: {len(missing)} real images missing (first: {missing[0]})")
         extractor = self.fid_extractor or InceptionFeatureExtractor(weights_dir=f.weights_dir, device=str(ctx.device))
-        ctx.log0(f"fid: Inception features of {len(items)} generated and real images")
-        cache = Path(f.stats_cache or self.out / "fid_stats") / f"{f.name}_seed{self.cfg.seed}_n{len(items)}.npz"
+        ctx.log0(f"{suite}: Inception features of {len(items)} generated and {len(real_paths)} real images")
+        cache = Path(f.stats_cache or self.out / "fid_stats") / (
+            f"{f.name}_seed{self.cfg.seed}_n{len(items)}_{f.reference}.npz"
+        )
+        meta = {"name": f.name, "pairs": len(items), "real_images": len(real_paths), "reference": f.reference,
+                "seed": self.cfg.seed, "extractor": type(extractor).__name__}  # fmt: skip
         self.metrics[f"fid/{f.name}"] = fid_score(
             open_images(root / "images" / f"{it.key}.png" for it in items),
             lambda: open_images(real_paths),
             extractor,
             real_cache=cache,
-            meta={"name": f.name, "images": len(items), "seed": self.cfg.seed, "extractor": type(extractor).__name__},
+            meta=meta,
         )
+        self.record_protocol(f"fid/{f.name}", suite, len(items), reference=f.reference, real_images=len(real_paths))
 
     def run_latency(self) -> None:
         if not self.scores:  # timed once, by the scoring process (rank 0 of one job, or the merge)
             return
         lat, sampler = self.cfg.latency, self.cfg.sampler
+        self.use_precision(lat)
 
         def seconds_per_image(pipe) -> float:
             resolution = sampler.resolution or native_resolution(pipe)
@@ -557,11 +669,13 @@ class Evaluation:
             return float(sorted(times)[len(times) // 2])
 
         self.metrics["latency/s_per_image"] = seconds_per_image(self.pipe)
+        device = torch.cuda.get_device_name(self.ctx.device) if self.ctx.device.type == "cuda" else "cpu"
+        self.record_protocol("latency", "latency", lat.prompts, device=device)
         if lat.base:
             from tcscale.eval.config import EvalModelConfig
 
-            base = load_pipeline(lat.base, EvalModelConfig(pretrained=lat.base, dtype=self.cfg.model.dtype), sampler,
-                                 self.ctx.device)  # fmt: skip
+            base = load_pipeline(lat.base, EvalModelConfig(pretrained=lat.base), sampler, self.ctx.device,
+                                 dtype=self.dtype)  # fmt: skip
             self.metrics["latency/base_s_per_image"] = seconds_per_image(base)
             self.metrics["latency/ratio_vs_base"] = (
                 self.metrics["latency/s_per_image"] / self.metrics["latency/base_s_per_image"]
@@ -575,15 +689,16 @@ class Evaluation:
         path = model_path(cfg, ctx, independent=self.phase != "all")
         if self.phase == "all":
             ctx.log0(f"evaluating {path} on {ctx.world_size} rank(s), device {ctx.device}")
-            self.pipe = load_pipeline(path, cfg.model, cfg.sampler, ctx.device)
+            self.model_name = path
+            self.pipe  # loaded before any suite: a bad model fails fast  # noqa: B018
         elif self.phase == "share":
             ctx.log(f"evaluating {path}: share {ctx.rank} of {ctx.world_size}, device {ctx.device}")
         else:
             ctx.log(f"merging the {ctx.world_size} shares of {path} in {self.out}")
         self.model_name = path
-        for suite in ("multigen", "visor", "synthetic", "sepen", "grounding", "fid", "latency"):
-            if getattr(cfg, suite).enabled:
-                getattr(self, f"run_{suite}")()
+        for suite in SUITES:
+            if getattr(cfg, suite.name).enabled:
+                getattr(self, f"run_{suite.name}")()
         ctx.barrier()
         if self.phase == "share":
             write_json_atomic_mkdir(
@@ -605,6 +720,7 @@ class Evaluation:
             "model": self.model_name,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "metrics": self.metrics,
+            "protocol": self.protocol,
             "details": {**self.details, "counts": self.counts},
             "config": flatten(asdict(self.cfg)),
         }
