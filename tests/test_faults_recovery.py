@@ -329,3 +329,31 @@ def test_two_processes_racing_for_one_output_dir_get_one_lock(tmp_path):
     procs = [subprocess.Popen(cmd, cwd=REPO, text=True, stdout=subprocess.PIPE, env=env) for _ in range(2)]
     outs = sorted(p.communicate(timeout=60)[0].strip() for p in procs)
     assert outs[0] == "got" and outs[1].startswith("refused") and "in use by another training run" in outs[1], outs
+
+
+# -- noise ----------------------------------------------------------------------------------------------------
+def test_a_caption_over_77_tokens_aligns_without_the_indexing_errors_warning(sd_tokenizer, capsys):
+    from tcscale.data.align import PhraseAligner
+
+    caption = " ".join(["a red circle next to a blue square"] * 12) + " and a green star"
+    found = PhraseAligner(sd_tokenizer).align(caption, ["a red circle", "a green star"])
+    err = capsys.readouterr().err
+    assert "indexing errors" not in err and "longer than the specified maximum" not in err
+    assert found.positions[0] == [1, 2, 3]  # "a red circle", right after <start>
+    assert found.positions[1] is None and found.reasons[1] == "truncated"  # beyond token 77: dropped as such
+
+
+def test_readme_lists_every_exit_code_the_launcher_returns():
+    import re
+
+    from tcscale.train import errors
+
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## When things go wrong") : readme.index("## Layout")]
+    codes = {v for k, v in vars(errors).items() if k.startswith("EXIT_")}
+    assert codes == {0, 1, 2, 3, 4, 75, 143}
+    documented = {int(c) for c in re.findall(r"`(\d+)` ", section.split("\n\n")[1])}
+    assert documented == codes, documented
+    for words in ("SIGTERM received", "checkpoint.on_sigterm=false", "corrupt-step<N>", ".tcscale.lock",
+                  "starting from step 1", "free space"):  # fmt: skip
+        assert words in section, words

@@ -2,7 +2,8 @@
 
 0   finished (max_steps reached)
 1   unexpected error (a bug: the traceback is printed)
-2   bad input: config key, data path, model path, output directory, checkpoint (named in one line)
+2   bad input: config key, data path, model path, output directory (unwritable, or held by another run), checkpoint
+    (not loadable, or not writable: disk full), named in one line
 3   diverged: a loss term or the gradient norm became NaN/inf (step and term named; no checkpoint of it)
 4   another rank failed: this rank stopped because a peer exited (its message is the one to read)
 75  preempted (EX_TEMPFAIL): SIGUSR1 / SIGTERM / the launcher gone: a checkpoint and <output_dir>/PREEMPTED were
