@@ -52,6 +52,7 @@ def one_line(err: str, needle: str) -> str:
 
 
 # -- corrupt checkpoints --------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_truncated_latest_checkpoint_falls_back_to_the_newest_complete_one(train_main, tmp_path, capsys):
     run = tmp_path / "run"
     assert run_main(train_main, run, "max_steps=4", "checkpoint.every_steps=2", "checkpoint.keep_last=3") == 0
