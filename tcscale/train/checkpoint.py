@@ -417,8 +417,8 @@ class Checkpointer:
         next start removes what is left). Names the directory, the cause (a full disk as such) and the intact
         previous checkpoint."""
         tmp = self.dir / f"tmp-{tag}"
+        cause = save_failure_cause(exc, self.dir)  # the free space as the save left it
         shutil.rmtree(tmp, ignore_errors=True)
-        cause = save_failure_cause(exc, self.dir)
         previous = None
         with contextlib.suppress(CheckpointError, OSError):
             previous = latest_tag(self.dir)
