@@ -244,12 +244,12 @@ class Tracker(NullTracker):
 
     def end(self, status: str = "FINISHED", reason: str | None = None) -> None:
         self.retry_at = 0.0  # the last chance: try once more whatever happened moments ago
+        if not self._connect():
+            warnings.warn(f"MLflow: the tracking server {self.uri} never answered: this run has no MLflow run and "
+                          f"its {len(self.pending)} metric values were not sent", stacklevel=2)  # fmt: skip
+            return
         if self.pending and not self._flush("sending the last metrics"):
             warnings.warn(f"MLflow: {len(self.pending)} metric values could not be sent", stacklevel=2)
-        if self.run_id is None:
-            warnings.warn(f"MLflow: the tracking server {self.uri} never answered; this run has no MLflow run",
-                          stacklevel=2)  # fmt: skip
-            return
         if reason:
             self._call("tagging the failure", self.client.set_tag, self.run_id, "failure_reason", reason[:5000])
         self._call(f"marking the run {status}", self.client.set_terminated, self.run_id, status=status)
