@@ -38,14 +38,21 @@ def main(argv: list[str] | None = None) -> int:
     from tcscale.models.sd import ModelLoadError
     from tcscale.train.checkpoint import CheckpointError
     from tcscale.train.export import export_pipeline, export_text_encoder
-    from tcscale.train.safe_load import UnsafeCheckpointError
+    from tcscale.train.safe_load import CheckpointReadError, UnsafeCheckpointError
 
     try:
         if args.text_encoder:
             out = export_text_encoder(args.run_dir, args.out, args.tag, args.allow_unsafe_load)
         else:
             out = export_pipeline(args.run_dir, args.out, args.tag, args.allow_unsafe_load, merge_lora=args.merge_lora)
-    except (ConfigError, CheckpointError, UnsafeCheckpointError, ModelLoadError, FileNotFoundError) as exc:
+    except (
+        ConfigError,
+        CheckpointError,
+        CheckpointReadError,
+        UnsafeCheckpointError,
+        ModelLoadError,
+        FileNotFoundError,
+    ) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"exported {'text encoder' if args.text_encoder else 'pipeline'} to {out}")

@@ -8,7 +8,8 @@ DeepSpeed's launcher adds `--local_rank`; it is accepted and ignored (LOCAL_RANK
 
 Exit codes (tcscale.train.errors): 0 finished; 1 unexpected error (traceback); 2 bad input (config key, data, model
 or output path, checkpoint) in one line; 3 diverged (NaN/inf loss or gradient, step and term named); 4 this rank
-stopped because another rank failed; 75 preempted: checkpoint + PREEMPTED written, requeue with resume=latest.
+stopped because another rank failed; 75 preempted (SIGUSR1, SIGTERM, launcher gone): checkpoint + PREEMPTED written,
+requeue with resume=latest; 143 stopped by SIGTERM without a checkpoint (checkpoint.on_sigterm=false).
 An error every rank agrees on is printed by rank 0 only.
 """
 
@@ -39,7 +40,14 @@ def main(argv: list[str] | None = None) -> int:
     preempt = PreemptionFlag().install()
 
     from tcscale.config import ConfigError, load_config
-    from tcscale.train.errors import EXIT_INPUT, EXIT_OK, EXIT_PREEMPTED, EXIT_UNEXPECTED, exit_code_for
+    from tcscale.train.errors import (
+        EXIT_INPUT,
+        EXIT_OK,
+        EXIT_PREEMPTED,
+        EXIT_TERMINATED,
+        EXIT_UNEXPECTED,
+        exit_code_for,
+    )
 
     try:
         cfg = load_config(args.config, args.overrides)
@@ -67,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         preempt.stop_watching()
     if result.preempted:
         return EXIT_PREEMPTED
+    if result.terminated:
+        return EXIT_TERMINATED
     return EXIT_OK if result.step >= cfg.max_steps else EXIT_UNEXPECTED
 
 

@@ -51,6 +51,7 @@ class CheckpointConfig:
     keep_last: int = 3  # keep the newest k checkpoints
     save_final: bool = True  # save a checkpoint when training ends
     allow_unsafe_load: bool = False  # resume from files that need arbitrary unpickling (only ones you trust)
+    on_sigterm: bool = True  # SIGTERM: checkpoint and exit 75 like SIGUSR1 (false: stop without saving, exit 143)
 
 
 @dataclass

@@ -227,6 +227,9 @@ def test_checkpoints_load_weights_only_unless_opted_in(train_main, tmp_path, cap
     states = run / "checkpoints" / "step2" / "mp_rank_00_model_states.pt"
     good = torch.load(states, map_location="cpu", weights_only=True)
     torch.save({**good, "payload": _RunsCode(marker)}, states)
+    from tcscale.train.checkpoint import write_manifest
+
+    write_manifest(states.parent)  # as whoever hands you the file would: it passes the completeness check
     # export refuses, naming the file and the opt-in; the payload never runs
     from tcscale.train.export import export_pipeline
     from tcscale.train.safe_load import UnsafeCheckpointError

@@ -69,7 +69,9 @@ class PhraseAligner:
         hit = self._captions.get(caption)
         if hit is None:
             ids = self.tokenizer(caption, max_length=self.max_length, padding="max_length", truncation=True).input_ids
-            full = self.tokenizer(caption, add_special_tokens=False, truncation=False).input_ids
+            # the whole caption, to tell phrases beyond max_length apart: tokenize() does not warn that a caption
+            # over 77 tokens "will result in indexing errors" (nothing indexes a model with these ids)
+            full = self.tokenizer.convert_tokens_to_ids(self.tokenizer.tokenize(caption))
             hit = (list(ids), list(full), self.tokenizer.convert_ids_to_tokens(full))
             self._captions.put(caption, hit)
         return hit

@@ -101,66 +101,100 @@ CLIENT_ENV = {
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
 }
 MAX_PENDING_METRICS = 100_000  # metric values kept for retry while the server is unreachable; then the oldest go
+RETRY_AFTER_S = 30.0  # after a failed call, metrics are only kept (no call, no waiting) for this long
 
 
 class Tracker(NullTracker):
     """An MLflow run: created, or continued when `run_id` is given (resume).
 
-    Resilient: once the run exists, a failing call (server down, network) logs one warning and training goes on;
-    unsent metrics are retried with the next call (bounded), images and dicts of a failed call are dropped with
-    the warning. A resumed run does not log again the steps the interrupted run had already logged (the replayed
-    steps are the same computation, so MLflow keeps one value per step).
+    Resilient: a tracking server that is down at start or stops answering mid-run never stops training. The first
+    failure logs one warning; metrics are kept (at most MAX_PENDING_METRICS values, the oldest dropped with a
+    warning) and the server is tried again at most every RETRY_AFTER_S seconds; when it answers, the run is created
+    (or continued) and everything kept is sent, and one line says so. Images and dicts of a failed call are dropped.
+    A resumed run does not log again the steps the interrupted run had already logged (the replayed steps are the
+    same computation, so MLflow keeps one value per step), and its `failure_reason` tag is removed.
+    `run_id` is None until the run exists; `on_created(run_id)` is called then (the trainer writes run.json).
     """
 
-    def __init__(self, cfg: TrainConfig, world_size: int, run_id: str | None = None):
+    def __init__(self, cfg: TrainConfig, world_size: int, run_id: str | None = None, on_created=None):
         for key, value in CLIENT_ENV.items():
             os.environ.setdefault(key, value)
         import mlflow
 
         self.mlflow = mlflow
-        uri = resolve_tracking_uri(cfg)
-        self.client = mlflow.MlflowClient(tracking_uri=uri)
+        self.cfg = cfg
+        self.world_size = world_size
+        self.uri = resolve_tracking_uri(cfg)
+        self.client = None  # made on first contact: a sqlite store is opened (and can fail) when the client is made
         self.pending: list = []
         self.failures = 0
+        self.retry_at = 0.0  # monotonic time before which no call is made (after a failure)
         self.logged_until = 0  # steps <= this were logged by an earlier attempt of this run
-        if run_id is None:
-            exp = self.client.get_experiment_by_name(cfg.tracking.experiment)
-            # the default local sqlite store keeps artifacts in the run directory too (not ./mlruns of the cwd)
-            local = uri == default_tracking_uri(cfg)
-            artifacts = (Path(cfg.output_dir).resolve() / "mlartifacts").as_uri() if local else None
-            exp_id = (
-                exp.experiment_id
-                if exp is not None
-                else self.client.create_experiment(cfg.tracking.experiment, artifact_location=artifacts)
-            )
-            tags = {"mlflow.runName": cfg.run_name, "git_commit": git_commit(), "world_size": str(world_size)}
-            tags.update(versions())
-            run = self.client.create_run(exp_id, run_name=cfg.run_name, tags=tags)
-            self.run_id = run.info.run_id
-            params = {k: str(v)[:MAX_PARAM_CHARS] for k, v in flatten(config_to_dict(cfg)).items()}
-            items = list(params.items())
-            from mlflow.entities import Param
+        self.resume_id = run_id  # the run to continue (None: create one)
+        self.run_id: str | None = None
+        self.on_created = on_created
+        self._connect()
 
-            for i in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
-                self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in items[i : i + 100]])
-        else:
-            self.run_id = run_id
-            self.client.update_run(run_id, status="RUNNING")
-            self.client.set_tag(run_id, "resumed_world_size", str(world_size))
-            self.logged_until = self._last_logged_step()
+    def _connect(self) -> bool:
+        """The run exists on the server (created or continued now if needed); False while it is unreachable."""
+        if self.run_id is not None:
+            return True
+        if not self._call(f"reaching the tracking server {self.uri}", self._start_run):
+            return False
+        if self.on_created is not None:
+            self.on_created(self.run_id)
+        return True
 
-    def _last_logged_step(self) -> int:
+    def _start_run(self) -> None:
+        if self.client is None:
+            self.client = self.mlflow.MlflowClient(tracking_uri=self.uri)
+        cfg, client = self.cfg, self.client
+        if self.resume_id is not None:
+            client.update_run(self.resume_id, status="RUNNING")
+            client.set_tag(self.resume_id, "resumed_world_size", str(self.world_size))
+            if "failure_reason" in client.get_run(self.resume_id).data.tags:  # an earlier attempt's: not this one's
+                client.delete_tag(self.resume_id, "failure_reason")
+            self.logged_until = self._last_logged_step(self.resume_id)
+            self.pending = [m for m in self.pending if m.step > self.logged_until]
+            self.run_id = self.resume_id
+            return
+        exp = client.get_experiment_by_name(cfg.tracking.experiment)
+        # the default local sqlite store keeps artifacts in the run directory too (not ./mlruns of the cwd)
+        local = self.uri == default_tracking_uri(cfg)
+        artifacts = (Path(cfg.output_dir).resolve() / "mlartifacts").as_uri() if local else None
+        exp_id = (
+            exp.experiment_id
+            if exp is not None
+            else client.create_experiment(cfg.tracking.experiment, artifact_location=artifacts)
+        )
+        tags = {"mlflow.runName": cfg.run_name, "git_commit": git_commit(), "world_size": str(self.world_size)}
+        tags.update(versions())
+        run_id = client.create_run(exp_id, run_name=cfg.run_name, tags=tags).info.run_id
+        params = {k: str(v)[:MAX_PARAM_CHARS] for k, v in flatten(config_to_dict(cfg)).items()}
+        items = list(params.items())
+        from mlflow.entities import Param
+
+        for i in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
+            client.log_batch(run_id, params=[Param(k, v) for k, v in items[i : i + 100]])
+        self.run_id = run_id
+
+    def _last_logged_step(self, run_id: str) -> int:
         latest = 0
-        for key in self.client.get_run(self.run_id).data.metrics:
-            history = self.client.get_metric_history(self.run_id, key)
+        for key in self.client.get_run(run_id).data.metrics:
+            history = self.client.get_metric_history(run_id, key)
             latest = max([latest, *(m.step for m in history)])
         return latest
 
     def _call(self, what: str, fn, *args, **kwargs) -> bool:
+        import time
+
+        if time.monotonic() < self.retry_at:
+            return False  # the server failed moments ago: keep the metrics, do not wait on it again yet
         try:
             fn(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - any tracking failure is reported, never fatal
             self.failures += 1
+            self.retry_at = time.monotonic() + RETRY_AFTER_S
             if self.failures == 1 or self.failures % 100 == 0:
                 warnings.warn(
                     f"MLflow: {what} failed ({type(exc).__name__}: {str(exc)[:200]}); training goes on, "
@@ -186,26 +220,36 @@ class Tracker(NullTracker):
             dropped = len(self.pending) - MAX_PENDING_METRICS
             self.pending = self.pending[dropped:]
             warnings.warn(f"MLflow unreachable: dropped the {dropped} oldest metric values", stacklevel=2)
+        self._flush(f"logging metrics of step {step}")
+
+    def _flush(self, what: str) -> bool:
+        if not self._connect():
+            return False
         batch = self.pending
-        ok = True
         for i in range(0, len(batch), 1000):  # MLflow accepts at most 1000 metrics per batch
-            ok = self._call(
-                f"logging metrics of step {step}", self.client.log_batch, self.run_id, metrics=batch[i : i + 1000]
-            )
-            if not ok:
+            if not self._call(what, self.client.log_batch, self.run_id, metrics=batch[i : i + 1000]):
                 self.pending = batch[i:]
-                return
+                return False
         self.pending = []
+        return True
 
     def log_image(self, image: Any, artifact_file: str) -> None:
-        self._call(f"logging {artifact_file}", self.client.log_image, self.run_id, image, artifact_file=artifact_file)
+        if self._connect():
+            what = f"logging {artifact_file}"
+            self._call(what, self.client.log_image, self.run_id, image, artifact_file=artifact_file)
 
     def log_dict(self, data: dict, artifact_file: str) -> None:
-        self._call(f"logging {artifact_file}", self.client.log_dict, self.run_id, data, artifact_file)
+        if self._connect():
+            self._call(f"logging {artifact_file}", self.client.log_dict, self.run_id, data, artifact_file)
 
     def end(self, status: str = "FINISHED", reason: str | None = None) -> None:
-        if self.pending:
-            self._call("sending the last metrics", self.client.log_batch, self.run_id, metrics=self.pending[-1000:])
+        self.retry_at = 0.0  # the last chance: try once more whatever happened moments ago
+        if not self._connect():
+            warnings.warn(f"MLflow: the tracking server {self.uri} never answered: this run has no MLflow run and "
+                          f"its {len(self.pending)} metric values were not sent", stacklevel=2)  # fmt: skip
+            return
+        if self.pending and not self._flush("sending the last metrics"):
+            warnings.warn(f"MLflow: {len(self.pending)} metric values could not be sent", stacklevel=2)
         if reason:
             self._call("tagging the failure", self.client.set_tag, self.run_id, "failure_reason", reason[:5000])
         self._call(f"marking the run {status}", self.client.set_terminated, self.run_id, status=status)
@@ -228,8 +272,10 @@ class EvalRun(NullTracker):
         from mlflow.entities import Param
 
         self.client = mlflow.MlflowClient(tracking_uri=uri)
+        self.uri = uri
         self.pending: list = []
         self.failures = 0
+        self.retry_at = 0.0
         self.logged_until = -1
         exp_id = None
         if experiment is None and parent_run_id is not None:
@@ -246,7 +292,11 @@ class EvalRun(NullTracker):
         for i in range(0, len(items), 100):
             self.client.log_batch(self.run_id, params=items[i : i + 100])
 
+    def _connect(self) -> bool:
+        return True  # the evaluation's run is created in __init__ (an unreachable server fails the evaluation)
+
     _call = Tracker._call
+    _flush = Tracker._flush
     log_metrics = Tracker.log_metrics
     log_image = Tracker.log_image
     log_dict = Tracker.log_dict
@@ -256,7 +306,25 @@ class EvalRun(NullTracker):
         self._call(f"logging {path}", self.client.log_artifact, self.run_id, str(path), artifact_path)
 
 
-def build_tracker(cfg: TrainConfig, is_rank0: bool, world_size: int, run_id: str | None) -> NullTracker:
+def build_tracker(
+    cfg: TrainConfig, is_rank0: bool, world_size: int, run_id: str | None, on_created=None
+) -> NullTracker:
     if not (cfg.tracking.enabled and is_rank0):
         return NullTracker()
-    return Tracker(cfg, world_size, run_id)
+    return Tracker(cfg, world_size, run_id, on_created)
+
+
+def mark_failed(run_dir: Path, reason: str) -> None:
+    """Mark the MLflow run of `<run_dir>/run.json` FAILED with `failure_reason` (a resume that failed before its
+    tracker existed); silently nothing when there is no run.json or the server does not answer."""
+    for key, value in CLIENT_ENV.items():
+        os.environ.setdefault(key, value)
+    try:
+        import mlflow
+
+        info = read_run_info(run_dir)
+        client = mlflow.MlflowClient(tracking_uri=info["tracking_uri"])
+        client.set_tag(info["mlflow_run_id"], "failure_reason", reason[:5000])
+        client.set_terminated(info["mlflow_run_id"], status="FAILED")
+    except Exception:  # noqa: BLE001 - reporting a failure must not hide it
+        pass

@@ -6,6 +6,19 @@ rank writes its shards into `tmp-step<N>`; after a barrier, rank 0 writes the ex
 `step<N>`, then rewrites `latest` through a temp file. An interrupted save therefore never becomes `latest`.
 Assumes the checkpoint directory is on a file system shared by all nodes (the usual cluster set-up).
 
+Complete means loadable: rank 0 writes `manifest.json` (every file of the tag and its size) as the last file of a
+save, before the rename. Before any engine is built, `plan_resume` checks the tag it would load: every file of the
+manifest is there with its size, and every `.pt` file (torch's zip format) has its zip directory (a truncated file
+has none) and every record matches the CRC-32 the writer stored for it (torch.load does not check these: a damaged
+byte in a tensor would load as a wrong weight). This reads the checkpoint once on rank 0 (about a second per GB).
+`resume=latest` whose newest checkpoint fails the check moves it aside to
+`corrupt-step<N>` and resumes from the newest complete one, saying so in one line; an explicit `resume=<dir>` that
+fails it, or no complete checkpoint at all, is a `CheckpointError` naming the file (exit 2). A file that passes the
+check but still cannot be read fails its load with a `CheckpointReadError` naming it (exit 2).
+
+A save that fails (disk full, I/O error, quota) removes its `tmp-step<N>` and raises `CheckpointSaveError` naming the
+directory, the cause and the intact previous checkpoint (exit 2).
+
 Elastic resume: ZeRO shards the optimizer state (and under ZeRO-3 the weights) over the data-parallel ranks that
 saved it, and DeepSpeed refuses to load such a checkpoint on another number of ranks. `plan_resume` reads how many
 ranks wrote a checkpoint (its `*zero_pp_rank_*_optim_states.pt` files) before any engine exists; when that differs
@@ -18,11 +31,15 @@ folder per parameter with its fp32 master weights, Adam's exp_avg / exp_avg_sq a
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
+import json
 import os
 import re
 import shutil
 import time
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -36,8 +53,16 @@ UNIVERSAL = "universal"  # sub-directory of a tag: the same checkpoint in DeepSp
 UNIVERSAL_WORKERS = max(1, min(8, (os.cpu_count() or 1) // 2))
 
 
+MANIFEST = "manifest.json"  # {"files": {relative path: size in bytes}}: the last file a save writes
+CORRUPT_PREFIX = "corrupt-"  # a checkpoint that failed the completeness check, moved aside (not counted, not pruned)
+
+
 class CheckpointError(RuntimeError):
     pass
+
+
+class CheckpointSaveError(CheckpointError):
+    """A checkpoint could not be written (disk full, I/O error); the previous one is intact."""
 
 
 class Stateful(Protocol):
@@ -95,6 +120,12 @@ class ResumePlan:
     tag: str
     saved_world_size: int | None  # ranks that wrote it (None: not sharded)
     world_size: int  # ranks that load it
+    note: str | None = None  # a line for the log: a fall-back to an older checkpoint, or nothing to resume from
+
+    @property
+    def fresh(self) -> bool:
+        """resume=latest found no checkpoint: the run starts from step 1 (the plan only carries its note)."""
+        return not self.tag
 
     @property
     def path(self) -> Path:
@@ -106,13 +137,94 @@ class ResumePlan:
         return self.saved_world_size is not None and self.saved_world_size != self.world_size
 
 
+def write_manifest(tag_dir: Path) -> None:
+    """`tag_dir/manifest.json`: every file under the tag (the universal conversion excepted) and its size."""
+    tag_dir = Path(tag_dir)
+    files = {
+        str(p.relative_to(tag_dir)): p.stat().st_size
+        for p in sorted(tag_dir.rglob("*"))
+        if p.is_file() and p.name != MANIFEST and UNIVERSAL not in p.relative_to(tag_dir).parts[:1]
+    }
+    tmp = tag_dir / f"{MANIFEST}.tmp"
+    tmp.write_text(json.dumps({"files": files}, indent=0))
+    os.replace(tmp, tag_dir / MANIFEST)
+
+
+def check_complete(tag_dir: Path) -> str | None:
+    """None when the checkpoint is complete (see the module docstring), else what is wrong, naming the file. A
+    checkpoint from before manifests existed is checked by its `.pt` files' zip directories only."""
+    tag_dir = Path(tag_dir)
+    manifest = tag_dir / MANIFEST
+    if manifest.is_file():
+        try:
+            files = json.loads(manifest.read_text())["files"]
+        except (ValueError, KeyError, TypeError):
+            return f"{manifest} is unreadable"
+        for rel, size in files.items():
+            path = tag_dir / rel
+            if not path.is_file():
+                return f"{path} is missing"
+            if path.stat().st_size != size:
+                return f"{path} is {path.stat().st_size} bytes, the save wrote {size}"
+        pt_files = [tag_dir / rel for rel in files if rel.endswith(".pt")]
+    else:
+        pt_files = sorted(p for p in tag_dir.glob("*.pt"))
+        if not pt_files:
+            return f"{tag_dir} holds no checkpoint file"
+    for path in pt_files:
+        if not zipfile.is_zipfile(path):
+            return f"{path} is truncated or not a torch checkpoint (no zip directory)"
+        try:  # every record against the CRC-32 torch's writer stored for it (torch.load itself does not check)
+            with zipfile.ZipFile(path) as archive:
+                bad = archive.testzip()
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError, zlib.error) as exc:
+            return f"{path} is corrupt ({type(exc).__name__}: {exc})"
+        if bad is not None:
+            return f"{path} is corrupt (record {bad} fails its CRC-32 check)"
+    return None
+
+
 def plan_resume(resume: str | None, ckpt_dir: Path, world_size: int) -> ResumePlan | None:
-    """`resume` config value -> the plan (None: start fresh). Reads files only: call it on one rank and broadcast."""
+    """`resume` config value -> the plan (None: start fresh), after the completeness check: `resume=latest` falls
+    back to the newest complete checkpoint (moving broken newer ones aside and saying so in `ResumePlan.note`), an
+    explicit directory that fails the check raises CheckpointError. Reads and renames files only: call it on one
+    rank and broadcast."""
     found = resolve_resume(resume, ckpt_dir)
     if found is None:
+        if resume == "latest":
+            return ResumePlan(ckpt_dir, "", None, world_size, note=f"resume=latest: no checkpoint in {ckpt_dir}; "
+                              "starting from step 1")  # fmt: skip
         return None
     load_dir, tag = found
-    return ResumePlan(load_dir, tag, saved_world_size(load_dir / tag), world_size)
+    problem = check_complete(load_dir / tag)
+    note = None
+    if problem is not None:
+        if resume != "latest":
+            raise CheckpointError(f"resume={resume}: checkpoint not loadable: {problem}")
+        newest = int(TAG_RE.match(tag).group(1)) if TAG_RE.match(tag) else None
+        broken, problems, chosen = [], [f"{tag}: {problem}"], None
+        for step, path in reversed(list_checkpoints(ckpt_dir)):
+            if newest is not None and step > newest:
+                continue
+            bad = problem if path.name == tag else check_complete(path)
+            if bad is None:
+                chosen = path.name
+                break
+            broken.append(path)
+            if path.name != tag:
+                problems.append(f"{path.name}: {bad}")
+        if chosen is None:
+            raise CheckpointError(f"resume=latest: no loadable checkpoint in {ckpt_dir} ({'; '.join(problems)})")
+        for path in broken:
+            os.replace(path, path.with_name(CORRUPT_PREFIX + path.name))
+        tmp_latest = ckpt_dir / "latest.tmp"
+        tmp_latest.write_text(chosen)
+        os.replace(tmp_latest, ckpt_dir / "latest")
+        moved = ", ".join(CORRUPT_PREFIX + p.name for p in broken)
+        note = (f"resume=latest: checkpoint {problem}: resuming from {chosen}, the newest complete checkpoint "
+                f"(the broken one is kept as {ckpt_dir}/{moved})")  # fmt: skip
+        tag = chosen
+    return ResumePlan(load_dir, tag, saved_world_size(load_dir / tag), world_size, note=note)
 
 
 def universal_engine_config(ds_config: dict[str, Any]) -> dict[str, Any]:
@@ -153,6 +265,29 @@ def convert_to_universal(tag_dir: Path, *, allow_unsafe_load: bool = False, work
     (tag_dir / "latest_universal").unlink(missing_ok=True)  # the converter points its parent folder at the output
     os.replace(tmp, out)
     return out
+
+
+def save_failure_cause(exc: BaseException, folder: Path) -> str:
+    """What made a save fail, in words: a full disk (ENOSPC / EDQUOT anywhere in the exception chain, or torch's
+    zip writer's "unexpected pos" / "file write failed" with the file system's free space), else the exception."""
+    chain, seen = [], exc
+    while seen is not None and len(chain) < 8:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    codes = {getattr(e, "errno", None) for e in chain}
+    text = " ".join(str(e) for e in chain)
+    free = None
+    with contextlib.suppress(OSError):
+        usage = shutil.disk_usage(folder)
+        free = f"{usage.free / 2**20:.1f} MiB free of {usage.total / 2**20:.1f} MiB on that file system"
+    if errno.ENOSPC in codes or "No space left" in text:
+        return f"no space left on device ({free or 'free space unknown'})"
+    if errno.EDQUOT in codes or "quota" in text.lower():
+        return f"disk quota exceeded ({free or 'free space unknown'})"
+    if "unexpected pos" in text or "file write failed" in text:  # torch's zip writer hides the errno
+        return f"the file system refused the write, most likely full ({free or 'free space unknown'})"
+    first = (str(exc).strip().splitlines() or [""])[0][:300]
+    return f"{type(exc).__name__}: {first}"
 
 
 @dataclass(frozen=True)
@@ -245,25 +380,53 @@ class Checkpointer:
             self.dir.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(self.dir / tmp_tag, ignore_errors=True)
         barrier()
-        self.engine.save_checkpoint(str(self.dir), tag=tmp_tag, client_state=client_state, save_latest=False)
-        if rank0:
-            import torch
+        try:
+            self.engine.save_checkpoint(str(self.dir), tag=tmp_tag, client_state=client_state, save_latest=False)
+            if rank0:
+                import torch
 
-            for name, obj in self.extras.items():
-                torch.save(obj.state_dict(), self.dir / tmp_tag / f"{name}.pt")
+                for name, obj in self.extras.items():
+                    torch.save(obj.state_dict(), self.dir / tmp_tag / f"{name}.pt")
+        except (OSError, RuntimeError) as exc:
+            from tcscale.train.errors import is_peer_failure
+
+            if is_peer_failure(exc):  # another rank went away during DeepSpeed's collectives: not this save's fault
+                raise
+            raise self._save_failed(tag, exc) from exc
         barrier()
         if rank0:
-            final = self.dir / tag
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(self.dir / tmp_tag, final)
-            tmp_latest = self.dir / "latest.tmp"
-            tmp_latest.write_text(tag)
-            os.replace(tmp_latest, self.dir / "latest")
+            try:
+                write_manifest(self.dir / tmp_tag)
+                final = self.dir / tag
+                if final.exists():
+                    shutil.rmtree(final)
+                os.replace(self.dir / tmp_tag, final)
+                tmp_latest = self.dir / "latest.tmp"
+                tmp_latest.write_text(tag)
+                os.replace(tmp_latest, self.dir / "latest")
+            except OSError as exc:
+                (self.dir / "latest.tmp").unlink(missing_ok=True)
+                raise self._save_failed(tag, exc) from exc
             for _, old in list_checkpoints(self.dir)[: -self.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
         barrier()
         return self.dir / tag
+
+    def _save_failed(self, tag: str, exc: BaseException) -> CheckpointSaveError:
+        """The one-line error of a failed save, after removing its temp directory (this rank's part of it; the
+        next start removes what is left). Names the directory, the cause (a full disk as such) and the intact
+        previous checkpoint."""
+        tmp = self.dir / f"tmp-{tag}"
+        cause = save_failure_cause(exc, self.dir)  # the free space as the save left it
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = None
+        with contextlib.suppress(CheckpointError, OSError):
+            previous = latest_tag(self.dir)
+        kept = f"the previous checkpoint {self.dir / previous} is intact" if previous else "no earlier checkpoint"
+        return CheckpointSaveError(
+            f"checkpoint {tag}: writing {tmp} failed: {cause}; {kept}; the temp directory was removed. Free space "
+            "(or choose an output_dir on a larger disk) and rerun with resume=latest"
+        )
 
     def resume(self, resume: str | ResumePlan | None) -> Resumed | None:
         """Load the checkpoint `resume` names ("latest", a tag directory, a `ResumePlan`, or None: start fresh):
@@ -271,6 +434,8 @@ class Checkpointer:
         rank). An elastic plan (saved on another number of ranks) needs an engine built with
         `universal_engine_config`: rank 0 converts the tag once, then every rank loads its partition from it."""
         plan = resume if isinstance(resume, ResumePlan) else None
+        if plan is not None and plan.fresh:
+            return None
         if plan is None:
             found = resolve_resume(resume, self.dir)
             if found is None:

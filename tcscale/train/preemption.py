@@ -1,5 +1,10 @@
-"""Preemption: SIGUSR1 (SLURM's `--signal=B:USR1@N`, forwarded by the batch script), or the launcher going away,
-asks every rank to agree to stop, checkpoint, write <output_dir>/PREEMPTED and exit with code 75 (requeue).
+"""Preemption: SIGUSR1 (SLURM's `--signal=B:USR1@N`, forwarded by the batch script), SIGTERM (what `scancel`, a
+job's time limit and most schedulers send first), or the launcher going away, asks every rank to agree to stop,
+checkpoint, write <output_dir>/PREEMPTED and exit with code 75 (requeue). With `checkpoint.on_sigterm: false` a
+SIGTERM stops at the end of the step without a checkpoint (exit 143: for a scheduler whose kill follows too soon
+for a save). Either way the MLflow run is marked KILLED with the reason. Further SIGTERMs are ignored: they ask the
+same stop (a `scancel` reaches the ranks directly and again through the launcher); the scheduler's SIGKILL ends
+what does not stop in time.
 
 Why watch the launcher: `deepspeed` (its runner and launch processes) and torchrun do not forward SIGUSR1 — a
 USR1 sent to the launcher's pid kills it and leaves the ranks training on, unowned. Each rank therefore watches
@@ -59,14 +64,23 @@ def launcher_ancestors(max_depth: int = 4) -> list[tuple[int, str, str]]:
     return found
 
 
+def _rank0() -> bool:
+    return os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
+
+
 class PreemptionFlag:
     def __init__(self) -> None:
         self.requested = False
         self.reason: str | None = None
+        self.sigterm = False  # a SIGTERM asked to stop (checkpoint.on_sigterm decides whether to save first)
         self._stop = threading.Event()
+        self._previous: dict[int, object] = {}
 
     def install(self, watch_launcher: bool = True, interval_s: float = 1.0) -> PreemptionFlag:
-        signal.signal(signal.SIGUSR1, self._handler)
+        self._previous = {
+            signal.SIGUSR1: signal.signal(signal.SIGUSR1, self._handler),
+            signal.SIGTERM: signal.signal(signal.SIGTERM, self._term_handler),
+        }
         if watch_launcher and Path("/proc/self/stat").exists():
             watched = launcher_ancestors()
             if watched:
@@ -76,6 +90,14 @@ class PreemptionFlag:
     def _handler(self, signum, frame) -> None:
         self.requested = True
         self.reason = "SIGUSR1"
+
+    def _term_handler(self, signum, frame) -> None:
+        if self.sigterm:
+            return  # the same stop asked again (scancel signals the launcher too, which passes it on)
+        self.requested = self.sigterm = True
+        self.reason = "SIGTERM"
+        if _rank0():
+            print("tcscale: SIGTERM received: stopping at the end of this step", flush=True)
 
     def _watch(self, watched: list[tuple[int, str, str]], interval_s: float) -> None:
         while not self._stop.wait(interval_s):
@@ -88,4 +110,9 @@ class PreemptionFlag:
                     return
 
     def stop_watching(self) -> None:
+        """Stop the launcher watch and give the signals back their previous handlers (the run is over)."""
         self._stop.set()
+        for signum, handler in self._previous.items():
+            if handler is not None:
+                signal.signal(signum, handler)
+        self._previous = {}

@@ -5,7 +5,8 @@ states, the EMA weights, the export's consolidation) goes through `torch.load(we
 rebuilds tensors, containers and an allow-list of plain classes — here the three DeepSpeed classes its optimizer
 states hold (an enum, a named tuple of indices, the loss scaler's attributes). DeepSpeed itself and its
 `zero_to_fp32` helpers call `torch.load(weights_only=False)`; inside `safe_torch_load()` those calls are made
-weights-only too. A file that needs more fails with a `CheckpointError` naming it and the opt-in
+weights-only too. A file that cannot be read at all (truncated, corrupt) fails with a `CheckpointReadError` naming
+it. A file that needs more fails with an `UnsafeCheckpointError` naming it and the opt-in
 (`checkpoint.allow_unsafe_load: true` / `--allow-unsafe-load`), which only someone who trusts the file should set.
 """
 
@@ -23,6 +24,10 @@ OPT_IN = "checkpoint.allow_unsafe_load=true (or export's --allow-unsafe-load)"
 
 class UnsafeCheckpointError(RuntimeError):
     """A checkpoint file cannot be loaded weights-only; the message names the file and the opt-in."""
+
+
+class CheckpointReadError(RuntimeError):
+    """A checkpoint file cannot be read (truncated, corrupt, unreadable); the message names the file."""
 
 
 def _deepspeed_safe_globals() -> list:
@@ -50,7 +55,11 @@ def safe_torch_load(allow_unsafe: bool = False) -> Iterator[None]:
             return original(f, *args, weights_only=True, **kwargs)
         except Exception as exc:  # noqa: BLE001 - torch raises UnpicklingError (or RuntimeError wrapping it)
             if "weights only" not in str(exc).lower() and "weights_only" not in str(exc).lower():
-                raise
+                # a truncated or corrupt file (PytorchStreamReader / zip errors, EOF, I/O): name it, one line
+                first = (str(exc).strip().splitlines() or [""])[0][:300]
+                raise CheckpointReadError(
+                    f"{f}: cannot be read ({type(exc).__name__}: {first}); the file is truncated or corrupt"
+                ) from exc
             if not allow_unsafe:
                 raise UnsafeCheckpointError(
                     f"{f}: cannot be loaded weights-only (it needs arbitrary unpickling, which can run code); "

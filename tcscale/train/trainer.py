@@ -36,7 +36,7 @@ from tcscale.memory import preflight
 from tcscale.models.sd import load_components, save_pipeline_dir
 from tcscale.objectives import OBJECTIVES, BuildContext, StepOutput
 from tcscale.tracking import build_tracker
-from tcscale.tracking.mlflow_tracker import resolve_tracking_uri, write_run_info
+from tcscale.tracking.mlflow_tracker import mark_failed, resolve_tracking_uri, write_run_info
 from tcscale.train.checkpoint import Checkpointer, DataAnchor, plan_resume, universal_engine_config
 from tcscale.train.distributed import (
     all_gather_objects,
@@ -54,6 +54,7 @@ from tcscale.train.engine import build_engine
 from tcscale.train.errors import NonFiniteLossError, RunInputError
 from tcscale.train.precision import compute_dtype
 from tcscale.train.preemption import PreemptionFlag
+from tcscale.train.run_lock import RunLock
 
 
 @dataclass
@@ -63,6 +64,7 @@ class TrainResult:
     run_id: str | None
     last_metrics: dict[str, float] = field(default_factory=dict)
     preempted: bool = False
+    terminated: bool = False  # stopped by SIGTERM without a checkpoint (checkpoint.on_sigterm=false)
 
 
 _TAG_STEP_RNG = 201  # keeps the micro-step generators apart from the data streams' derived seeds
@@ -125,9 +127,21 @@ class Trainer:
 
         diffusers.utils.logging.set_verbosity_error()  # per-module dtype notices on every .to() drown the step lines
         self.cfg = cfg
-        self.env = env = init_distributed()
+        self.env = init_distributed()
         self.out_dir = Path(cfg.output_dir)
-        self.preflight()
+        self.lock: RunLock | None = None  # rank 0: this run's hold on output_dir (tcscale.train.run_lock)
+        self.tracker = None
+        try:
+            self.preflight()
+            self._build(preempt)
+        except BaseException as exc:
+            if self.lock is not None and cfg.resume and cfg.tracking.enabled and self.tracker is None:
+                mark_failed(self.out_dir, f"{type(exc).__name__}: {exc}")  # the run this resume was to continue
+            self.release()
+            raise
+
+    def _build(self, preempt: PreemptionFlag | None) -> None:
+        cfg, env = self.cfg, self.env
         # planned once, on rank 0 (seconds of meta-device work); a config that cannot fit stops every rank
         self.memory_plan = checked_on_rank0(lambda: preflight.preflight_memory(cfg, env.world_size, env.device))
         print0(preflight.describe(self.memory_plan))
@@ -159,6 +173,8 @@ class Trainer:
         # DeepSpeed's universal layout, an engine option
         ckpt_dir = self.out_dir / "checkpoints"
         self.resume_plan = checked_on_rank0(lambda: plan_resume(cfg.resume, ckpt_dir, env.world_size))
+        if self.resume_plan is not None and self.resume_plan.note:
+            print0(self.resume_plan.note)  # a fall-back to an older checkpoint, or nothing to resume from
         elastic = self.resume_plan is not None and self.resume_plan.elastic
         self.engine = build_engine(
             module, self.objective.trainable_parameters(), universal_engine_config(ds) if elastic else ds
@@ -193,12 +209,14 @@ class Trainer:
                 )
             if self.objective.reads_data and int(client.get("world_size") or env.world_size) != env.world_size:
                 self._describe_resize(client)
-        self.tracker = build_tracker(cfg, env.is_rank0, env.world_size, client.get("mlflow_run_id"))
+
+        def created(run_id: str) -> None:  # for evaluations nested under this run (tcscale.eval); may come late
+            write_run_info(self.out_dir, run_id, resolve_tracking_uri(cfg), cfg.tracking.experiment)
+
+        self.tracker = build_tracker(cfg, env.is_rank0, env.world_size, client.get("mlflow_run_id"), created)
         try:  # from here on, a failure marks the MLflow run FAILED with its reason
             self.run_id = broadcast_object(self.tracker.run_id if env.is_rank0 else None)
             preflight.log_plan(self.tracker, self.memory_plan)  # MLflow param memory/predicted_peak_gib
-            if env.is_rank0 and self.run_id is not None:  # for evaluations nested under this run (tcscale.eval)
-                write_run_info(self.out_dir, self.run_id, resolve_tracking_uri(cfg), cfg.tracking.experiment)
             if env.is_rank0 and getattr(self.tracker, "logged_until", 0) > self.step:
                 print0(f"steps {self.step + 1}..{self.tracker.logged_until} were logged before the interruption; "
                        "their replay is not logged again")  # fmt: skip
@@ -212,6 +230,7 @@ class Trainer:
         except BaseException as exc:
             self.tracker.end("FAILED", reason=f"{type(exc).__name__}: {exc}")
             raise
+        self.owns_preempt = preempt is None  # installed here (in-process use): its handlers are restored after fit
         self.preempt = preempt if preempt is not None else PreemptionFlag().install()
 
     # -- building --------------------------------------------------------------------------------
@@ -220,11 +239,17 @@ class Trainer:
         directory is writable (then the merged config is written into it) and the data shards exist."""
         cfg = self.cfg
 
-        def rank0_checks() -> None:
+        def rank0_checks() -> str | None:
             check_output_dir(self.out_dir)
+            lock = RunLock(self.out_dir)  # one run per output_dir: a second one stops here, before writing anything
+            note = lock.acquire()
+            self.lock = lock
             save_config(cfg, self.out_dir / "config.yaml")
+            return note
 
-        checked_on_rank0(rank0_checks)
+        note = checked_on_rank0(rank0_checks)
+        if note:
+            print0(note)
         spec = OBJECTIVES[cfg.objective.name]
         if spec.build.reads_data and cfg.data.source == "webdataset":
             from tcscale.data import resolve_shards
@@ -288,12 +313,19 @@ class Trainer:
     def _trained(self) -> list[torch.nn.Parameter]:
         return [p for p in self.engine.module.parameters() if p.requires_grad]
 
+    def release(self) -> None:
+        """Give the output directory's lock back (rank 0; idempotent)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
     def client_state(self) -> dict[str, Any]:
         """What a checkpoint carries besides the engine's states (collective: gathers the loader states)."""
         return {
             "step": self.step,
             "micro_step": self.micro_step,
-            "mlflow_run_id": self.run_id,
+            # rank 0's tracker: a run created late (tracking server down at start) is continued by a resume too
+            "mlflow_run_id": self.tracker.run_id if self.env.is_rank0 and self.tracker.run_id else self.run_id,
             "config": config_to_dict(self.cfg),
             "data": all_gather_objects(self.loader.state_dict()) if self.loader is not None else None,
             "world_size": self.env.world_size,
@@ -373,12 +405,19 @@ class Trainer:
                 if self._due(cfg.validation.every_steps):
                     self.validate()
                 preempted = any_rank(self.preempt.requested, self.env.device)
+                if preempted and not cfg.checkpoint.on_sigterm and any_rank(self.preempt.sigterm, self.env.device):
+                    reason = f"SIGTERM at step {self.step}: stopped without a checkpoint (checkpoint.on_sigterm=false)"
+                    print0(f"{reason}; resume=latest continues from the last checkpoint")
+                    result.terminated = True
+                    break
                 if preempted or self._due(cfg.checkpoint.every_steps):
                     self.save()
                 if preempted:
                     if self.env.is_rank0:
                         (self.out_dir / "PREEMPTED").write_text(f"step {self.step}\n")
-                    print0(f"preemption signal: checkpoint at step {self.step} written, exiting for requeue")
+                    why = self.preempt.reason or "another rank's signal"
+                    reason = f"preempted ({why}) at step {self.step}: checkpoint written, requeue with resume=latest"
+                    print0(f"preemption signal ({why}): checkpoint at step {self.step} written, exiting for requeue")
                     result.preempted = True
                     break
             else:
@@ -387,14 +426,19 @@ class Trainer:
                     self.save()
                 if self.env.is_rank0:  # a requeued run that reached max_steps is no longer preempted
                     (self.out_dir / "PREEMPTED").unlink(missing_ok=True)
-            status = "KILLED" if result.preempted else "FINISHED"
+            status = "KILLED" if result.preempted or result.terminated else "FINISHED"
         except BaseException as exc:
             reason = f"{type(exc).__name__}: {exc}"
             raise
         finally:
-            self.tracker.end(status, reason)
-            if self.loader is not None:
-                self.loader.close()
+            try:
+                self.tracker.end(status, reason)
+                if self.loader is not None:
+                    self.loader.close()
+            finally:
+                self.release()
+                if self.owns_preempt:
+                    self.preempt.stop_watching()
         result.step = self.step
         return result
 
