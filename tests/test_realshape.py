@@ -35,7 +35,8 @@ import pytest
 from tests.helpers.launch import clean_env, deepspeed_cmd
 from tests.helpers.realshape import run_measured
 
-pytestmark = [pytest.mark.realshape, pytest.mark.slow]
+# the session fixtures (pipeline builds) count toward the first test that uses them
+pytestmark = [pytest.mark.realshape, pytest.mark.slow, pytest.mark.timeout(3600)]
 
 RESOLUTION = 128  # training px: latent 16², so SD's deepest block is 2² and every grounded layer exists
 PEAK_LIMIT_GIB = 20.0

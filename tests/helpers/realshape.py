@@ -125,14 +125,19 @@ class Measured:
         return self
 
 
-def record(what: str, wall_s: float, peak_rss_gib: float) -> None:
-    """Append one measurement to $TCSCALE_REALSHAPE_LOG (JSON lines) when it is set."""
+def record(what: str, wall_s: float, peak_rss_gib: float, cpu_s: float) -> None:
+    """Append one measurement to $TCSCALE_REALSHAPE_LOG (JSON lines) when it is set. `cpu_s` (user + system of the
+    process tree) is about the wall time on an idle machine: the runs are single-threaded (OMP_NUM_THREADS=1)."""
     log = os.environ.get("TCSCALE_REALSHAPE_LOG")
     if log:
+        entry = {
+            "what": what,
+            "wall_s": round(wall_s, 1),
+            "cpu_s": round(cpu_s, 1),
+            "peak_rss_gib": round(peak_rss_gib, 2),
+        }
         with open(log, "a") as f:
-            f.write(
-                json.dumps({"what": what, "wall_s": round(wall_s, 1), "peak_rss_gib": round(peak_rss_gib, 2)}) + "\n"
-            )
+            f.write(json.dumps(entry) + "\n")
 
 
 def run_measured(what: str, cmd: list[str], env: dict[str, str], timeout: float = 900) -> Measured:
@@ -153,5 +158,5 @@ def run_measured(what: str, cmd: list[str], env: dict[str, str], timeout: float 
         log.seek(0)
         output = log.read()
     peak = usage.ru_maxrss * 1024 / GIB  # Linux: KiB
-    record(what, wall, peak)
+    record(what, wall, peak, usage.ru_utime + usage.ru_stime)
     return Measured(what, proc.returncode, output, wall, peak)
