@@ -23,9 +23,11 @@ import platform
 import shutil
 import subprocess
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from importlib import metadata
 from pathlib import Path
+
+from tcscale.train.install_checks import Check, check_deepspeed, check_nccl
 
 # distribution name -> the extra that installs it (None: the base install)
 REQUIRED = (
@@ -39,13 +41,6 @@ OPTIONAL = {
 }  # fmt: skip
 CONSTRAINTS = Path(__file__).resolve().parents[1] / "constraints.txt"  # the repository's, for editable installs
 KERNEL_TOLERANCE = 2e-3  # fp32 fused kernel vs the fp32 PyTorch reference on the doctor's small problem
-
-
-@dataclass
-class Check:
-    name: str
-    status: str  # "ok" | "note" | "skip" | "FAIL"
-    detail: str
 
 
 def _norm(name: str) -> str:
@@ -122,28 +117,6 @@ def check_torch() -> list[Check]:
     return checks
 
 
-def check_nccl() -> list[Check]:
-    import torch
-    import torch.distributed as dist
-
-    if not dist.is_available() or not dist.is_nccl_available():
-        status = "skip" if not torch.cuda.is_available() else "FAIL"
-        return [Check("nccl", status, "torch was built without NCCL")]
-    version = ".".join(map(str, torch.cuda.nccl.version()))
-    if not torch.cuda.is_available():
-        return [Check("nccl", "ok", f"{version} (built in; no GPU to run it on)")]
-    try:  # one rank: initialises a communicator and reduces a tensor on the GPU
-        store = dist.HashStore()
-        dist.init_process_group("nccl", store=store, rank=0, world_size=1, device_id=torch.device("cuda", 0))
-        x = torch.ones(4, device="cuda")
-        dist.all_reduce(x)
-        torch.cuda.synchronize()
-        dist.destroy_process_group()
-    except Exception as exc:  # noqa: BLE001 - every failure here is the finding
-        return [Check("nccl", "FAIL", f"{version}: one-rank all-reduce failed: {exc}")]
-    return [Check("nccl", "ok", f"{version}, one-rank all-reduce on cuda:0 passed")]
-
-
 def check_kernel() -> list[Check]:
     """The fused kernel against the reference on (B=1, H=2, Lq=64, Lk=16, d=32), forward and backward."""
     import torch
@@ -177,37 +150,6 @@ def check_kernel() -> list[Check]:
     return [
         Check("triton kernel", status, f"{where}; max |fused - reference| {err:.1e} (tolerance {KERNEL_TOLERANCE})")
     ]
-
-
-def check_deepspeed() -> list[Check]:
-    try:
-        import deepspeed
-        from deepspeed.accelerator import get_accelerator
-        from deepspeed.ops.op_builder.all_ops import ALL_OPS
-    except Exception as exc:  # noqa: BLE001
-        return [Check("deepspeed", "FAIL", f"cannot import: {exc}")]
-    checks = [
-        Check("deepspeed accelerator", "ok", f"{get_accelerator().device_name()} (deepspeed {deepspeed.__version__})")
-    ]
-    try:
-        from deepspeed.git_version_info import installed_ops
-    except ImportError:
-        installed_ops = {}
-    # the ops a tcscale config can reach: fused_adam (optimizer torch_adam: false on GPUs), cpu_adam (ZeRO offload)
-    for op in ("fused_adam", "cpu_adam"):
-        builder = ALL_OPS.get(op)
-        if builder is None:
-            continue
-        if installed_ops.get(op):
-            checks.append(Check(f"ds op {op}", "ok", "prebuilt"))
-            continue
-        try:
-            compatible = builder.is_compatible(verbose=False)
-        except Exception:  # noqa: BLE001 - a builder probing a missing toolchain raises
-            compatible = False
-        checks.append(Check(f"ds op {op}", "ok" if compatible else "note",
-                            "builds on first use (JIT)" if compatible else "not buildable here"))  # fmt: skip
-    return checks
 
 
 def run_checks(kernel: bool = True) -> list[Check]:
