@@ -6,21 +6,35 @@ STAMP     := $(VENV)/.tcscale-installed
 NPROC     ?= 2
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast lint format demo bench-loader bench-kernel gpu-wheels clean
+EXTRAS    ?= dataprep,eval,dev
 
-$(STAMP): pyproject.toml
+.PHONY: setup test test-fast test-realshape lint format demo doctor constraints bench-loader bench-kernel gpu-wheels clean
+
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip wheel setuptools
-	$(VPY) -m pip install -q -e ".[dataprep,dev]"
+	$(VPY) -m pip install -q -c constraints.txt -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 
-setup: $(STAMP)  ## create .venv with torch, deepspeed, diffusers, ... and tcscale (editable)
+setup: $(STAMP)  ## create .venv with the tested versions (constraints.txt) of torch, deepspeed, ... and tcscale (editable)
+
+doctor: $(STAMP)  ## check the install: versions, CUDA, NCCL, the Triton kernel, DeepSpeed ops
+	$(VPY) -m tcscale.doctor
+
+constraints:  ## rewrite constraints.txt from a fresh venv resolving pyproject.toml's ranges (needs the package index)
+	rm -rf .venv-constraints && $(PY) -m venv .venv-constraints
+	.venv-constraints/bin/pip install -q --upgrade pip && .venv-constraints/bin/pip install -q -e ".[dataprep,eval,dev]"
+	{ sed -n '1,2p' constraints.txt; .venv-constraints/bin/pip freeze --exclude-editable | grep -v -i -E '^(pip|setuptools|wheel)=='; } > constraints.txt.tmp
+	mv constraints.txt.tmp constraints.txt && rm -rf .venv-constraints
 
 test: $(STAMP)  ## the whole CPU test suite (GPU tests skip without a GPU)
 	OMP_NUM_THREADS=1 $(VPY) -m pytest -ra $(PYTEST_ARGS)
 
-test-fast: $(STAMP)  ## everything except the multi-process / slow tests
-	OMP_NUM_THREADS=1 $(VPY) -m pytest -ra -m "not slow and not distributed" $(PYTEST_ARGS)
+test-fast: $(STAMP)  ## everything except the multi-process / slow / released-shape tests
+	OMP_NUM_THREADS=1 $(VPY) -m pytest -ra -m "not slow and not distributed and not realshape" $(PYTEST_ARGS)
+
+test-realshape: $(STAMP)  ## only the shipped configs at released shapes (random weights; ~20 GiB disk, < 20 GiB RAM)
+	OMP_NUM_THREADS=1 $(VPY) -m pytest -ra -m realshape $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -10,39 +10,130 @@ the text encoder alone (a `CLIPTextModel` directory).
 A LoRA run (`model.lora`) exports its adapter in diffusers' LoRA format (`pytorch_lora_weights.safetensors`,
 loaded by `pipe.load_lora_weights(out)` on the base pipeline that `tcscale_lora.json` names), or with
 `merge_lora=True` a full pipeline whose U-Net has the adapters folded into its weights (`tcscale.models.lora`).
+
+Memory is bounded by what is written. The checkpoint is read memory-mapped and only its trained parameters are
+reconstructed in fp32 (DeepSpeed's `exclude_frozen_parameters`): the frozen ones are the base model's, read from
+the base model itself, so an SDXL LoRA export never builds the 2.6 B frozen U-Net parameters in fp32. An adapter
+export reads no base weights at all: the U-Net is built from the base's config on the meta device, the adapters
+are filled from the checkpoint and written (a few hundred MiB at most). A full export needs the base pipeline in
+fp32 plus the trained weights; it prints that figure before it loads anything (`full_export_bytes`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from tcscale.config import load_config
-from tcscale.models.sd import SDComponents, load_components, save_pipeline_dir
+from tcscale.models.sd import ModelLoadError, SDComponents, load_components, save_pipeline_dir
 from tcscale.train.checkpoint import CheckpointError, latest_tag
 from tcscale.train.safe_load import safe_torch_load
 
 
-def consolidated_state_dict(ckpt_dir: Path, tag: str, allow_unsafe_load: bool = False) -> dict[str, torch.Tensor]:
+@contextlib.contextmanager
+def _mmap_loads() -> Iterator[None]:
+    """Within the block, `torch.load` of a file maps it instead of reading it (DeepSpeed's model-states file holds
+    the whole module, frozen weights included: mapped, only the entries used are paged in)."""
+    original = torch.load
+
+    def load(f, *args, **kwargs):
+        if isinstance(f, (str, os.PathLike)):
+            kwargs.setdefault("mmap", True)
+        return original(f, *args, **kwargs)
+
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = original
+
+
+def _model_states_files(tag_dir: Path) -> list[Path]:
+    return sorted(tag_dir.glob("*model_states.pt"))
+
+
+def checkpoint_param_names(ckpt_dir: Path, tag: str, allow_unsafe_load: bool = False) -> tuple[dict, dict]:
+    """({trained name: shape}, {frozen name: shape}) of the module a checkpoint holds, read from its model-states
+    file (memory-mapped; no weight is read)."""
+    from deepspeed.checkpoint.constants import FROZEN_PARAM_SHAPES, PARAM_SHAPES
+
+    files = _model_states_files(ckpt_dir / tag)
+    if not files:
+        raise CheckpointError(f"{ckpt_dir / tag}: no DeepSpeed model states file")
+    with safe_torch_load(allow_unsafe_load), _mmap_loads():
+        states = torch.load(str(files[0]), map_location="cpu")
+    if PARAM_SHAPES not in states:  # ZeRO stage 0: the module's state dict only
+        module = states["module"]
+        return {k: tuple(v.shape) for k, v in module.items()}, {}
+    trained = {k: tuple(v) for group in states[PARAM_SHAPES] for k, v in group.items()}
+    frozen = {k: tuple(v) for k, v in (states.get(FROZEN_PARAM_SHAPES) or {}).items()}
+    return trained, frozen
+
+
+def consolidated_state_dict(
+    ckpt_dir: Path, tag: str, allow_unsafe_load: bool = False, exclude_frozen: bool = False
+) -> dict[str, torch.Tensor]:
     """fp32 U-Net state dict from a checkpoint tag (ZeRO 1/2/3 shards merged; stage 0 read directly). Every file
-    is read weights-only (tcscale.train.safe_load) unless `allow_unsafe_load`."""
+    is read weights-only (tcscale.train.safe_load) unless `allow_unsafe_load`, and memory-mapped. `exclude_frozen`:
+    the trained parameters and buffers only (the frozen parameters are the base model's)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     tag_dir = ckpt_dir / tag
     if not tag_dir.is_dir():
         raise CheckpointError(f"checkpoint {tag_dir} not found")
-    with safe_torch_load(allow_unsafe_load):
+    with safe_torch_load(allow_unsafe_load), _mmap_loads():
         if any(tag_dir.glob("*optim_states.pt")) and any("zero" in p.name for p in tag_dir.iterdir()):
-            state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+            state = get_fp32_state_dict_from_zero_checkpoint(
+                str(ckpt_dir), tag=tag, exclude_frozen_parameters=exclude_frozen
+            )
         else:
             files = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
             if not files:
                 raise CheckpointError(f"{tag_dir}: no DeepSpeed model states file")
-            state = torch.load(files[0], map_location="cpu")["module"]
+            state = torch.load(str(files[0]), map_location="cpu")["module"]
+    # .float() copies bf16 entries out of the mapped file; fp32 ones stay views of DeepSpeed's merged vector
     return {k: v.float() for k, v in state.items()}
+
+
+def _load_parts(comps, objective: str, state: dict, frozen: dict, where: Path, assign: bool = False) -> None:
+    """Load the checkpoint's entries into the components its objective exports; every parameter of those
+    components must be either in the checkpoint or one of its frozen parameters (then the base's value stays)."""
+    from tcscale.objectives import OBJECTIVES
+
+    spec = OBJECTIVES[objective]
+    frozen_parts = spec.exported(dict.fromkeys(frozen, torch.empty(0)))
+    for name, part in spec.exported(state).items():
+        module = getattr(comps, name) if not isinstance(comps, torch.nn.Module) else comps
+        what = "U-Net" if name == "unet" else name
+        try:
+            missing, unexpected = module.load_state_dict(part, strict=False, assign=assign)
+        except RuntimeError as exc:  # shape mismatch
+            raise CheckpointError(f"checkpoint {where} does not match the {what}: {exc}") from None
+        param_names = {n for n, _ in module.named_parameters()}
+        not_frozen = [m for m in missing if m in param_names and m not in frozen_parts.get(name, {})]
+        if unexpected or not_frozen:
+            raise CheckpointError(
+                f"checkpoint {where} does not match the {what}: missing {not_frozen[:5]}, unexpected {unexpected[:5]}"
+            )
+
+
+def _base_ref(cfg, run_dir: Path) -> str:
+    return cfg.model.pretrained or str((run_dir / "base_model").resolve())
+
+
+def _resolve_tag(run_dir: Path, tag: str | None) -> tuple[Path, str]:
+    ckpt_dir = run_dir / "checkpoints"
+    tag = tag or latest_tag(ckpt_dir)
+    if tag is None:
+        raise CheckpointError(f"{ckpt_dir}: no checkpoint to export (no 'latest' file)")
+    if not (ckpt_dir / tag).is_dir():
+        raise CheckpointError(f"checkpoint {ckpt_dir / tag} not found")
+    return ckpt_dir, tag
 
 
 def load_trained_components(
@@ -50,33 +141,93 @@ def load_trained_components(
 ) -> SDComponents:
     """The run's base components with the checkpoint's weights in the components its objective trains (the U-Net,
     or what the objective's `export_components` names, e.g. the text encoder)."""
-    from tcscale.objectives import OBJECTIVES
-
     run_dir = Path(run_dir)
     cfg = load_config(run_dir / "config.yaml")
-    ckpt_dir = run_dir / "checkpoints"
-    tag = tag or latest_tag(ckpt_dir)
-    if tag is None:
-        raise CheckpointError(f"{ckpt_dir}: no checkpoint to export (no 'latest' file)")
-    state = consolidated_state_dict(ckpt_dir, tag, allow_unsafe_load)
-    if cfg.model.pretrained is None:
-        cfg.model.pretrained = str((run_dir / "base_model").resolve())
+    ckpt_dir, tag = _resolve_tag(run_dir, tag)
+    _, frozen = checkpoint_param_names(ckpt_dir, tag, allow_unsafe_load)
+    state = consolidated_state_dict(ckpt_dir, tag, allow_unsafe_load, exclude_frozen=True)
+    cfg.model.pretrained = _base_ref(cfg, run_dir)
     comps = load_components(cfg.model, cfg.data.resolution)
     if cfg.model.lora is not None:  # the same adapters as the run, so the checkpoint's keys match
         from tcscale.models.lora import add_lora, lora_target_modules
 
         add_lora(comps.unet, cfg.model.lora, lora_target_modules(cfg), seed=cfg.seed)
-    for name, part in OBJECTIVES[cfg.objective.name].exported(state).items():
-        module = getattr(comps, name)
-        missing, unexpected = module.load_state_dict(part, strict=False)
-        param_names = {n for n, _ in module.named_parameters()}
-        if unexpected or any(m in param_names for m in missing):
-            what = "U-Net" if name == "unet" else name
-            raise CheckpointError(
-                f"checkpoint {ckpt_dir / tag} does not match the {what}: missing {missing[:5]}, "
-                f"unexpected {unexpected[:5]}"
-            )
+    _load_parts(comps, cfg.objective.name, state, frozen, ckpt_dir / tag)
     return comps
+
+
+def adapter_unet(run_dir: str | os.PathLike, tag: str | None = None, allow_unsafe_load: bool = False):
+    """A LoRA run's U-Net holding only its adapters: built from the base's config on the meta device (no base
+    weight is read or allocated), the adapters filled from the checkpoint. Enough to write the adapter."""
+    from diffusers import UNet2DConditionModel
+
+    from tcscale.models.lora import add_lora, lora_target_modules
+
+    run_dir = Path(run_dir)
+    cfg = load_config(run_dir / "config.yaml")
+    ckpt_dir, tag = _resolve_tag(run_dir, tag)
+    _, frozen = checkpoint_param_names(ckpt_dir, tag, allow_unsafe_load)
+    state = consolidated_state_dict(ckpt_dir, tag, allow_unsafe_load, exclude_frozen=True)
+    base = _base_ref(cfg, run_dir)
+    try:
+        config = UNet2DConditionModel.load_config(base, subfolder="unet", revision=cfg.model.revision)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"model.pretrained={base!r}: cannot read unet/config.json: {exc}") from exc
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(config)
+        add_lora(unet, cfg.model.lora, lora_target_modules(cfg), seed=cfg.seed)
+    _load_parts(unet, cfg.objective.name, state, frozen, ckpt_dir / tag, assign=True)
+    empty = [n for n, p in unet.named_parameters() if ".lora_" in n and p.is_meta]
+    if empty:
+        raise CheckpointError(f"checkpoint {ckpt_dir / tag} holds no value for the adapters {empty[:5]}")
+    return unet
+
+
+def _safetensors_numel(folder: Path) -> int:
+    """Parameters stored in a local pipeline directory's safetensors files (headers only; one variant)."""
+    from safetensors import safe_open
+
+    total = 0
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+        files = sorted(sub.glob("*.safetensors"))
+        plain = [f for f in files if f.name.count(".") == 1]  # diffusion_pytorch_model.safetensors, not .fp16.
+        for f in plain or files[:1]:
+            with safe_open(str(f), "pt") as st:
+                total += sum(_prod(st.get_slice(k).get_shape()) for k in st.keys())
+    return total
+
+
+def _prod(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def full_export_bytes(run_dir: str | os.PathLike, tag: str | None = None, allow_unsafe_load: bool = False) -> dict:
+    """What a full export holds at once: the base pipeline in fp32 (None when the base is not a local directory)
+    and the checkpoint's trained parameters in fp32."""
+    run_dir = Path(run_dir)
+    cfg = load_config(run_dir / "config.yaml")
+    ckpt_dir, tag = _resolve_tag(run_dir, tag)
+    trained, _ = checkpoint_param_names(ckpt_dir, tag, allow_unsafe_load)
+    base = Path(_base_ref(cfg, run_dir)).expanduser()
+    base_numel = _safetensors_numel(base) if base.is_dir() else None
+    return {"base": None if base_numel is None else 4 * base_numel, "trained": 4 * sum(map(_prod, trained.values()))}
+
+
+def _announce_full_export(run_dir, tag, allow_unsafe_load) -> None:
+    need = full_export_bytes(run_dir, tag, allow_unsafe_load)
+    gib = 1024**3
+    base = "the base pipeline (not a local directory: size unknown)" if need["base"] is None else (
+        f"the base pipeline in fp32 ({need['base'] / gib:.1f} GiB)"
+    )  # fmt: skip
+    total = (need["base"] or 0) + need["trained"]
+    print(
+        f"export: a full pipeline needs about {total / gib:.1f} GiB of memory: {base} + the trained weights in fp32 "
+        f"({need['trained'] / gib:.1f} GiB)",
+        flush=True,
+    )
 
 
 def _write_atomic(out_dir: Path, write) -> Path:
@@ -103,13 +254,15 @@ def export_pipeline(
     cfg = load_config(Path(run_dir) / "config.yaml")
     if merge_lora and cfg.model.lora is None:
         raise CheckpointError(f"--merge-lora: run {run_dir} trained no LoRA adapters (model.lora is null)")
-    comps = load_trained_components(run_dir, tag, allow_unsafe_load)
     if cfg.model.lora is not None and not merge_lora:
-        base = cfg.model.pretrained or str((Path(run_dir) / "base_model").resolve())
+        unet = adapter_unet(run_dir, tag, allow_unsafe_load)
+        base = _base_ref(cfg, Path(run_dir))
         write = lambda tmp: lora_mod.save_lora_dir(
-            comps.unet, tmp, family=comps.family, base_model=base, lora=cfg.model.lora
+            unet, tmp, family=cfg.model.family, base_model=base, lora=cfg.model.lora
         )
         return _write_atomic(Path(out_dir), write)
+    _announce_full_export(run_dir, tag, allow_unsafe_load)
+    comps = load_trained_components(run_dir, tag, allow_unsafe_load)
     if cfg.model.lora is not None:
         lora_mod.merge_lora(comps.unet)
     return _write_atomic(Path(out_dir), lambda tmp: save_pipeline_dir(comps, tmp))
@@ -119,5 +272,6 @@ def export_text_encoder(
     run_dir: str | os.PathLike, out_dir: str | os.PathLike, tag: str | None = None, allow_unsafe_load: bool = False
 ) -> Path:
     """The run's text encoder alone, in transformers format (`CLIPTextModel.from_pretrained(out)` loads it)."""
+    _announce_full_export(run_dir, tag, allow_unsafe_load)
     comps = load_trained_components(run_dir, tag, allow_unsafe_load)
     return _write_atomic(Path(out_dir), lambda tmp: comps.text_encoder.save_pretrained(str(tmp)))
