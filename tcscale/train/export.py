@@ -10,6 +10,10 @@ the text encoder alone (a `CLIPTextModel` directory).
 A LoRA run (`model.lora`) exports its adapter in diffusers' LoRA format (`pytorch_lora_weights.safetensors`,
 loaded by `pipe.load_lora_weights(out)` on the base pipeline that `tcscale_lora.json` names), or with
 `merge_lora=True` a full pipeline whose U-Net has the adapters folded into its weights (`tcscale.models.lora`).
+
+`ema=True` exports the run's fp32 EMA weights (`tcscale.train.ema`, saved with each checkpoint when `ema.enabled`)
+in place of the trained ones. Every export carries a model card (`README.md`, `tcscale.train.model_card`) saying
+which weights it holds, and the run's config (`tcscale_config.yaml`).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import torch
 from tcscale.config import load_config
 from tcscale.models.sd import SDComponents, load_components, save_pipeline_dir
 from tcscale.train.checkpoint import CheckpointError, latest_tag
+from tcscale.train.model_card import CardFacts, read_eval_results, write_model_card
 from tcscale.train.safe_load import safe_torch_load
 
 
@@ -45,11 +50,32 @@ def consolidated_state_dict(ckpt_dir: Path, tag: str, allow_unsafe_load: bool = 
     return {k: v.float() for k, v in state.items()}
 
 
+def ema_weights(tag_dir: Path, allow_unsafe_load: bool = False) -> dict[str, torch.Tensor]:
+    """The checkpoint's fp32 EMA of the trained parameters, by parameter name (every rank's share assembled)."""
+    from tcscale.train.ema import load_ema_state_dict
+
+    try:
+        with safe_torch_load(allow_unsafe_load):
+            return load_ema_state_dict(tag_dir)
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"--ema: {exc}") from None
+
+
+def ema_description(tag_dir: Path, cfg) -> str:
+    """How the card names EMA weights: decay, schedule and the number of updates folded in."""
+    from tcscale.train.ema import ema_files
+
+    with safe_torch_load(False):
+        state = torch.load(ema_files(tag_dir)[0], map_location="cpu")
+    warm = ", warm-up schedule" if state.get("warmup") else ""
+    return f"EMA of the trained weights (fp32, decay {state['decay']}{warm}, {state['updates']} updates)"
+
+
 def load_trained_components(
-    run_dir: str | os.PathLike, tag: str | None = None, allow_unsafe_load: bool = False
+    run_dir: str | os.PathLike, tag: str | None = None, allow_unsafe_load: bool = False, ema: bool = False
 ) -> SDComponents:
     """The run's base components with the checkpoint's weights in the components its objective trains (the U-Net,
-    or what the objective's `export_components` names, e.g. the text encoder)."""
+    or what the objective's `export_components` names, e.g. the text encoder); `ema`: its EMA weights instead."""
     from tcscale.objectives import OBJECTIVES
 
     run_dir = Path(run_dir)
@@ -59,6 +85,12 @@ def load_trained_components(
     if tag is None:
         raise CheckpointError(f"{ckpt_dir}: no checkpoint to export (no 'latest' file)")
     state = consolidated_state_dict(ckpt_dir, tag, allow_unsafe_load)
+    if ema:
+        averaged = ema_weights(ckpt_dir / tag, allow_unsafe_load)
+        unknown = sorted(set(averaged) - set(state))
+        if unknown:
+            raise CheckpointError(f"{ckpt_dir / tag}: EMA weights for parameters the checkpoint lacks: {unknown[:3]}")
+        state.update(averaged)
     if cfg.model.pretrained is None:
         cfg.model.pretrained = str((run_dir / "base_model").resolve())
     comps = load_components(cfg.model, cfg.data.resolution)
@@ -95,29 +127,80 @@ def export_pipeline(
     tag: str | None = None,
     allow_unsafe_load: bool = False,
     merge_lora: bool = False,
+    ema: bool = False,
+    eval_results: list[str | os.PathLike] = (),
 ) -> Path:
     """The run as a pipeline directory; a LoRA run as its adapter directory, or (`merge_lora`) as a pipeline with
-    the adapters merged into the U-Net."""
+    the adapters merged into the U-Net. `ema`: the EMA weights; `eval_results`: evaluations' results.json files
+    listed in the model card."""
     from tcscale.models import lora as lora_mod
 
     cfg = load_config(Path(run_dir) / "config.yaml")
     if merge_lora and cfg.model.lora is None:
         raise CheckpointError(f"--merge-lora: run {run_dir} trained no LoRA adapters (model.lora is null)")
-    comps = load_trained_components(run_dir, tag, allow_unsafe_load)
+    tag = tag or _latest(run_dir)
+    card = _card_facts(run_dir, tag, cfg, ema, eval_results, merge_lora)
+    comps = load_trained_components(run_dir, tag, allow_unsafe_load, ema=ema)
     if cfg.model.lora is not None and not merge_lora:
         base = cfg.model.pretrained or str((Path(run_dir) / "base_model").resolve())
-        write = lambda tmp: lora_mod.save_lora_dir(
-            comps.unet, tmp, family=comps.family, base_model=base, lora=cfg.model.lora
-        )
+
+        def write(tmp: Path) -> None:
+            lora_mod.save_lora_dir(comps.unet, tmp, family=comps.family, base_model=base, lora=cfg.model.lora)
+            write_model_card(tmp, cfg, card)
+
         return _write_atomic(Path(out_dir), write)
     if cfg.model.lora is not None:
         lora_mod.merge_lora(comps.unet)
-    return _write_atomic(Path(out_dir), lambda tmp: save_pipeline_dir(comps, tmp))
+
+    def write_pipeline(tmp: Path) -> None:
+        save_pipeline_dir(comps, tmp)
+        write_model_card(tmp, cfg, card)
+
+    return _write_atomic(Path(out_dir), write_pipeline)
+
+
+def _latest(run_dir: str | os.PathLike) -> str:
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    tag = latest_tag(ckpt_dir)
+    if tag is None:
+        raise CheckpointError(f"{ckpt_dir}: no checkpoint to export (no 'latest' file)")
+    return tag
+
+
+def _card_facts(run_dir, tag: str, cfg, ema: bool, eval_results, merge_lora: bool = False, what: str = "") -> CardFacts:
+    """What the model card says; checks the inputs it names (EMA files, results.json) before any weights load."""
+    tag_dir = Path(run_dir) / "checkpoints" / tag
+    if ema:
+        from tcscale.train.ema import ema_files
+
+        if not ema_files(tag_dir):
+            raise CheckpointError(
+                f"--ema: {tag_dir} holds no EMA weights (ema-rank*.pt); the run was trained without ema.enabled=true"
+            )
+        weights = ema_description(tag_dir, cfg)
+    else:
+        weights = "the trained weights (fp32 master copy of the optimizer)"
+    if not what:
+        what = "pipeline" if cfg.model.lora is None else ("merged LoRA pipeline" if merge_lora else "LoRA adapter")
+    return CardFacts(str(run_dir), tag, what, weights, read_eval_results(list(eval_results)))
 
 
 def export_text_encoder(
-    run_dir: str | os.PathLike, out_dir: str | os.PathLike, tag: str | None = None, allow_unsafe_load: bool = False
+    run_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    tag: str | None = None,
+    allow_unsafe_load: bool = False,
+    ema: bool = False,
+    eval_results: list[str | os.PathLike] = (),
 ) -> Path:
     """The run's text encoder alone, in transformers format (`CLIPTextModel.from_pretrained(out)` loads it)."""
-    comps = load_trained_components(run_dir, tag, allow_unsafe_load)
-    return _write_atomic(Path(out_dir), lambda tmp: comps.text_encoder.save_pretrained(str(tmp)))
+    cfg = load_config(Path(run_dir) / "config.yaml")
+    tag = tag or _latest(run_dir)
+    card = _card_facts(run_dir, tag, cfg, ema, eval_results, what="text encoder")
+    comps = load_trained_components(run_dir, tag, allow_unsafe_load, ema=ema)
+
+    def write(tmp: Path) -> None:
+        comps.text_encoder.save_pretrained(str(tmp))
+        write_model_card(tmp, cfg, card)
+
+    return _write_atomic(Path(out_dir), write)
