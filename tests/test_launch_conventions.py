@@ -1,5 +1,5 @@
-"""The recipe's global batch on any world size (tcscale.train.batch), `device: cuda` without a GPU, and `--help` on
-every launcher.
+"""What a user meets first at launch: the recipe's global batch on any world size (tcscale.train.batch), `device:
+cuda` without a GPU, `--log-level` and `--help` on every launcher, the model card of an export.
 
 `deepspeed --num_gpus 8 launchers/train.py --config configs/sd14_tokencompose.yaml` is simulated by the world size
 the trainer hands `resolve_batch` (WORLD_SIZE=8); one real 2-rank launch shows the refusal through the launcher.
@@ -119,3 +119,35 @@ def test_help_on_every_launcher_starts_no_work(launcher, tmp_path):
     assert proc.returncode == 0 and "usage:" in proc.stdout and "--log-level" in proc.stdout
     assert list(tmp_path.iterdir()) == []  # nothing written where it ran
     assert (demo_out.stat().st_mtime_ns if demo_out.exists() else None) == before  # the demo did not start
+
+
+def test_log_level_warning_hides_progress_lines(train_main, tmp_path, capsys):
+    args = ["--config", "configs/tiny_cpu.yaml", "max_steps=1", "tracking.enabled=false", "checkpoint.every_steps=0"]
+    assert train_main([*args, f"output_dir={tmp_path / 'quiet'}", "--log-level", "warning"]) == 0
+    quiet = capsys.readouterr().out
+    assert train_main([*args, f"output_dir={tmp_path / 'info'}"]) == 0
+    info = capsys.readouterr().out
+    assert "step 1/1" in info and "batch: global 2 samples per optimizer step" in info
+    assert "step 1/1" not in quiet and "batch: global" not in quiet
+
+
+def test_model_card_states_base_objective_weights_steps_data_and_eval(tmp_path):
+    import yaml
+
+    from tcscale.train.model_card import CardFacts, model_card, read_eval_results
+
+    results = tmp_path / "eval" / "results.json"
+    results.parent.mkdir()
+    results.write_text('{"name": "sd14_paper", "metrics": {"multigen/coco/MG3": 0.52, "fid/coco10k": 20.1}}')
+    cfg = load_config(SD14)
+    card = model_card(cfg, CardFacts("runs/x", "step24000", "pipeline", "EMA (decay 0.9999)",
+                                     read_eval_results([results.parent])))  # fmt: skip
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["library_name"] == "diffusers" and front["base_model"] == "CompVis/stable-diffusion-v1-4"
+    assert "`CompVis/stable-diffusion-v1-4`" in card and "`tokencompose`" in card and "token_loss_weight" in card
+    assert "**Weights**: EMA (decay 0.9999)" in card and "**Steps**: 24000 optimizer steps" in card
+    assert "grounded-{000000..000009}.tar" in card and "the recipe's global batch 4" in card
+    assert "| sd14_paper | `multigen/coco/MG3` | 0.52 |" in card
+    assert yaml.safe_load(card.split("```yaml")[1].split("```")[0])["max_steps"] == 24000  # the whole config
+    with pytest.raises(FileNotFoundError, match="no results.json"):
+        read_eval_results([tmp_path / "nowhere"])
