@@ -62,15 +62,24 @@ def assert_ema_matches(run: Path, got: dict[str, torch.Tensor], steps: int) -> N
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_bf16_zero3_two_ranks_ema_resumes_and_exports(tmp_path, launch):
+    import yaml
+
     run = tmp_path / "run"
-    over = [f"output_dir={run}", *COMMON, "deepspeed.zero_optimization.stage=3", "batch.global_size=8"]
-    out = launch.run_deepspeed(2, CONFIG, [*over, "max_steps=2"]).stdout
+    recipe = yaml.safe_load((launch.REPO / CONFIG).read_text())  # the tiny config with a stated global batch
+    del recipe["deepspeed"]["gradient_accumulation_steps"]
+    recipe["batch"] = {"global_size": 8}
+    config = tmp_path / "tiny_global8.yaml"
+    config.write_text(yaml.safe_dump(recipe))
+    over = [f"output_dir={run}", *COMMON, "deepspeed.zero_optimization.stage=3"]
+    # validation at step 2 from the EMA weights: swapped into the ZeRO-3 partitions and back (collective)
+    valid = ["ema.validate=true", "validation.every_steps=2", "validation.num_inference_steps=1"]
+    out = launch.run_deepspeed(2, str(config), [*over, *valid, "max_steps=2"]).stdout
     # the recipe's global batch: 2 ranks x micro-batch 2 -> accumulation 2, printed at start-up
     assert "batch: global 8 samples per optimizer step = micro-batch 2 x accumulation 2 x 2 ranks" in out
     assert "ema: fp32 average of the trained weights, decay 0.9999" in out
     tag = run / "checkpoints" / "step2"
     assert sorted(p.name for p in tag.glob("ema-rank*.pt")) == ["ema-rank00000.pt", "ema-rank00001.pt"]
-    out = launch.run_deepspeed(2, CONFIG, [*over, "max_steps=3", "resume=latest"]).stdout
+    out = launch.run_deepspeed(2, str(config), [*over, "max_steps=3", "resume=latest"]).stdout
     assert "2 updates resumed" in out
 
     from launchers.export import main as export_main

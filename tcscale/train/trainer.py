@@ -302,6 +302,8 @@ class Trainer:
         if before != now:
             keep = before / (env.world_size * b)
             hint = f"; deepspeed.gradient_accumulation_steps={int(keep)} keeps it" if keep == int(keep) else ""
+            if self.cfg.batch.global_size is not None:  # adapted by batch.lr_scaling (the start-up line says how)
+                hint = f" (batch.lr_scaling={self.cfg.batch.lr_scaling})"
             print0(f"data: the global batch changes from {before} to {now} samples per optimizer step{hint}")
 
     def _batches(self) -> Iterator[dict[str, Any]]:
