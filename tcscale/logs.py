@@ -3,7 +3,8 @@
     setup_logging("info")      # launchers call it with their --log-level (debug | info | warning | error)
     log = logging.getLogger(__name__); log.warning(...)      # modules under tcscale.* log through it
 
-Rank 0 logs at the chosen level to stdout, one message per line with no decoration (the step lines scripts read);
+Rank 0 logs at the chosen level, one message per line with no decoration (the step lines scripts read): debug and
+info to stdout, warnings and errors to stderr;
 the other ranks log warnings and errors only, prefixed `rank N:` (`--log-level debug` shows every rank's debug
 and info lines too). `tcscale.train.distributed.print0` routes through it (level info, rank 0). The libraries'
 loggers (diffusers, transformers) stay at error below debug: their per-module notices drown the step
@@ -21,7 +22,8 @@ LOGGER = "tcscale"
 
 
 class _StdoutHandler(logging.StreamHandler):
-    """Writes to whatever sys.stdout is at the time (pytest's capture, a redirected stream)."""
+    """Debug and info to whatever sys.stdout is at the time (pytest's capture, a redirected stream); warnings and
+    errors to sys.stderr."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -33,6 +35,17 @@ class _StdoutHandler(logging.StreamHandler):
     @stream.setter
     def stream(self, _value) -> None:
         pass
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno >= logging.WARNING:
+            sys.stdout.flush()
+            try:
+                sys.stderr.write(self.format(record) + "\n")
+                sys.stderr.flush()
+            except Exception:  # noqa: BLE001 - logging must never raise
+                self.handleError(record)
+            return
+        super().emit(record)
 
 
 def _rank() -> int:
