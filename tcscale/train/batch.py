@@ -103,15 +103,20 @@ def resolve_batch(ds: dict[str, Any], global_size: int | None, lr_scaling: str, 
         nearest = per_micro_step * max(1, round(global_size / per_micro_step))
         worlds = [w for w in _divisors(global_size) if (global_size // w) % micro == 0]
         micros = [m for m in _divisors(global_size) if global_size % (world_size * m) == 0]
+        choices = []
+        if worlds:
+            choices.append(f"run on {', '.join(map(str, worlds))} rank(s)")
+        if micros:
+            sizes = " or ".join(map(str, micros))
+            choices.append(f"set deepspeed.train_micro_batch_size_per_gpu={sizes} (the accumulation follows)")
+        choices.append(f"change batch.global_size (the recipe) to a multiple of {per_micro_step}")
+        choices.append(f"name an lr-scaling rule, batch.lr_scaling=linear|sqrt, to train at global batch {nearest}")
         raise BatchError(
             f"batch.global_size={global_size} cannot be kept on {world_size} rank(s) at micro-batch {micro} "
-            f"(no whole gradient accumulation: {global_size} / ({world_size} x {micro})); choose one: run on "
-            f"{', '.join(map(str, worlds)) or 'no'} rank(s); set deepspeed.train_micro_batch_size_per_gpu to "
-            f"{' or '.join(map(str, micros)) or 'a value'} "
-            f"{'(with the accumulation derived)' if micros else '(none divides it on this world)'}; change "
-            f"batch.global_size (the recipe) to a multiple of {per_micro_step}; or name an lr-scaling rule, "
-            f"batch.lr_scaling=linear|sqrt, to train at global batch {nearest} "
-            "with the lr scaled"
+            f"(no whole gradient accumulation: {global_size} / ({world_size} x {micro})"
+            + ("" if micros else f", and no deepspeed.train_micro_batch_size_per_gpu makes one on {world_size} ranks")
+            + "); choose one: "
+            + "; or ".join(choices)
         )
     accum = max(1, round(global_size / per_micro_step))
     new_global = per_micro_step * accum
