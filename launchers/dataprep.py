@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from dataprep.pipeline import STAGES, DataprepConfigError, Pipeline, load_config  # noqa: E402
 from dataprep.stages.common import StageError  # noqa: E402
+from tcscale.logs import add_log_level_argument  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,12 +35,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--plan", action="store_true", help="print item/shard counts and the sbatch --array spec; exit")
     p.add_argument("overrides", nargs="*", help="key=value config overrides (dotted keys)")
+    add_log_level_argument(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     overrides = list(args.overrides)
     if args.stages:
         overrides.append(f"stages=[{args.stages}]")

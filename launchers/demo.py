@@ -185,8 +185,23 @@ def figure(runs: dict[str, Path], path: Path) -> None:
     _stack(rows).save(path)
 
 
-def main() -> int:
-    fast = os.environ.get("DEMO_FAST", "") not in ("", "0")
+def parse_args(argv: list[str] | None = None):
+    import argparse
+
+    from tcscale.logs import add_log_level_argument
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--fast", action="store_true", help="the 1-seed pipeline check (same as DEMO_FAST=1)")
+    add_log_level_argument(parser)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)  # --help prints and exits here, before anything is written or started
+    from tcscale.logs import setup_logging
+
+    setup_logging(args.log_level)
+    fast = args.fast or os.environ.get("DEMO_FAST", "") not in ("", "0")
     plan = FAST if fast else FULL
     t0 = time.perf_counter()
     shutil.rmtree(OUT, ignore_errors=True)
@@ -216,7 +231,8 @@ def main() -> int:
             m: [deepspeed, "--num_gpus", "1", "--master_port", str(free_port()), "launchers/train.py",
                 "--config", "configs/demo_cpu.yaml", f"objective.name={m}", f"run_name={m}_s{seed}",
                 f"output_dir={runs[m]}", f"seed={seed}", f"model.tiny.seed={seed}", f"max_steps={plan['steps']}",
-                f"validation.every_steps={plan['steps']}", f"data.shards={shards}", f"tracking.uri={uri}"]
+                f"validation.every_steps={plan['steps']}", f"data.shards={shards}", f"tracking.uri={uri}",
+                f"--log-level={args.log_level}"]
             for m in MODELS
         }  # fmt: skip
         say(f"seed {seed}: training both models ({plan['steps']} steps) ...")
@@ -225,7 +241,7 @@ def main() -> int:
             m: [sys.executable, "launchers/eval.py", "--config", "configs/eval/demo_cpu.yaml", f"name={m}_s{seed}",
                 f"model.run_dir={runs[m]}", f"output_dir={runs[m] / 'eval'}",
                 f"grounding.num_samples={plan['grounding_samples']}", f"synthetic.num_prompts={plan['prompts']}",
-                f"synthetic.rounds={plan['rounds']}"]
+                f"synthetic.rounds={plan['rounds']}", f"--log-level={args.log_level}"]
             for m in MODELS
         }  # fmt: skip
         say(f"seed {seed}: evaluating both (held-out grounding mIoU, all objects present on held-out prompts) ...")

@@ -72,7 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--shard", metavar="R/N", help="generate and detect the share of array task R of N (no scoring)")
     mode.add_argument("--merge", action="store_true", help="score the finished shares: results.json and MLflow")
     parser.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. model.pretrained=runs/x/export")
+    from tcscale.logs import add_log_level_argument, setup_logging
+
+    add_log_level_argument(parser)
     args = parser.parse_args(argv)
+    setup_logging(args.log_level)
     shard = None
     if args.shard is not None:
         try:

@@ -21,6 +21,8 @@ import sys
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from tcscale.logs import add_log_level_argument, setup_logging  # noqa: E402 - light: no torch
+
 
 def _rank() -> int:
     return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
@@ -30,8 +32,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="tcscale trainer")
     parser.add_argument("--config", required=True, help="YAML config (configs/*.yaml)")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    add_log_level_argument(parser)
     parser.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. max_steps=10 data.resolution=64")
     args = parser.parse_args(argv)
+    setup_logging(args.log_level)
 
     # Trap SLURM's preemption signal (and watch the launcher) before the slow imports and model loading: a USR1
     # that arrives during start-up is then honoured at the first step instead of killing the rank.

@@ -74,8 +74,24 @@ class ValidationConfig:
 
 @dataclass
 class EMAConfig:
-    enabled: bool = False  # keep an exponential moving average of the trainable U-Net weights (ZeRO 0-2)
+    # keep an fp32 exponential moving average of the trained weights (any ZeRO stage and precision; checkpointed,
+    # exported with launchers/export.py --ema)
+    enabled: bool = False
     decay: float = 0.9999  # EMA decay per optimizer step
+    warmup: bool = False  # decay min(decay, (1 + n) / (10 + n)) at update n (diffusers' EMAModel default schedule)
+    validate: bool = False  # validation images, heatmaps and grounding mIoU from the EMA weights (not the trained)
+
+
+@dataclass
+class BatchConfig:
+    """The recipe's batch (tcscale.train.batch): the samples per optimizer step the config means, kept on any number
+    of ranks by deriving deepspeed.gradient_accumulation_steps from the world size."""
+
+    # samples per optimizer step (world x micro-batch x accumulation); null -> whatever the world size gives
+    global_size: int | None = None
+    # a world that cannot keep global_size: none -> refuse (exit 2); linear | sqrt -> train at the nearest global
+    # batch it allows with every lr scaled by (that / global_size), or its square root
+    lr_scaling: Literal["none", "linear", "sqrt"] = "none"
 
 
 @dataclass
@@ -86,6 +102,9 @@ class TrainConfig:
     max_steps: int = MISSING  # optimizer steps to train
     resume: str | None = None  # null | "latest" | path of a checkpoint tag directory
     log_to_stdout_every: int = 1  # print a metrics line every N optimizer steps on rank 0
+    # cuda: a run that needs a visible CUDA GPU (refused without one, exit 2) | cpu: CPU ranks (gloo), e.g. tiny runs
+    device: Literal["cuda", "cpu"] = "cuda"
+    batch: BatchConfig = field(default_factory=BatchConfig)
     imports: list[str] = field(default_factory=list)  # modules or .py files imported first (register objectives)
     model: ModelConfig = field(default_factory=ModelConfig)
     attention: AttentionConfig = field(default_factory=AttentionConfig)
@@ -202,6 +221,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if autos:
         raise ConfigError(f"{autos[0]}: 'auto' is not allowed; set an explicit value")
     for key in DEEPSPEED_REQUIRED:
+        if key == "gradient_accumulation_steps" and cfg.batch.global_size is not None:
+            continue  # derived from batch.global_size and the world size (tcscale.train.batch)
         if key not in ds:
             raise ConfigError(f"deepspeed.{key} must be set explicitly")
     if "train_batch_size" in ds:
@@ -209,6 +230,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             "deepspeed.train_batch_size: leave it out; it is derived as "
             "train_micro_batch_size_per_gpu x gradient_accumulation_steps x world size"
         )
+    if cfg.batch.global_size is not None and cfg.batch.global_size <= 0:
+        raise ConfigError(f"batch.global_size must be > 0 (or null), got {cfg.batch.global_size}")
+    if cfg.batch.lr_scaling != "none" and cfg.batch.global_size is None:
+        raise ConfigError(f"batch.lr_scaling={cfg.batch.lr_scaling} needs batch.global_size (the batch its lr is for)")
     from tcscale.train.engine import check_deepspeed_section
 
     problems = check_deepspeed_section(ds)
@@ -223,8 +248,6 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         missing = xformers_missing()
         if missing:
             raise ConfigError(f"attention.ungrounded=xformers needs {missing}; use attention.ungrounded=sdpa")
-    if cfg.ema.enabled and stage == 3:
-        raise ConfigError("ema.enabled with deepspeed.zero_optimization.stage=3 is not supported (use ZeRO-2)")
     if cfg.model.lora is not None:
         check_lora(cfg)
     check = OBJECTIVES[cfg.objective.name].check

@@ -543,6 +543,7 @@ def run_pairs_script(tmp_path, env_extra, *args):
 def test_sepen_pairs_array_task_trains_its_pair(tmp_path):
     header = [line for line in SEPEN_PAIRS.read_text().splitlines() if line.startswith("#SBATCH")]
     assert f"#SBATCH --array=0-{len(pair_concepts()) - 1}" in header
+    assert "#SBATCH --gpus-per-node=1" in header  # one GPU per pair: train.sbatch starts one rank per GPU
     done = run_pairs_script(
         tmp_path,
         {"SLURM_ARRAY_TASK_ID": "7", "TCSCALE_PAIRS_OUTPUT": "runs/pairs"},

@@ -63,5 +63,5 @@ def test_ema_and_keep_last_k(tmp_path, tiny_config):
     ckpts = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(("step", "tmp")))
     assert ckpts == ["step3", "step4"]
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step4"
-    ema = torch.load(tmp_path / "checkpoints" / "step4" / "ema.pt", map_location="cpu")
-    assert ema["optimization_step"] == 4 and len(ema["shadow_params"]) > 0
+    ema = torch.load(tmp_path / "checkpoints" / "step4" / "ema-rank00000.pt", map_location="cpu")
+    assert ema["updates"] == 4 and ema["decay"] == 0.5 and len(ema["shares"]) > 0

@@ -47,6 +47,8 @@ ONE_STEP = [
     "validation.every_steps=0",
     "deepspeed.train_micro_batch_size_per_gpu=1",
     "deepspeed.gradient_accumulation_steps=1",
+    "batch.global_size=null",  # the recipes' global batch of 4 would take 4 micro-steps on this one rank
+    "device=cpu",  # the shipped configs expect CUDA
     f"data.resolution={RESOLUTION}",
 ]
 

@@ -146,7 +146,7 @@ def test_sdxl_validation_and_eval_load_pipeline(tmp_path):
     from tcscale.eval.generation import GenItem, generate_missing, load_pipeline
     from tcscale.train import trainer as trainer_mod
     from tcscale.train.export import export_pipeline
-    from tests.helpers.launch import mlflow_runs
+    from tests.helpers.launch import image_series, mlflow_runs
 
     run = tmp_path / "run"
     cfg = load_config(CONFIG, [f"output_dir={run}", "max_steps=1", "checkpoint.every_steps=0",
@@ -156,8 +156,8 @@ def test_sdxl_validation_and_eval_load_pipeline(tmp_path):
                                "validation.grounding.timesteps=[100]"])  # fmt: skip
     trainer_mod.train(cfg)
     client, runs = mlflow_runs(run, "tcscale-tiny-sdxl")
-    files = [a.path for a in client.list_artifacts(runs[0].info.run_id, "validation/step000001")]
-    assert "validation/step000001/prompt0.png" in files
+    files = [a.path for a in client.list_artifacts(runs[0].info.run_id, "images")]
+    assert ("validation/prompt0", 1) in image_series(files)  # a step-indexed image series
     miou = client.get_metric_history(runs[0].info.run_id, "grounding/miou")  # both towers, micro-conditioning
     assert [m.step for m in miou] == [1] and 0 <= miou[0].value <= 1
     out = export_pipeline(run, tmp_path / "export")

@@ -95,6 +95,7 @@ def test_sbatch_template_parses_and_header():
     opts = sbatch_header(SBATCH)
     assert any(re.fullmatch(r"--signal=B:USR1@\d+", o) for o in opts), opts
     assert "--requeue" in opts and "--open-mode=append" in opts
+    assert "--gpus-per-node=8" in opts  # one task per GPU: the header asks Slurm for the GPUs
     assert SBATCH.read_text().startswith("#!/bin/bash\n")
 
 
@@ -143,7 +144,8 @@ def job_env(cluster: SlurmCluster, tmp_path: Path, entry: Path | None, **extra: 
 
 def sbatch_args(tmp_path: Path, *extra: str) -> list[str]:
     return [
-        "sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--time=10",
+        "sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=2", "--cpus-per-task=1",
+        "--time=10",
         f"--output={tmp_path / 'slurm-%j.out'}", *extra, str(SBATCH),
     ]  # fmt: skip
 
@@ -190,6 +192,7 @@ def test_sbatch_wait_two_tasks_all_reduce(slurm, tmp_path):
         assert rec["argv"] == ["--config", "configs/some.yaml", "a.b=1", "name=two words"]  # no resume on 1st run
         assert (tmp_path / f"done.0.rank{r}").is_file()
     assert "restart 0: 1 node(s) x 2 task(s)" in log.read_text()
+    assert "2 GPU(s) per node from Slurm (SLURM_GPUS_ON_NODE)" in log.read_text()  # ranks = allocated GPUs
     print(f"sbatch --wait round trip: {time.monotonic() - t0:.1f} s")
 
 
@@ -302,3 +305,32 @@ def test_real_trainer_preempted_requeued_resumes(slurm, tmp_path):
         print(f"real trainer: preempted at step {step}, requeued, resumed: {time.monotonic() - t0:.1f} s")
     finally:
         slurm.run("scancel", job_id, check=False)
+
+
+@pytest.mark.slow
+def test_job_without_gpus_warns_and_a_cuda_config_refuses(slurm, tmp_path):
+    """No GPUs allocated (--gpus-per-node=0 overrides the header): one rank per task, a warning, and a config that
+    expects CUDA stops at once with exit 2 and one line, instead of training on the CPU."""
+    require_trainer()
+    if torch_cuda_available():
+        pytest.skip("this machine has a CUDA GPU")
+    env = job_env(slurm, tmp_path, None)
+    args = [a for a in sbatch_args(tmp_path, "--wait") if not a.startswith("--gpus-per-node")]
+    res = slurm.run(
+        *args[:-1], "--gpus-per-node=0", args[-1], "configs/tiny_cpu.yaml", "device=cuda", "max_steps=1",
+        f"output_dir={tmp_path / 'run'}", env=env, timeout=TRAIN_WAIT_S, check=False,
+    )  # fmt: skip
+    job_id = res.stdout.strip().split(";")[0]
+    text = (tmp_path / f"slurm-{job_id}.out").read_text()
+    assert res.returncode != 0, text[-3000:]
+    assert "no GPUs allocated (SLURM_GPUS_ON_NODE unset): 2 CPU rank(s) per node" in text
+    refusals = [line for line in text.splitlines() if "device: cuda, but no CUDA GPU is visible" in line]
+    assert len(refusals) == 1, text[-3000:]  # rank 0's line only
+    # the first rank to stop exits 2; srun (--kill-on-bad-exit) then terminates the other
+    assert "Exited with exit code 2" in text and not (tmp_path / "run").exists()
+
+
+def torch_cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

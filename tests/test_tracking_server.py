@@ -8,6 +8,7 @@ import pytest
 
 from tcscale.config import load_config
 from tcscale.train.trainer import train
+from tests.helpers.launch import image_series
 
 pytestmark = pytest.mark.slow
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml"
@@ -34,8 +35,8 @@ def test_run_logs_metrics_and_images_to_server(mlflow_server, tmp_path):
     assert run.data.params["objective.name"] == "tokencompose"
     for metric in ("loss/ldm", "loss/token", "loss/pixel"):
         assert [m.step for m in client.get_metric_history(result.run_id, metric)] == [1, 2]
-    files = [a.path for a in client.list_artifacts(result.run_id, "validation/step000002")]
-    assert "validation/step000002/prompt0_attention.png" in files
+    files = [a.path for a in client.list_artifacts(result.run_id, "images")]
+    assert ("validation/prompt0_attention", 2) in image_series(files)
     assert not (tmp_path / "run" / "mlflow.db").exists()  # the server, not the local default, got the run
 
 
@@ -88,8 +89,8 @@ def test_lab_server_takes_a_two_rank_run_and_its_nested_evaluation_then_stops_ev
     assert len(nested) == 1  # the evaluation, nested under the training run
     history = rest(mlflow_server.url, "metrics/get-history", run_id=parent, metric_key="loss/token")["metrics"]
     assert sorted(m["step"] for m in history) == [1, 2]
-    files = rest(mlflow_server.url, "artifacts/list", run_id=parent, path="validation/step000002").get("files", [])
-    assert "validation/step000002/prompt0_attention.png" in {f["path"] for f in files}
+    files = rest(mlflow_server.url, "artifacts/list", run_id=parent, path="images").get("files", [])
+    assert ("validation/prompt0_attention", 2) in image_series(f["path"] for f in files)
     results = json.loads((out / "results.json").read_text())
     ev = [r for r in runs if r["info"]["run_id"] == nested[0]][0]
     logged = {m["key"]: m["value"] for m in ev["data"]["metrics"]}

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from tcscale.models.sd import ModelLoadError
 from tcscale.train import trainer as trainer_mod
 from tcscale.train.export import export_pipeline
+from tests.helpers.launch import image_series
 
 
 @pytest.fixture
@@ -87,9 +88,9 @@ def test_validation_logs_images_attention_heatmaps_and_grounding(tmp_path, cfg_f
     )
     trainer_mod.train(cfg)
     client, runs = mlflow_runs(tmp_path, "tcscale-tiny")
-    files = [a.path for a in client.list_artifacts(runs[0].info.run_id, "validation/step000001")]
-    assert "validation/step000001/prompt0.png" in files
-    assert "validation/step000001/prompt0_attention.png" in files
+    files = [a.path for a in client.list_artifacts(runs[0].info.run_id, "images")]
+    # step-indexed image series (MLflow's step slider): the image and its per-phrase heatmaps
+    assert {("validation/prompt0", 1), ("validation/prompt0_attention", 1)} <= image_series(files)
     assert str(tmp_path) in runs[0].info.artifact_uri  # artifacts stay in the run directory
     (miou,) = client.get_metric_history(runs[0].info.run_id, "grounding/miou")
     assert miou.step == 1 and 0.0 <= miou.value <= 1.0

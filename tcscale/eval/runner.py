@@ -120,11 +120,13 @@ class EvalContext:
         return self.rank == 0
 
     def log(self, message: str) -> None:
-        print(message, flush=True)
+        from tcscale.logs import get_logger
+
+        get_logger().info(message)
 
     def log0(self, message: str) -> None:
         if self.is_rank0:
-            print(message, flush=True)
+            self.log(message)
 
 
 # -- the model ---------------------------------------------------------------------------------------

@@ -83,7 +83,9 @@ class NullTracker:
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         pass
 
-    def log_image(self, image: Any, artifact_file: str) -> None:
+    def log_image(
+        self, image: Any, artifact_file: str | None = None, *, key: str | None = None, step: int | None = None
+    ) -> None:
         pass
 
     def log_dict(self, data: dict, artifact_file: str) -> None:
@@ -233,10 +235,20 @@ class Tracker(NullTracker):
         self.pending = []
         return True
 
-    def log_image(self, image: Any, artifact_file: str) -> None:
-        if self._connect():
-            what = f"logging {artifact_file}"
-            self._call(what, self.client.log_image, self.run_id, image, artifact_file=artifact_file)
+    def log_image(
+        self, image: Any, artifact_file: str | None = None, *, key: str | None = None, step: int | None = None
+    ) -> None:
+        """An image as an artifact file, or (`key`, `step`) as one step of an image series: MLflow's run page shows a
+        series with a step slider (its images tab / the artifact viewer's `images/` folder)."""
+        if not self._connect():
+            return
+        if key is not None:
+            self._call(f"logging image {key} at step {step}", self.client.log_image, self.run_id, image, key=key,
+                       step=step)  # fmt: skip
+        else:
+            self._call(
+                f"logging {artifact_file}", self.client.log_image, self.run_id, image, artifact_file=artifact_file
+            )
 
     def log_dict(self, data: dict, artifact_file: str) -> None:
         if self._connect():

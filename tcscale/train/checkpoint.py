@@ -1,7 +1,8 @@
 """All-rank DeepSpeed checkpoints, published atomically, pruned to the newest k: the `Checkpointer`.
 
-Layout: <output_dir>/checkpoints/step<N>/ (DeepSpeed's files, plus `<name>.pt` of each extra state such as the
-EMA weights) and checkpoints/latest (the tag of the newest complete checkpoint, DeepSpeed's own convention). Every
+Layout: <output_dir>/checkpoints/step<N>/ (DeepSpeed's files, plus `<name>.pt` of each extra state, or one file per
+rank of an extra that every rank holds a share of, such as the EMA weights: `tcscale.train.ema`) and
+checkpoints/latest (the tag of the newest complete checkpoint, DeepSpeed's own convention). Every
 rank writes its shards into `tmp-step<N>`; after a barrier, rank 0 writes the extra states into it, renames it to
 `step<N>`, then rewrites `latest` through a temp file. An interrupted save therefore never becomes `latest`.
 Assumes the checkpoint directory is on a file system shared by all nodes (the usual cluster set-up).
@@ -69,6 +70,15 @@ class Stateful(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class ShardedState(Protocol):
+    """An extra state every rank holds a share of (e.g. `tcscale.train.ema.ShardedEMA`): each rank writes its own
+    file(s) into the tag directory and reads back what it needs from all of them."""
+
+    def save(self, tag_dir: Path) -> Path: ...
+
+    def load_from(self, tag_dir: Path) -> bool: ...
 
 
 def tag_for(step: int) -> str:
@@ -341,7 +351,8 @@ class Resumed:
 
 class Checkpointer:
     """Owns every save and load of one run: the engine's states, the trainer's client state, extra states
-    (e.g. {"ema": EMAModel}) and pruning to `keep_last`. Collective: every rank calls `save` and `resume`."""
+    (rank 0's `Stateful` ones, or every rank's share of a `ShardedState` such as {"ema": ShardedEMA}) and pruning
+    to `keep_last`. Collective: every rank calls `save` and `resume`."""
 
     def __init__(
         self,
@@ -350,7 +361,7 @@ class Checkpointer:
         env: DistEnv,
         *,
         keep_last: int,
-        extras: dict[str, Stateful] | None = None,
+        extras: dict[str, Stateful | ShardedState] | None = None,
         allow_unsafe_load: bool = False,
     ):
         self.dir = Path(ckpt_dir)
@@ -382,10 +393,12 @@ class Checkpointer:
         barrier()
         try:
             self.engine.save_checkpoint(str(self.dir), tag=tmp_tag, client_state=client_state, save_latest=False)
-            if rank0:
-                import torch
+            import torch
 
-                for name, obj in self.extras.items():
+            for name, obj in self.extras.items():
+                if hasattr(obj, "load_from"):  # every rank writes its share
+                    obj.save(self.dir / tmp_tag)
+                elif rank0:
                     torch.save(obj.state_dict(), self.dir / tmp_tag / f"{name}.pt")
         except (OSError, RuntimeError) as exc:
             from tcscale.train.errors import is_peer_failure
@@ -469,6 +482,9 @@ class Checkpointer:
             if path is None:
                 raise CheckpointError(f"DeepSpeed could not load checkpoint {load_dir / tag}")
             for name, obj in self.extras.items():
+                if hasattr(obj, "load_from"):
+                    obj.load_from(plan.path)
+                    continue
                 file = plan.path / f"{name}.pt"
                 if file.is_file():
                     obj.load_state_dict(torch.load(file, map_location="cpu"))

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from tcscale.logs import get_logger
 
 
 @dataclass(frozen=True)
@@ -28,20 +31,34 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed() -> DistEnv:
-    """Join the process group set up by the launcher (deepspeed, torchrun, srun), or a 1-process group."""
+def cuda_missing(device: str) -> str | None:
+    """Why a run configured for `device` cannot start here (None when it can): `device: cuda` needs a visible GPU."""
+    if device != "cuda" or torch.cuda.is_available():
+        return None
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    why = f"CUDA_VISIBLE_DEVICES={visible!r}" if visible is not None else f"torch {torch.__version__} sees no GPU"
+    return (
+        f"device: cuda, but no CUDA GPU is visible on this node ({why}; under Slurm request GPUs, e.g. "
+        "--gpus-per-node); set device=cpu to train on CPU ranks"
+    )
+
+
+def init_distributed(device: str = "cuda") -> DistEnv:
+    """Join the process group set up by the launcher (deepspeed, torchrun, srun), or a 1-process group. `device`:
+    cuda (NCCL, one GPU per local rank, when CUDA is available) | cpu (gloo on CPU ranks, even beside a GPU)."""
     import deepspeed
 
     if "RANK" not in os.environ and "SLURM_PROCID" not in os.environ:
         os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"})
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    use_cuda = device == "cuda" and torch.cuda.is_available()
+    backend = "nccl" if use_cuda else "gloo"
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend=backend, verbose=False)
     rank, world = dist.get_rank(), dist.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")))
-    if torch.cuda.is_available():
+    if use_cuda:
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
     else:
@@ -49,9 +66,11 @@ def init_distributed() -> DistEnv:
     return DistEnv(rank, local_rank, world, device)
 
 
-def print0(*args, **kwargs) -> None:
+def print0(*args, level: int = logging.INFO, sep: str = " ") -> None:
+    """Log a message on rank 0 through the `tcscale` logger (tcscale.logs: stdout, the --log-level of the launcher);
+    other ranks say nothing."""
     if not dist.is_initialized() or dist.get_rank() == 0:
-        print(*args, flush=True, **kwargs)
+        get_logger().log(level, sep.join(str(a) for a in args))
 
 
 def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:

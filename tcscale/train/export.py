@@ -17,6 +17,10 @@ the base model itself, so an SDXL LoRA export never builds the 2.6 B frozen U-Ne
 export reads no base weights at all: the U-Net is built from the base's config on the meta device, the adapters
 are filled from the checkpoint and written (a few hundred MiB at most). A full export needs the base pipeline in
 fp32 plus the trained weights; it prints that figure before it loads anything (`full_export_bytes`).
+
+`ema=True` exports the run's fp32 EMA weights (`tcscale.train.ema`, saved with each checkpoint when `ema.enabled`)
+in place of the trained ones. Every export carries a model card (`README.md`, `tcscale.train.model_card`) saying
+which weights it holds, and the run's config (`tcscale_config.yaml`).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import torch
 from tcscale.config import load_config
 from tcscale.models.sd import ModelLoadError, SDComponents, load_components, save_pipeline_dir
 from tcscale.train.checkpoint import CheckpointError, latest_tag
+from tcscale.train.model_card import CardFacts, read_eval_results, write_model_card
 from tcscale.train.safe_load import safe_torch_load
 
 
@@ -136,16 +141,48 @@ def _resolve_tag(run_dir: Path, tag: str | None) -> tuple[Path, str]:
     return ckpt_dir, tag
 
 
+def ema_weights(tag_dir: Path, allow_unsafe_load: bool = False) -> dict[str, torch.Tensor]:
+    """The checkpoint's fp32 EMA of the trained parameters, by parameter name (every rank's share assembled)."""
+    from tcscale.train.ema import load_ema_state_dict
+
+    try:
+        with safe_torch_load(allow_unsafe_load):
+            return load_ema_state_dict(tag_dir)
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"--ema: {exc}") from None
+
+
+def ema_description(tag_dir: Path, cfg) -> str:
+    """How the card names EMA weights: decay, schedule and the number of updates folded in."""
+    from tcscale.train.ema import ema_files
+
+    with safe_torch_load(False):
+        state = torch.load(ema_files(tag_dir)[0], map_location="cpu")
+    warm = ", warm-up schedule" if state.get("warmup") else ""
+    return f"EMA of the trained weights (fp32, decay {state['decay']}{warm}, {state['updates']} updates)"
+
+
+def _with_ema(state: dict[str, torch.Tensor], tag_dir: Path, allow_unsafe_load: bool) -> dict[str, torch.Tensor]:
+    """The trained state with the checkpoint's EMA weights in place of the trained values."""
+    averaged = ema_weights(tag_dir, allow_unsafe_load)
+    unknown = sorted(set(averaged) - set(state))
+    if unknown:
+        raise CheckpointError(f"{tag_dir}: EMA weights for parameters the checkpoint lacks: {unknown[:3]}")
+    return {**state, **averaged}
+
+
 def load_trained_components(
-    run_dir: str | os.PathLike, tag: str | None = None, allow_unsafe_load: bool = False
+    run_dir: str | os.PathLike, tag: str | None = None, allow_unsafe_load: bool = False, ema: bool = False
 ) -> SDComponents:
     """The run's base components with the checkpoint's weights in the components its objective trains (the U-Net,
-    or what the objective's `export_components` names, e.g. the text encoder)."""
+    or what the objective's `export_components` names, e.g. the text encoder); `ema`: its EMA weights instead."""
     run_dir = Path(run_dir)
     cfg = load_config(run_dir / "config.yaml")
     ckpt_dir, tag = _resolve_tag(run_dir, tag)
     _, frozen = checkpoint_param_names(ckpt_dir, tag, allow_unsafe_load)
     state = consolidated_state_dict(ckpt_dir, tag, allow_unsafe_load, exclude_frozen=True)
+    if ema:
+        state = _with_ema(state, ckpt_dir / tag, allow_unsafe_load)
     cfg.model.pretrained = _base_ref(cfg, run_dir)
     comps = load_components(cfg.model, cfg.data.resolution)
     if cfg.model.lora is not None:  # the same adapters as the run, so the checkpoint's keys match
@@ -156,9 +193,12 @@ def load_trained_components(
     return comps
 
 
-def adapter_unet(run_dir: str | os.PathLike, tag: str | None = None, allow_unsafe_load: bool = False):
+def adapter_unet(
+    run_dir: str | os.PathLike, tag: str | None = None, allow_unsafe_load: bool = False, ema: bool = False
+):
     """A LoRA run's U-Net holding only its adapters: built from the base's config on the meta device (no base
-    weight is read or allocated), the adapters filled from the checkpoint. Enough to write the adapter."""
+    weight is read or allocated), the adapters filled from the checkpoint (`ema`: its EMA weights). Enough to write
+    the adapter."""
     from diffusers import UNet2DConditionModel
 
     from tcscale.models.lora import add_lora, lora_target_modules
@@ -168,6 +208,8 @@ def adapter_unet(run_dir: str | os.PathLike, tag: str | None = None, allow_unsaf
     ckpt_dir, tag = _resolve_tag(run_dir, tag)
     _, frozen = checkpoint_param_names(ckpt_dir, tag, allow_unsafe_load)
     state = consolidated_state_dict(ckpt_dir, tag, allow_unsafe_load, exclude_frozen=True)
+    if ema:
+        state = _with_ema(state, ckpt_dir / tag, allow_unsafe_load)
     base = _base_ref(cfg, run_dir)
     try:
         config = UNet2DConditionModel.load_config(base, subfolder="unet", revision=cfg.model.revision)
@@ -246,32 +288,75 @@ def export_pipeline(
     tag: str | None = None,
     allow_unsafe_load: bool = False,
     merge_lora: bool = False,
+    ema: bool = False,
+    eval_results: list[str | os.PathLike] = (),
 ) -> Path:
     """The run as a pipeline directory; a LoRA run as its adapter directory, or (`merge_lora`) as a pipeline with
-    the adapters merged into the U-Net."""
+    the adapters merged into the U-Net. `ema`: the EMA weights; `eval_results`: evaluations' results.json files
+    listed in the model card."""
     from tcscale.models import lora as lora_mod
 
     cfg = load_config(Path(run_dir) / "config.yaml")
     if merge_lora and cfg.model.lora is None:
         raise CheckpointError(f"--merge-lora: run {run_dir} trained no LoRA adapters (model.lora is null)")
+    _, tag = _resolve_tag(Path(run_dir), tag)
+    card = _card_facts(run_dir, tag, cfg, ema, eval_results, merge_lora)
     if cfg.model.lora is not None and not merge_lora:
-        unet = adapter_unet(run_dir, tag, allow_unsafe_load)
+        unet = adapter_unet(run_dir, tag, allow_unsafe_load, ema=ema)
         base = _base_ref(cfg, Path(run_dir))
-        write = lambda tmp: lora_mod.save_lora_dir(
-            unet, tmp, family=cfg.model.family, base_model=base, lora=cfg.model.lora
-        )
+
+        def write(tmp: Path) -> None:
+            lora_mod.save_lora_dir(unet, tmp, family=cfg.model.family, base_model=base, lora=cfg.model.lora)
+            write_model_card(tmp, cfg, card)
+
         return _write_atomic(Path(out_dir), write)
     _announce_full_export(run_dir, tag, allow_unsafe_load)
-    comps = load_trained_components(run_dir, tag, allow_unsafe_load)
+    comps = load_trained_components(run_dir, tag, allow_unsafe_load, ema=ema)
     if cfg.model.lora is not None:
         lora_mod.merge_lora(comps.unet)
-    return _write_atomic(Path(out_dir), lambda tmp: save_pipeline_dir(comps, tmp))
+
+    def write_pipeline(tmp: Path) -> None:
+        save_pipeline_dir(comps, tmp)
+        write_model_card(tmp, cfg, card)
+
+    return _write_atomic(Path(out_dir), write_pipeline)
+
+
+def _card_facts(run_dir, tag: str, cfg, ema: bool, eval_results, merge_lora: bool = False, what: str = "") -> CardFacts:
+    """What the model card says; checks the inputs it names (EMA files, results.json) before any weights load."""
+    tag_dir = Path(run_dir) / "checkpoints" / tag
+    if ema:
+        from tcscale.train.ema import ema_files
+
+        if not ema_files(tag_dir):
+            raise CheckpointError(
+                f"--ema: {tag_dir} holds no EMA weights (ema-rank*.pt); the run was trained without ema.enabled=true"
+            )
+        weights = ema_description(tag_dir, cfg)
+    else:
+        weights = "the trained weights (fp32 master copy of the optimizer)"
+    if not what:
+        what = "pipeline" if cfg.model.lora is None else ("merged LoRA pipeline" if merge_lora else "LoRA adapter")
+    return CardFacts(str(run_dir), tag, what, weights, read_eval_results(list(eval_results)))
 
 
 def export_text_encoder(
-    run_dir: str | os.PathLike, out_dir: str | os.PathLike, tag: str | None = None, allow_unsafe_load: bool = False
+    run_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    tag: str | None = None,
+    allow_unsafe_load: bool = False,
+    ema: bool = False,
+    eval_results: list[str | os.PathLike] = (),
 ) -> Path:
     """The run's text encoder alone, in transformers format (`CLIPTextModel.from_pretrained(out)` loads it)."""
+    cfg = load_config(Path(run_dir) / "config.yaml")
+    _, tag = _resolve_tag(Path(run_dir), tag)
+    card = _card_facts(run_dir, tag, cfg, ema, eval_results, what="text encoder")
     _announce_full_export(run_dir, tag, allow_unsafe_load)
-    comps = load_trained_components(run_dir, tag, allow_unsafe_load)
-    return _write_atomic(Path(out_dir), lambda tmp: comps.text_encoder.save_pretrained(str(tmp)))
+    comps = load_trained_components(run_dir, tag, allow_unsafe_load, ema=ema)
+
+    def write(tmp: Path) -> None:
+        comps.text_encoder.save_pretrained(str(tmp))
+        write_model_card(tmp, cfg, card)
+
+    return _write_atomic(Path(out_dir), write)

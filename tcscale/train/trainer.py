@@ -19,6 +19,7 @@ becomes a loss; nothing here branches on which objective it is.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import os
@@ -32,11 +33,13 @@ import torch
 
 from tcscale.config import TrainConfig, config_to_dict, save_config
 from tcscale.data.loader import derive_seed, first_slot
+from tcscale.logs import get_logger
 from tcscale.memory import preflight
 from tcscale.models.sd import load_components, save_pipeline_dir
 from tcscale.objectives import OBJECTIVES, BuildContext, StepOutput
 from tcscale.tracking import build_tracker
 from tcscale.tracking.mlflow_tracker import mark_failed, resolve_tracking_uri, write_run_info
+from tcscale.train.batch import BatchError, resolve_batch
 from tcscale.train.checkpoint import Checkpointer, DataAnchor, plan_resume, universal_engine_config
 from tcscale.train.distributed import (
     all_gather_objects,
@@ -46,6 +49,7 @@ from tcscale.train.distributed import (
     barrier,
     broadcast_object,
     checked_on_rank0,
+    cuda_missing,
     init_distributed,
     print0,
     sum_counters,
@@ -123,15 +127,26 @@ class Trainer:
     """One run on this process's rank (collective: every rank builds one and calls `fit`)."""
 
     def __init__(self, cfg: TrainConfig, preempt: PreemptionFlag | None = None):
-        import diffusers
-
-        diffusers.utils.logging.set_verbosity_error()  # per-module dtype notices on every .to() drown the step lines
+        get_logger()  # the launcher's --log-level, or info; libraries at error (tcscale.logs)
         self.cfg = cfg
-        self.env = init_distributed()
+        missing = cuda_missing(cfg.device)
+        if missing:  # before any process group: every rank of a job on like nodes reaches the same verdict
+            err = RunInputError(missing)
+            err.agreed = True
+            raise err
+        self.env = init_distributed(cfg.device)
         self.out_dir = Path(cfg.output_dir)
         self.lock: RunLock | None = None  # rank 0: this run's hold on output_dir (tcscale.train.run_lock)
         self.tracker = None
         try:
+            try:  # the recipe's global batch on this world size; every rank computes the same verdict
+                self.batch = resolve_batch(
+                    cfg.deepspeed, cfg.batch.global_size, cfg.batch.lr_scaling, self.env.world_size
+                )  # fmt: skip
+            except BatchError as exc:
+                exc.agreed = True
+                raise
+            print0(self.batch.describe())
             self.preflight()
             self._build(preempt)
         except BaseException as exc:
@@ -146,10 +161,10 @@ class Trainer:
         self.memory_plan = checked_on_rank0(lambda: preflight.preflight_memory(cfg, env.world_size, env.device))
         print0(preflight.describe(self.memory_plan))
         torch.manual_seed(cfg.seed)
-        ds = cfg.deepspeed
+        self.ds = ds = self.batch.deepspeed_section(cfg.deepspeed)  # the engine's: derived accumulation, scaled lr
         self.dtype = compute_dtype(ds)
-        self.micro_bs = int(ds["train_micro_batch_size_per_gpu"])
-        self.accum = int(ds["gradient_accumulation_steps"])
+        self.micro_bs = self.batch.micro_batch
+        self.accum = self.batch.accumulation
 
         # models and objective
         self.comps = comps = load_components(cfg.model, cfg.data.resolution)
@@ -180,10 +195,10 @@ class Trainer:
             module, self.objective.trainable_parameters(), universal_engine_config(ds) if elastic else ds
         )
         self.ema = None
-        if cfg.ema.enabled:
-            from diffusers.training_utils import EMAModel
+        if cfg.ema.enabled:  # fp32, each rank its share of the master weights (tcscale.train.ema)
+            from tcscale.train.ema import ShardedEMA
 
-            self.ema = EMAModel(self._trained(), decay=cfg.ema.decay)
+            self.ema = ShardedEMA(self.engine, cfg.ema.decay, warmup=cfg.ema.warmup)
 
         # checkpoints, tracking, data
         extras = {"ema": self.ema} if self.ema is not None else {}
@@ -196,6 +211,12 @@ class Trainer:
             print0(f"removed {', '.join(stale)}: incomplete checkpoint(s) of an interrupted save")
         resumed = self.checkpointer.resume(self.resume_plan)
         client = resumed.client_state if resumed is not None else {}
+        if self.ema is not None:
+            print0(
+                f"ema: fp32 average of the trained weights, decay {cfg.ema.decay}"
+                f"{' with warm-up' if cfg.ema.warmup else ''}, {self.ema.numel() * 4 / 2**20:.1f} MiB on this rank"
+                + (f", {self.ema.updates} updates resumed" if resumed is not None else "")
+            )
         self.step = int(client.get("step", 0))
         self.start_step = self.step
         self.micro_step = self.step * self.accum
@@ -298,20 +319,19 @@ class Trainer:
         print0(f"data: world size {saved_world} -> {env.world_size}: {what}")
         ds = (client.get("config") or {}).get("deepspeed") or {}
         saved_b, saved_accum = ds.get("train_micro_batch_size_per_gpu", b), ds.get("gradient_accumulation_steps", 1)
-        before = saved_world * int(saved_b) * int(saved_accum)
+        before = (client.get("batch") or {}).get("global") or saved_world * int(saved_b) * int(saved_accum)
         now = env.world_size * b * self.accum
         if before != now:
             keep = before / (env.world_size * b)
             hint = f"; deepspeed.gradient_accumulation_steps={int(keep)} keeps it" if keep == int(keep) else ""
+            if self.cfg.batch.global_size is not None:  # adapted by batch.lr_scaling (the start-up line says how)
+                hint = f" (batch.lr_scaling={self.cfg.batch.lr_scaling})"
             print0(f"data: the global batch changes from {before} to {now} samples per optimizer step{hint}")
 
     def _batches(self) -> Iterator[dict[str, Any]]:
         if self.loader is not None:
             return iter(self.loader)
         return (self.objective.batch(n) for n in itertools.count(self.micro_step))
-
-    def _trained(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.engine.module.parameters() if p.requires_grad]
 
     def release(self) -> None:
         """Give the output directory's lock back (rank 0; idempotent)."""
@@ -329,6 +349,7 @@ class Trainer:
             "config": config_to_dict(self.cfg),
             "data": all_gather_objects(self.loader.state_dict()) if self.loader is not None else None,
             "world_size": self.env.world_size,
+            "batch": {"micro_batch": self.micro_bs, "accumulation": self.accum, "global": self.batch.global_batch},
             "data_anchor": self.anchor.state(self.env.world_size, self.micro_bs),
         }
 
@@ -361,7 +382,7 @@ class Trainer:
             err.agreed = True
             raise err
         if self.ema is not None:
-            self.ema.step(self._trained())
+            self.ema.step()
         names = sorted(sums)
         means = all_reduce_mean(torch.stack([sums[n] for n in names]).to(env.device)).tolist()
         elapsed = time.perf_counter() - t0
@@ -382,14 +403,18 @@ class Trainer:
         print0(f"checkpoint saved: {path}")
 
     def validate(self) -> None:
-        metrics = self.objective.validate(self.engine.module)  # every rank calls it; rank 0 logs
-        if metrics is not None:  # the objective's own validation
-            self.tracker.log_metrics(metrics, self.step)
-            print0(f"validation step {self.step} " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
-            return
-        from tcscale.train.validation import run_validation
+        use_ema = self.ema is not None and self.cfg.ema.validate
+        with self.ema.swapped_in() if use_ema else contextlib.nullcontext():  # collective
+            metrics = self.objective.validate(self.engine.module)  # every rank calls it; rank 0 logs
+            if metrics is not None:  # the objective's own validation
+                self.tracker.log_metrics(metrics, self.step)
+                print0(f"validation step {self.step} " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+                return
+            from tcscale.train.validation import run_validation
 
-        run_validation(self.engine.module, self.comps, self.cfg, self.objective.plan, self.tracker, self.step, self.env)
+            run_validation(
+                self.engine.module, self.comps, self.cfg, self.objective.plan, self.tracker, self.step, self.env
+            )
 
     def fit(self) -> TrainResult:
         cfg = self.cfg

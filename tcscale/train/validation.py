@@ -75,10 +75,11 @@ def run_validation(unet, comps, cfg: TrainConfig, plan: GroundingPlan | None, tr
             )  # fmt: skip
             if not env.is_rank0:
                 continue
-            tracker.log_image(image, f"validation/step{step:06d}/prompt{i}.png")
+            # image series keyed by prompt, one image per step (MLflow's step slider)
+            tracker.log_image(image, key=f"validation/prompt{i}", step=step)
             figure = attention_figure(image, maps, comps.tokenizer, prompt)
             if figure is not None:
-                tracker.log_image(figure, f"validation/step{step:06d}/prompt{i}_attention.png")
+                tracker.log_image(figure, key=f"validation/prompt{i}_attention", step=step)
                 tracker.log_dict(
                     {"prompt": prompt, "phrases": [p for p, _ in phrase_tokens(comps.tokenizer, prompt)]},
                     f"validation/step{step:06d}/prompt{i}_attention.json",

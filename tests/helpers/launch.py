@@ -165,6 +165,18 @@ def mlflow_runs(run_dir: Path, experiment: str):
     return client, client.search_runs([exp.experiment_id]) if exp else []
 
 
+def image_series(paths) -> set[tuple[str, int]]:
+    """(key, step) of the step-indexed images (MLflow's `log_image(key=, step=)`) among artifact paths of a run's
+    `images/` folder: `images/<key with / as ~>+step+<step>+timestamp+<ms>+<uuid>.png`."""
+    out = set()
+    for path in paths:
+        name = str(path).rsplit("/", 1)[-1]
+        if name.endswith(".png") and "+step+" in name:
+            key, rest = name.split("+step+", 1)
+            out.add((key.replace("~", "/"), int(rest.split("+", 1)[0])))
+    return out
+
+
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     from tcscale.train.checkpoint import latest_tag
     from tcscale.train.export import consolidated_state_dict

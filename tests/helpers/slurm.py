@@ -26,6 +26,8 @@ import pytest
 
 SBIN_FALLBACK = ("/usr/sbin", "/usr/local/sbin", "/sbin")  # daemons live in sbin, not always on a user's PATH
 NODE_CPUS = 2
+NODE_GPUS = 2  # stand-in GPUs (gres.conf): jobs get SLURM_GPUS_ON_NODE as on a GPU node; nothing uses them
+FAKE_GPU_FILES = ("/dev/null", "/dev/zero")
 
 
 def find_program(name: str) -> str | None:
@@ -161,12 +163,15 @@ class SlurmCluster:
                     "InactiveLimit=0",
                     "SlurmctldTimeout=30",
                     "SlurmdTimeout=30",
-                    f"NodeName={self.node} NodeAddr=127.0.0.1 CPUs={NODE_CPUS} State=UNKNOWN",
+                    "GresTypes=gpu",
+                    f"NodeName={self.node} NodeAddr=127.0.0.1 CPUs={NODE_CPUS} Gres=gpu:{NODE_GPUS} State=UNKNOWN",
                     f"PartitionName={self.partition} Nodes={self.node} Default=YES MaxTime=INFINITE State=UP",
                     "",
                 ]
             )
         )
+        # NODE_GPUS stand-in GPUs: Slurm counts a GPU per device file (character devices that every machine has)
+        (root / "gres.conf").write_text("".join(f"Name=gpu File={f}\n" for f in FAKE_GPU_FILES[:NODE_GPUS]))
         self._spawn(
             "munged",
             [
