@@ -148,6 +148,13 @@ class EMAConfig:
 
 
 @dataclass
+class MemoryConfig:
+    # the start-up memory check on a CUDA device (docs/MEMORY.md): "refuse" stops a run whose predicted peak exceeds
+    # the GPU (exit 2), "warn" prints the verdict and trains, "off" does not plan
+    preflight: Literal["refuse", "warn", "off"] = "refuse"
+
+
+@dataclass
 class TrainConfig:
     run_name: str = "run"  # name of the run (directory and MLflow run name)
     output_dir: str = "runs/run"  # run directory: config.yaml, checkpoints/, mlflow.db, export/
@@ -164,6 +171,7 @@ class TrainConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
     deepspeed: dict[str, Any] = field(default_factory=dict)  # DeepSpeed config, verbatim (no "auto" values)
 
 

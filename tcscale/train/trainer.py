@@ -128,8 +128,8 @@ class Trainer:
         self.out_dir = Path(cfg.output_dir)
         self.preflight()
         # planned once, on rank 0 (seconds of meta-device work); a config that cannot fit stops every rank
-        self.memory_plan = checked_on_rank0(lambda: preflight.preflight_memory(cfg, env.world_size, env.device))
-        print0(preflight.describe(self.memory_plan))
+        self.memory_check = checked_on_rank0(lambda: preflight.preflight_memory(cfg, env.world_size, env.device))
+        print0(preflight.describe(self.memory_check))
         torch.manual_seed(cfg.seed)
         ds = cfg.deepspeed
         self.dtype = compute_dtype(ds)
@@ -196,7 +196,7 @@ class Trainer:
         self.tracker = build_tracker(cfg, env.is_rank0, env.world_size, client.get("mlflow_run_id"))
         try:  # from here on, a failure marks the MLflow run FAILED with its reason
             self.run_id = broadcast_object(self.tracker.run_id if env.is_rank0 else None)
-            preflight.log_plan(self.tracker, self.memory_plan)  # MLflow param memory/predicted_peak_gib
+            preflight.log_plan(self.tracker, self.memory_check)  # MLflow param memory/predicted_peak_gib
             if env.is_rank0 and self.run_id is not None:  # for evaluations nested under this run (tcscale.eval)
                 write_run_info(self.out_dir, self.run_id, resolve_tracking_uri(cfg), cfg.tracking.experiment)
             if env.is_rank0 and getattr(self.tracker, "logged_until", 0) > self.step:
