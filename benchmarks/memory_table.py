@@ -6,7 +6,8 @@ with the machine, versions and date, and a markdown table of the largest micro-b
     python benchmarks/memory_table.py --arch sd14
 
 These are predictions of the planner (tcscale.memory, docs/MEMORY.md), not GPU measurements: one rank, ZeRO-2,
-AdamW, 4 phrases per sample, workspace 1.5 GiB.
+the configs' torch AdamW on CUDA (foreach), 4 phrases per sample, workspace 1.5 GiB; each row's peak is the larger of
+the backward and the first optimizer step.
 """
 
 from __future__ import annotations
@@ -76,14 +77,39 @@ def run(arch: str) -> dict:
 
 
 def markdown(results: dict[str, dict]) -> str:
-    lines = ["| arch | provider | dtype | checkpointing | MiB/sample | " + " | ".join(GPUS) + " |",
-             "|---|---|---|---|---:|" + "---:|" * len(GPUS)]  # fmt: skip
+    lines = ["| arch | provider | dtype | checkpointing | MiB/sample | optimizer step GiB | peak at 1 GiB | "
+             + " | ".join(GPUS) + " |", "|---|---|---|---|---:|---:|---:|" + "---:|" * len(GPUS)]  # fmt: skip
     for arch, data in results.items():
         for r in data["plans"]:
             fits = " | ".join(str(r["fits"][g]) for g in GPUS)
             ckpt = "on" if r["gradient_checkpointing"] else "off"
             mib = r["activations_per_sample"] / 2**20
-            lines.append(f"| {arch} | {r['provider']} | {r['dtype']} | {ckpt} | {mib:,.0f} | {fits} |")
+            step = sum(r["predicted_peak_parts"]["optimizer_step"].values()) / 2**30
+            peak = r["predicted_peak"] / 2**30
+            lines.append(f"| {arch} | {r['provider']} | {r['dtype']} | {ckpt} | {mib:,.0f} | {step:.1f} | {peak:.1f} "
+                         f"| {fits} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+README_COLUMNS = {  # README's compact table: (provider, dtype) per column, checkpointing on
+    "TokenCompose bf16": ("reference", "bf16"),
+    "+ LoRA rank 8": ("reference_lora8", "bf16"),
+    "LDM-only bf16": ("ldm", "bf16"),
+    "official-style fp32": ("official", "fp32"),
+}
+README_ROWS = {"sd14": "SD1.4, 512 px", "sd21": "SD2.1, 768 px", "sdxl": "SDXL, 1024 px"}
+
+
+def readme_markdown(results: dict[str, dict]) -> str:
+    """The README's table: largest micro-batch at each GPU size, checkpointing on."""
+    lines = ["| model | " + " | ".join(README_COLUMNS) + " |", "|---|" + "---|" * len(README_COLUMNS)]
+    for arch, data in results.items():
+        cells = []
+        for provider, dtype in README_COLUMNS.values():
+            (row,) = [r for r in data["plans"]
+                      if r["provider"] == provider and r["dtype"] == dtype and r["gradient_checkpointing"]]  # fmt: skip
+            cells.append(" / ".join(str(row["fits"][g]) for g in GPUS))
+        lines.append(f"| {README_ROWS[arch]} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -100,6 +126,8 @@ def main() -> int:
         results[arch] = run(arch)
         Path(args.out_dir, f"memory_{arch}.json").write_text(json.dumps(results[arch], indent=1) + "\n")
     print(markdown(results))
+    if set(results) == set(CONFIGS):
+        print("\nREADME (checkpointing on):\n" + readme_markdown(results))
     return 0
 
 

@@ -436,6 +436,9 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
     `imports` are imported first, so the objectives they register are part of the schema."""
     layers = read_layers(path, overrides)
     import_plugins(_imports_of(layers))
+    for _, layer in layers:  # YAML 1.1 reads a bare `off` as false: memory.preflight's "off" either way
+        if OmegaConf.select(layer, "memory.preflight", default=None) is False:
+            OmegaConf.update(layer, "memory.preflight", "off")
     return validate(merge_layers(TrainConfig, layers))
 
 
