@@ -42,6 +42,8 @@ _PART_LABELS = {
     "reduce_buckets": "ZeRO reduce buckets",
     "reduce_bucket": "ZeRO-3 reduce bucket",
     "allreduce_bucket": "all-reduce bucket",
+    "reduce_transient": "a rank's reduced slice",
+    "reduce_scatter": "reduce-scatter buffer",
     "gathered_params": "ZeRO-3 gathered parameters",
     "activations": "activations kept",
     "backward_transient": "backward transient",

@@ -20,6 +20,7 @@ _SHORT = {
     "fp32_grads": "fp32 gradients", "master": "fp32 master", "optimizer_states": "Adam states",
     "optimizer_temporaries": "optimizer temporaries", "reduce_buckets": "reduce buckets",
     "reduce_bucket": "reduce bucket", "allreduce_bucket": "all-reduce bucket", "gathered_params": "gathered params",
+    "reduce_transient": "reduced slice", "reduce_scatter": "reduce-scatter buffer",
     "activations": "activations", "backward_transient": "backward transient", "frozen_models": "VAE + text encoder",
     "workspace": "workspace",
 }  # fmt: skip

@@ -292,7 +292,10 @@ def _stage12(psi: int, p: int, s: int, zero: ZeroSettings, opt: OptimizerSpec, l
     # touch the partition, up to one parameter more than the partition); _release_ipg_buffers frees the buckets
     buckets = zero.reduce_bucket_size * s * (2 if zero.overlap_comm else 1) if zero.contiguous_gradients else 0
     grads = min(psi, p + largest) * s
-    backward = held.add(reduce_buckets=buckets, grads=grads, grad_in_flight=largest * s)
+    # average_tensor -> allreduce_no_retain(rank=dst): on several ranks each destination's slices of the bucket are
+    # flattened into a new tensor for its reduce, one destination at a time (one rank's slice is a view)
+    reduce = min(p, zero.reduce_bucket_size) * s if n > 1 else 0
+    backward = held.add(reduce_buckets=buckets, grads=grads, reduce_transient=reduce, grad_in_flight=largest * s)
     # step: flatten(averaged_gradients) then ``.to(fp32)`` (single_grad_partition), the compute-dtype gradients
     # freed after it; the Adam states are created by the first optimizer.step (lazy state init)
     fp32_grads = 4 * p
