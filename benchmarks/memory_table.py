@@ -37,10 +37,10 @@ PROVIDERS = {  # name -> (provider, overrides)
 GPUS = {"24 GiB": 24 * 2**30, "40 GiB": 40 * 2**30, "80 GiB": 80 * 2**30, "141 GB": 141 * 10**9}
 
 
-def run(arch: str) -> dict:
+def run(arch: str, reuse: dict | None = None) -> dict:
     from tcscale.config import load_config
     from tcscale.memory.official import OFFICIAL_OVERRIDES
-    from tcscale.memory.planner import plan_memory
+    from tcscale.memory.planner import COUNT_FIELDS, plan_memory
 
     config, res = CONFIGS[arch]
     rows = []
@@ -51,7 +51,12 @@ def run(arch: str) -> dict:
                 overrides = [*pre, *extra, f"data.resolution={res}", f"deepspeed.bf16.enabled={dtype == 'bf16'}",
                              f"model.gradient_checkpointing={str(ckpt).lower()}"]  # fmt: skip
                 cfg = load_config(REPO / config, overrides)
-                plan = plan_memory(cfg, 1, provider=provider, gpu_mems=GPUS)
+                counts = None
+                if reuse is not None:  # the same row of the stored results: its activation counts
+                    (old,) = [r for r in reuse["plans"] if r["provider"] == name and r["dtype"] == dtype
+                              and r["gradient_checkpointing"] == ckpt]  # fmt: skip
+                    counts = {k: old[k] for k in COUNT_FIELDS}
+                plan = plan_memory(cfg, 1, provider=provider, gpu_mems=GPUS, counts=counts)
                 rows.append({**plan.as_dict(), "planner_provider": provider, "provider": name, "dtype": dtype})
                 print(f"{arch} {name} {dtype} ckpt={ckpt}: {plan.activations_per_sample / 2**20:.1f} MiB/sample, "
                       f"fits {plan.fits}", file=sys.stderr)  # fmt: skip
@@ -73,6 +78,8 @@ def run(arch: str) -> dict:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "gpu_sizes": GPUS,
     }
+    if reuse is not None:
+        meta["activation_counts_from"] = reuse["meta"].get("activation_counts_from", reuse["meta"]["date"])
     return {"meta": meta, "plans": rows}
 
 
@@ -117,13 +124,18 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", action="append", choices=sorted(CONFIGS), default=None)
     parser.add_argument("--out-dir", default=str(REPO / "benchmarks" / "results"))
+    parser.add_argument("--reuse-counts", action="store_true",
+                        help="re-plan from the activation counts stored in --out-dir (seconds, not minutes): for a "
+                        "change to the engine's parts that leaves the counted micro-step alone")  # fmt: skip
     args = parser.parse_args()
     import diffusers
 
     diffusers.utils.logging.set_verbosity_error()
     results = {}
     for arch in args.arch or sorted(CONFIGS):
-        results[arch] = run(arch)
+        stored = Path(args.out_dir, f"memory_{arch}.json")
+        reuse = json.loads(stored.read_text()) if args.reuse_counts else None
+        results[arch] = run(arch, reuse)
         Path(args.out_dir, f"memory_{arch}.json").write_text(json.dumps(results[arch], indent=1) + "\n")
     print(markdown(results))
     if set(results) == set(CONFIGS):

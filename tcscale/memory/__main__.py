@@ -90,7 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--arch", choices=("sd14", "sd21", "sdxl", "tiny"), default=None, help="override the architecture"
     )
-    parser.add_argument("--workspace", default="1.5GiB", help="fixed workspace margin (default 1.5GiB)")
+    parser.add_argument(
+        "--workspace", default=None, help="fixed workspace margin (default 1.5GiB on cuda, 3.5GiB on cpu)"
+    )
     parser.add_argument(
         "--device",
         choices=("cuda", "cpu"),
@@ -102,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         gpu = {label: parse_size(label) for label in args.gpu_mem}
-        workspace = parse_size(args.workspace)
+        workspace = parse_size(args.workspace) if args.workspace is not None else None
     except argparse.ArgumentTypeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

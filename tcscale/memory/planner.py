@@ -22,7 +22,9 @@ The run's peak at micro-batch B is the larger of two moments:
   the softmax backward of the largest attention map) plus, with activation checkpointing, the bytes the largest
   checkpointed segment saves when backward recomputes it (measured on a run without checkpointing, per segment);
 * workspace: a fixed margin for the CUDA context, cuBLAS / cuDNN workspaces and allocator fragmentation
-  (`DEFAULT_WORKSPACE`, 1.5 GiB; ``--workspace`` changes it).
+  (`DEFAULT_WORKSPACE`, 1.5 GiB; ``--workspace`` changes it). A CPU run's workspace is what its process holds beyond
+  tensors — the Python libraries, the allocator's arenas, the loader — `CPU_WORKSPACE`, 3.5 GiB: a LoRA run of SD1.4
+  here was resident at 5.7 GiB with 2.2 GiB of tensors written (docs/MEMORY.md).
 
 Model-side, SDPA is modelled as the GPU's flash / memory-efficient kernels (`flash_sdpa`: q, k, v, out and the row
 LSE kept), and the fused Triton kernel runs on meta tensors allocating what it allocates on a GPU (its launches are
@@ -54,6 +56,7 @@ from tcscale.memory.static import (
 GiB = 2**30
 MiB = 2**20
 DEFAULT_WORKSPACE = int(1.5 * GiB)
+CPU_WORKSPACE = int(3.5 * GiB)
 DEFAULT_PHRASES = 4  # phrases per sample of the planned batch (DESIGN §7 measures with 4)
 PROVIDERS = ("tcscale", "official")
 SUPPORTED_OBJECTIVES = ("ldm", "tokencompose", "sepen")
@@ -421,24 +424,17 @@ def _segment_bytes(runner: StepRunner, device) -> int:
     return max((v for k, v in counter.by_label.items() if k != "other"), default=0)
 
 
-def plan_memory(
-    cfg: TrainConfig,
-    world_size: int = 1,
-    *,
-    provider: str = "tcscale",
-    arch: str | None = None,
-    workspace: int = DEFAULT_WORKSPACE,
-    gpu_mems: dict[str, int] | None = None,
-    phrases: int = DEFAULT_PHRASES,
-    device: str | torch.device = "meta",
-    target: str = "cuda",
-) -> MemoryPlan:
-    """Plan one config on `world_size` ranks (see the module docstring for how the peak is estimated). `target`:
-    the device type the run trains on ("cuda" or "cpu": torch AdamW's default implementation differs)."""
-    t0 = time.perf_counter()
-    arch = arch or architecture_name(cfg)
-    models = build_models(cfg, arch, device)
-    runner = StepRunner(cfg, models, provider, phrases)
+COUNT_FIELDS = (
+    "activations_per_sample",
+    "activations_intercept",
+    "largest_saved_per_sample",
+    "recompute_per_sample",
+    "attention_bytes",
+)
+
+
+def _count_activations(cfg: TrainConfig, runner: StepRunner, device) -> dict[str, Any]:
+    """One micro-step at micro-batch 1 and 2 under the saved-tensor counter (and the checkpointed segments)."""
     unet = runner.unet
     attn_labels = ModuleLabels(
         (name.rsplit(".", 1)[-1], mod) for name, mod in unet.named_modules() if name.endswith(("attn1", "attn2"))
@@ -449,7 +445,41 @@ def plan_memory(
         attn_labels.remove()
     two = runner.count(2, device)
     per_sample = two.total - one.total
-    recompute = _segment_bytes(runner, device) if cfg.model.gradient_checkpointing else 0
+    return {
+        "activations_per_sample": per_sample,
+        "activations_intercept": one.total - per_sample,
+        "largest_saved_per_sample": one.largest,
+        "recompute_per_sample": _segment_bytes(runner, device) if cfg.model.gradient_checkpointing else 0,
+        "attention_bytes": {k: v for k, v in sorted(one.by_label.items()) if k != "other"},
+    }
+
+
+def plan_memory(
+    cfg: TrainConfig,
+    world_size: int = 1,
+    *,
+    provider: str = "tcscale",
+    arch: str | None = None,
+    workspace: int | None = None,
+    gpu_mems: dict[str, int] | None = None,
+    phrases: int = DEFAULT_PHRASES,
+    device: str | torch.device = "meta",
+    target: str = "cuda",
+    counts: dict[str, Any] | None = None,
+) -> MemoryPlan:
+    """Plan one config on `world_size` ranks (see the module docstring for how the peak is estimated). `target`:
+    the device type the run trains on ("cuda" or "cpu": torch AdamW's default implementation differs). `counts`:
+    the activation counts of an earlier plan of the same config (its `COUNT_FIELDS`), reused instead of running the
+    micro-steps again (the engine's parts, the static bytes and the fits are computed anew)."""
+    t0 = time.perf_counter()
+    if workspace is None:
+        workspace = CPU_WORKSPACE if target == "cpu" else DEFAULT_WORKSPACE
+    arch = arch or architecture_name(cfg)
+    models = build_models(cfg, arch, device)
+    runner = StepRunner(cfg, models, provider, phrases)
+    unet = runner.unet
+    if counts is None:
+        counts = _count_activations(cfg, runner, device)
 
     trainable = sum(p.numel() for p in unet.parameters() if p.requires_grad)
     frozen_unet = sum(p.numel() for p in unet.parameters() if not p.requires_grad)
@@ -483,12 +513,8 @@ def plan_memory(
         frozen_params=frozen_unet + models.frozen_fp32 + models.frozen_compute,
         static=static.as_dict(),
         frozen_bytes=frozen_bytes,
-        activations_per_sample=per_sample,
-        activations_intercept=one.total - per_sample,
-        largest_saved_per_sample=one.largest,
-        recompute_per_sample=recompute,
+        **{k: counts[k] for k in COUNT_FIELDS},
         workspace=workspace,
-        attention_bytes={k: v for k, v in sorted(one.by_label.items()) if k != "other"},
         seconds=0.0,
         phrases=phrases,
         optimizer=optimizer.impl,

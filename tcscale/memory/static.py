@@ -315,8 +315,11 @@ def _stage3(psi: int, p: int, s: int, zero: ZeroSettings, opt: OptimizerSpec, la
     bucket = zero.reduce_bucket_size * s if zero.contiguous_gradients else 0
     held = PhaseBytes({"params": part, "master": master, "reduce_bucket": bucket, "grads": p * s})
     build = _worst(
-        PhaseBytes({"params_before_partition": psi * s, "params": part, "master": master}),
-        held.add(fp32_grads=4 * p),  # initialize_optimizer_states: a zero fp32 gradient of the sub-group
+        PhaseBytes({"params_before_partition": psi * s, "params": part}),
+        # _create_fp32_partitions converts the partition to fp32 into a second buffer; initialize_optimizer_states
+        # then hangs a zero fp32 gradient on it: two fp32 partitions at once, before the bucket exists
+        PhaseBytes({"params": part, "master": master, "fp32_grads": 4 * p}),
+        held,
     )
     # backward: __avg_scatter_grads -> reduce_scatter_coalesced concatenates the bucket's gradients (every rank's
     # share, padded) into one flat buffer; the module being computed holds its gathered parameters
