@@ -95,6 +95,13 @@ class BatchConfig:
 
 
 @dataclass
+class MemoryConfig:
+    # the start-up memory check on a CUDA device (docs/MEMORY.md): "refuse" stops a run whose predicted peak exceeds
+    # the GPU (exit 2), "warn" prints the verdict and trains, "off" does not plan
+    preflight: Literal["refuse", "warn", "off"] = "refuse"
+
+
+@dataclass
 class TrainConfig:
     run_name: str = "run"  # name of the run (directory and MLflow run name)
     output_dir: str = "runs/run"  # run directory: config.yaml, checkpoints/, mlflow.db, export/
@@ -114,6 +121,7 @@ class TrainConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
     deepspeed: dict[str, Any] = field(default_factory=dict)  # DeepSpeed config, verbatim (no "auto" values)
 
 
@@ -382,6 +390,9 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
     `imports` are imported first, so the objectives they register are part of the schema."""
     layers = read_layers(path, overrides)
     import_plugins(_imports_of(layers))
+    for _, layer in layers:  # YAML 1.1 reads a bare `off` as false: memory.preflight's "off" either way
+        if OmegaConf.select(layer, "memory.preflight", default=None) is False:
+            OmegaConf.update(layer, "memory.preflight", "off")
     return validate(merge_layers(TrainConfig, layers))
 
 

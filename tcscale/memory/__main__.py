@@ -1,7 +1,9 @@
 """``python -m tcscale.memory --config CONFIG [key=value ...] [--gpu-mem 24GiB ...] [--world-size N] [--json OUT]``.
 
-Plans one config on the meta device (no weights, no GPU; seconds) and prints a table. Exit 2 with one line on a bad
-config key or an unplannable config.
+Plans one config on the meta device (no weights, no GPU; seconds) and prints a table: the optimizer-step peak and
+the backward peak, each with its parts, the larger of the two as the predicted peak. ``--json`` writes the plan with
+``predicted_peak`` (bytes, micro-batch 1) and ``predicted_peak_parts``. Exit 2 with one line on a bad config key or
+an unplannable config.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import re
 import sys
 
 from tcscale.memory.planner import PROVIDERS, GiB, MemoryPlan, MiB, PlanError, plan_memory
+from tcscale.memory.static import OptimizerSpec
 
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
@@ -25,24 +28,53 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[unit])
 
 
+_PART_LABELS = {
+    "params": "parameters (compute dtype)",
+    "params_partitioned": "parameter partition",
+    "frozen_params": "frozen U-Net parameters",
+    "grads": "gradients (compute dtype)",
+    "grad_in_flight": "a gradient being reduced",
+    "flat_grads": "flattened gradient partition",
+    "fp32_grads": "fp32 gradient partition",
+    "master": "fp32 master copy",
+    "optimizer_states": "Adam states (m, v fp32)",
+    "optimizer_temporaries": "optimizer temporaries",
+    "reduce_buckets": "ZeRO reduce buckets",
+    "reduce_bucket": "ZeRO-3 reduce bucket",
+    "allreduce_bucket": "all-reduce bucket",
+    "reduce_transient": "a rank's reduced slice",
+    "reduce_scatter": "reduce-scatter buffer",
+    "gathered_params": "ZeRO-3 gathered parameters",
+    "activations": "activations kept",
+    "backward_transient": "backward transient",
+    "frozen_models": "frozen VAE + text encoder",
+    "workspace": "workspace",
+}
+
+
+def _gib(n: int) -> str:
+    return f"{n / GiB:9.2f} GiB"
+
+
 def format_table(plan: MemoryPlan, gpu_labels: list[str]) -> str:
-    s = plan.static
+    parts = plan.parts(1)
     rows = [
         ("architecture", f"{plan.arch} at {plan.resolution} px, {plan.trainable_params:,} trained parameters"),
         ("objective", f"{plan.objective} (provider {plan.provider}, attention {plan.backend}, {plan.phrases} phrases)"),
         ("dtype / checkpointing", f"{plan.dtype} / {'on' if plan.gradient_checkpointing else 'off'}"),
-        ("ZeRO", f"stage {plan.zero_stage} over {plan.world_size} rank(s); per rank:"),
-        ("  parameters", f"{s['params'] / GiB:9.2f} GiB"),
-        ("  gradients", f"{s['grads'] / GiB:9.2f} GiB"),
-        ("  optimizer (AdamW m, v fp32)", f"{s['optimizer'] / GiB:9.2f} GiB"),
-        ("  fp32 master copy", f"{s['master'] / GiB:9.2f} GiB"),
-        ("  frozen VAE + text encoder", f"{plan.frozen_bytes / GiB:9.2f} GiB"),
+        ("ZeRO / optimizer",
+         f"stage {plan.zero_stage} over {plan.world_size} rank(s), {OptimizerSpec(plan.optimizer).label}"),
         ("activations kept / sample", f"{plan.activations_per_sample / MiB:9.1f} MiB"),
         ("transient / sample", f"{plan.transient_per_sample / MiB:9.1f} MiB (2 x largest saved tensor"
          f"{' + largest checkpointed segment' if plan.gradient_checkpointing else ''})"),
-        ("workspace", f"{plan.workspace / GiB:9.2f} GiB (CUDA context, library workspaces, fragmentation)"),
-        (f"predicted peak at micro-batch {plan.micro_batch}", f"{plan.peak() / GiB:9.2f} GiB"),
     ]  # fmt: skip
+    for title, key, peak in (("optimizer step", "optimizer_step", plan.step_peak()),
+                             ("backward at micro-batch 1", "backward", plan.backward_peak(1))):  # fmt: skip
+        rows.append((f"{title} peak", _gib(peak)))
+        rows += [(f"  {_PART_LABELS.get(k, k)}", _gib(v)) for k, v in parts[key].items() if v]
+    rows.append(("predicted peak at micro-batch 1", f"{plan.peak(1) / GiB:9.2f} GiB (the {plan.peak_phase(1)})"))
+    if plan.micro_batch != 1:
+        rows.append((f"predicted peak at micro-batch {plan.micro_batch}", _gib(plan.peak())))
     rows += [(f"largest micro-batch on {label}", str(plan.fits[label])) for label in gpu_labels]
     rows.append(("planned in", f"{plan.seconds:.1f} s (meta device: a prediction, nothing was allocated)"))
     width = max(len(k) for k, _ in rows)
@@ -58,13 +90,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--arch", choices=("sd14", "sd21", "sdxl", "tiny"), default=None, help="override the architecture"
     )
-    parser.add_argument("--workspace", default="1.5GiB", help="fixed workspace margin (default 1.5GiB)")
+    parser.add_argument(
+        "--workspace", default=None, help="fixed workspace margin (default 1.5GiB on cuda, 3.5GiB on cpu)"
+    )
+    parser.add_argument(
+        "--device",
+        choices=("cuda", "cpu"),
+        default="cuda",
+        help="the device the run trains on (torch AdamW's default implementation differs)",
+    )
     parser.add_argument("--json", default=None, help="also write the plan as JSON here")
     parser.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. data.resolution=768")
     args = parser.parse_args(argv)
     try:
         gpu = {label: parse_size(label) for label in args.gpu_mem}
-        workspace = parse_size(args.workspace)
+        workspace = parse_size(args.workspace) if args.workspace is not None else None
     except argparse.ArgumentTypeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -86,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, overrides)
         plan = plan_memory(cfg, args.world_size, provider=args.provider, arch=args.arch, workspace=workspace,
-                           gpu_mems=gpu)  # fmt: skip
+                           gpu_mems=gpu, target=args.device)  # fmt: skip
     except (ConfigError, PlanError) as exc:
         print(f"config error: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 2

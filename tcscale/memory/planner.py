@@ -3,20 +3,28 @@
 `plan_memory(cfg, world_size)` builds the configured U-Net on the meta device, installs the configured objective's
 attention processors (tcscale's own, or the official-style replica's, `tcscale.memory.official`), and runs one
 micro-step forward + backward at micro-batch 1 and 2 under `SavedTensorCounter`: the activation bytes kept for
-backward per sample (the slope) and per step (the intercept). Static bytes follow ZeRO's partitioning
-(`tcscale.memory.static`); the frozen VAE (fp32) and text encoder (compute dtype) sit on every rank as the trainer
-puts them.
+backward per sample (the slope) and per step (the intercept). The engine's own bytes per phase — parameters,
+gradients, fp32 master copy, Adam states, the optimizer's temporaries and ZeRO's buffers, from the config's
+``zero_optimization`` and ``optimizer`` sections — come from `tcscale.memory.static.engine_phase_bytes`; the frozen
+VAE (fp32) and text encoder (compute dtype) sit on every rank as the trainer puts them.
 
-The step's peak for micro-batch B is estimated as
+The run's peak at micro-batch B is the larger of two moments:
 
-    peak(B) = static + frozen + workspace + kept(B) + B · transient
+    backward(B) = engine's backward + frozen + workspace + kept(B) + B · transient
+    step        = engine's optimizer step + frozen + workspace
 
+* the engine's backward: its state while gradients are reduced (ZeRO's reduce buckets, the gradients) with the
+  Adam states held from the second step on;
+* the engine's optimizer step: the gradient partition converted to fp32, the Adam states (created at the first
+  step) and the optimizer's temporaries, on top of the parameters and master copy (activations are freed by then);
 * kept(B) = intercept + B · per_sample: everything autograd holds when backward starts;
 * transient (per sample) = 2 x the largest single saved tensor (its gradient and the op's backward temporary, e.g.
   the softmax backward of the largest attention map) plus, with activation checkpointing, the bytes the largest
   checkpointed segment saves when backward recomputes it (measured on a run without checkpointing, per segment);
 * workspace: a fixed margin for the CUDA context, cuBLAS / cuDNN workspaces and allocator fragmentation
-  (`DEFAULT_WORKSPACE`, 1.5 GiB; ``--workspace`` changes it).
+  (`DEFAULT_WORKSPACE`, 1.5 GiB; ``--workspace`` changes it). A CPU run's workspace is what its process holds beyond
+  tensors — the Python libraries, the allocator's arenas, the loader — `CPU_WORKSPACE`, 3.5 GiB: a LoRA run of SD1.4
+  here was resident at 5.7 GiB with 2.2 GiB of tensors written (docs/MEMORY.md).
 
 Model-side, SDPA is modelled as the GPU's flash / memory-efficient kernels (`flash_sdpa`: q, k, v, out and the row
 LSE kept), and the fused Triton kernel runs on meta tensors allocating what it allocates on a GPU (its launches are
@@ -36,13 +44,20 @@ import torch
 
 from tcscale.config import TrainConfig
 from tcscale.memory.activations import ModuleLabels, SavedTensorCounter, flash_sdpa
-from tcscale.memory.static import StaticBytes, zero_static_bytes
+from tcscale.memory.static import (
+    OptimizerSpec,
+    StaticBytes,
+    ZeroSettings,
+    engine_phase_bytes,
+    zero_static_bytes,
+)
 from tcscale.models.sd import SDComponents
 from tcscale.train.precision import compute_dtype
 
 GiB = 2**30
 MiB = 2**20
 DEFAULT_WORKSPACE = int(1.5 * GiB)
+CPU_WORKSPACE = int(3.5 * GiB)
 DEFAULT_PHRASES = 4  # phrases per sample of the planned batch (docs/DESIGN.md §7 measures with 4)
 PROVIDERS = ("tcscale", "official")
 
@@ -208,8 +223,8 @@ class MemoryPlan:
     micro_batch: int  # the config's train_micro_batch_size_per_gpu
     trainable_params: int
     frozen_params: int  # untrained U-Net parameters + VAE + text encoder
-    static: dict[str, int]
-    frozen_bytes: int  # VAE (fp32) + text encoder (compute dtype) + untrained U-Net parameters when not counted
+    static: dict[str, int]  # held between steps (tcscale.memory.static.zero_static_bytes)
+    frozen_bytes: int  # VAE (fp32) + text encoder (compute dtype) + L_norm's frozen U-Net copy
     activations_per_sample: int
     activations_intercept: int
     largest_saved_per_sample: int
@@ -219,6 +234,11 @@ class MemoryPlan:
     seconds: float
     phrases: int = DEFAULT_PHRASES
     fits: dict[str, int] = field(default_factory=dict)  # GPU memory label -> largest micro-batch (0: none)
+    optimizer: str = "foreach"  # tcscale.memory.static.OptimizerSpec.impl
+    # the engine's parts at each phase's worst moment (tcscale.memory.static.engine_phase_bytes): "build", "backward"
+    # (the first micro-step, before the Adam states exist), "step" (the first optimizer step), "backward2" (every
+    # later micro-step: the states are held)
+    engine: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @property
     def transient_per_sample(self) -> int:
@@ -227,20 +247,47 @@ class MemoryPlan:
     def activations(self, B: int) -> int:
         return self.activations_intercept + B * self.activations_per_sample
 
-    def peak(self, B: int | None = None) -> int:
+    def _engine(self, phase: str) -> int:
+        return sum(self.engine[phase].values())
+
+    def backward_peak(self, B: int | None = None) -> int:
+        """The worst micro-step's backward: the engine's state and buffers, activations kept and the transient."""
         B = self.micro_batch if B is None else B
-        base = self.static["total"] + self.frozen_bytes + self.workspace
-        return base + self.activations(B) + B * self.transient_per_sample
+        engine = max(self._engine("backward"), self._engine("backward2"))
+        return self.frozen_bytes + self.workspace + engine + self.activations(B) + B * self.transient_per_sample
+
+    def step_peak(self) -> int:
+        """The first optimizer step (activations are freed by then; the Adam states are created here)."""
+        return self.frozen_bytes + self.workspace + self._engine("step")
+
+    def peak(self, B: int | None = None) -> int:
+        return max(self.backward_peak(B), self.step_peak())
+
+    def peak_phase(self, B: int | None = None) -> str:
+        return "optimizer step" if self.step_peak() >= self.backward_peak(B) else "backward"
+
+    def parts(self, B: int = 1) -> dict[str, dict[str, int]]:
+        """The two candidate peaks at micro-batch B, each as its named parts (they sum to the phase's peak)."""
+        later = "backward2" if self._engine("backward2") >= self._engine("backward") else "backward"
+        common = {"frozen_models": self.frozen_bytes, "workspace": self.workspace}
+        backward = {**self.engine[later], "activations": self.activations(B),
+                    "backward_transient": B * self.transient_per_sample, **common}  # fmt: skip
+        return {"backward": backward, "optimizer_step": {**self.engine["step"], **common}}
 
     def max_micro_batch(self, gpu_bytes: int) -> int:
-        free = gpu_bytes - self.peak(0)
+        if self.step_peak() > gpu_bytes:
+            return 0
+        free = gpu_bytes - self.backward_peak(0)
         per = self.activations_per_sample + self.transient_per_sample
         return max(0, math.floor(free / per)) if per > 0 else 0
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["transient_per_sample"] = self.transient_per_sample
-        out["predicted_peak"] = self.peak()
+        out["predicted_peak"] = self.peak(1)  # micro-batch 1: the larger of the backward and the optimizer step
+        out["predicted_peak_phase"] = self.peak_phase(1)
+        out["predicted_peak_parts"] = self.parts(1)
+        out["peak_at_config_micro_batch"] = self.peak()
         return out
 
 
@@ -262,22 +309,17 @@ def _segment_bytes(runner: StepRunner, device) -> int:
     return max((v for k, v in counter.by_label.items() if k != "other"), default=0)
 
 
-def plan_memory(
-    cfg: TrainConfig,
-    world_size: int = 1,
-    *,
-    provider: str = "tcscale",
-    arch: str | None = None,
-    workspace: int = DEFAULT_WORKSPACE,
-    gpu_mems: dict[str, int] | None = None,
-    phrases: int = DEFAULT_PHRASES,
-    device: str | torch.device = "meta",
-) -> MemoryPlan:
-    """Plan one config on `world_size` ranks (see the module docstring for how the peak is estimated)."""
-    t0 = time.perf_counter()
-    arch = arch or architecture_name(cfg)
-    models = build_models(cfg, arch, device)
-    runner = StepRunner(cfg, models, provider, phrases)
+COUNT_FIELDS = (
+    "activations_per_sample",
+    "activations_intercept",
+    "largest_saved_per_sample",
+    "recompute_per_sample",
+    "attention_bytes",
+)
+
+
+def _count_activations(cfg: TrainConfig, runner: StepRunner, device) -> dict[str, Any]:
+    """One micro-step at micro-batch 1 and 2 under the saved-tensor counter (and the checkpointed segments)."""
     unet = runner.unet
     attn_labels = ModuleLabels(
         (name.rsplit(".", 1)[-1], mod) for name, mod in unet.named_modules() if name.endswith(("attn1", "attn2"))
@@ -288,13 +330,55 @@ def plan_memory(
         attn_labels.remove()
     two = runner.count(2, device)
     per_sample = two.total - one.total
-    recompute = _segment_bytes(runner, device) if cfg.model.gradient_checkpointing else 0
+    return {
+        "activations_per_sample": per_sample,
+        "activations_intercept": one.total - per_sample,
+        "largest_saved_per_sample": one.largest,
+        "recompute_per_sample": _segment_bytes(runner, device) if cfg.model.gradient_checkpointing else 0,
+        "attention_bytes": {k: v for k, v in sorted(one.by_label.items()) if k != "other"},
+    }
+
+
+def plan_memory(
+    cfg: TrainConfig,
+    world_size: int = 1,
+    *,
+    provider: str = "tcscale",
+    arch: str | None = None,
+    workspace: int | None = None,
+    gpu_mems: dict[str, int] | None = None,
+    phrases: int = DEFAULT_PHRASES,
+    device: str | torch.device = "meta",
+    target: str = "cuda",
+    counts: dict[str, Any] | None = None,
+) -> MemoryPlan:
+    """Plan one config on `world_size` ranks (see the module docstring for how the peak is estimated). `target`:
+    the device type the run trains on ("cuda" or "cpu": torch AdamW's default implementation differs). `counts`:
+    the activation counts of an earlier plan of the same config (its `COUNT_FIELDS`), reused instead of running the
+    micro-steps again (the engine's parts, the static bytes and the fits are computed anew)."""
+    t0 = time.perf_counter()
+    if workspace is None:
+        workspace = CPU_WORKSPACE if target == "cpu" else DEFAULT_WORKSPACE
+    arch = arch or architecture_name(cfg)
+    models = build_models(cfg, arch, device)
+    runner = StepRunner(cfg, models, provider, phrases)
+    unet = runner.unet
+    if counts is None:
+        counts = _count_activations(cfg, runner, device)
 
     trainable = sum(p.numel() for p in unet.parameters() if p.requires_grad)
     frozen_unet = sum(p.numel() for p in unet.parameters() if not p.requires_grad)
     dtype = runner.dtype
-    stage = int(cfg.deepspeed.get("zero_optimization", {}).get("stage", 0))
+    zero = ZeroSettings.from_config(cfg.deepspeed)
+    stage = zero.stage
+    try:
+        optimizer = OptimizerSpec.from_config(cfg.deepspeed, device_type=target)
+    except ValueError as exc:
+        raise PlanError(str(exc)) from None
     static: StaticBytes = zero_static_bytes(trainable, frozen_unet, dtype=dtype, stage=stage, world_size=world_size)
+    largest = max((p.numel() for p in unet.parameters() if p.requires_grad), default=0)
+    engine = engine_phase_bytes(trainable, frozen_unet, dtype=dtype, world_size=world_size, zero=zero,
+                                optimizer=optimizer, largest_param=largest)  # fmt: skip
     item = torch.empty((), dtype=dtype).element_size()
     frozen_bytes = 4 * models.frozen_fp32 + item * models.frozen_compute
     for module in runner.objective.extra_modules():  # e.g. SepEn's frozen U-Net copy for L_norm
@@ -314,14 +398,12 @@ def plan_memory(
         frozen_params=frozen_unet + models.frozen_fp32 + models.frozen_compute,
         static=static.as_dict(),
         frozen_bytes=frozen_bytes,
-        activations_per_sample=per_sample,
-        activations_intercept=one.total - per_sample,
-        largest_saved_per_sample=one.largest,
-        recompute_per_sample=recompute,
+        **{k: counts[k] for k in COUNT_FIELDS},
         workspace=workspace,
-        attention_bytes={k: v for k, v in sorted(one.by_label.items()) if k != "other"},
         seconds=0.0,
         phrases=phrases,
+        optimizer=optimizer.impl,
+        engine={name: phase.parts for name, phase in engine.items()},
     )
     for label, nbytes in (gpu_mems or {}).items():
         plan.fits[label] = plan.max_micro_batch(nbytes)

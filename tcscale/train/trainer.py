@@ -158,8 +158,8 @@ class Trainer:
     def _build(self, preempt: PreemptionFlag | None) -> None:
         cfg, env = self.cfg, self.env
         # planned once, on rank 0 (seconds of meta-device work); a config that cannot fit stops every rank
-        self.memory_plan = checked_on_rank0(lambda: preflight.preflight_memory(cfg, env.world_size, env.device))
-        print0(preflight.describe(self.memory_plan))
+        self.memory_check = checked_on_rank0(lambda: preflight.preflight_memory(cfg, env.world_size, env.device))
+        print0(preflight.describe(self.memory_check))
         torch.manual_seed(cfg.seed)
         self.ds = ds = self.batch.deepspeed_section(cfg.deepspeed)  # the engine's: derived accumulation, scaled lr
         self.dtype = compute_dtype(ds)
@@ -237,7 +237,7 @@ class Trainer:
         self.tracker = build_tracker(cfg, env.is_rank0, env.world_size, client.get("mlflow_run_id"), created)
         try:  # from here on, a failure marks the MLflow run FAILED with its reason
             self.run_id = broadcast_object(self.tracker.run_id if env.is_rank0 else None)
-            preflight.log_plan(self.tracker, self.memory_plan)  # MLflow param memory/predicted_peak_gib
+            preflight.log_plan(self.tracker, self.memory_check)  # MLflow param memory/predicted_peak_gib
             if env.is_rank0 and getattr(self.tracker, "logged_until", 0) > self.step:
                 print0(f"steps {self.step + 1}..{self.tracker.logged_until} were logged before the interruption; "
                        "their replay is not logged again")  # fmt: skip
