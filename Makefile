@@ -6,7 +6,7 @@ STAMP     := $(VENV)/.tcscale-installed
 NPROC     ?= 2
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast lint format demo bench-loader bench-kernel gpu-wheels clean
+.PHONY: setup test test-fast lint format demo demo-base bench-loader bench-kernel gpu-wheels clean
 
 $(STAMP): pyproject.toml
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -28,8 +28,11 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(VENV)/bin/ruff format . && $(VENV)/bin/ruff check --fix .
 
-demo: $(STAMP)  ## TokenCompose vs LDM-only on the synthetic world, 3 seeds (DEMO_FAST=1: 1 short seed); docs/DEMO.md
+demo: $(STAMP)  ## finetune the shipped base: LDM-only vs TokenCompose vs SepEn, 3 seeds (DEMO_FAST=1: 1 short seed); docs/DEMO.md
 	$(VPY) launchers/demo.py
+
+demo-base: $(STAMP)  ## pretrain the demo's base model and ship it into tcscale/demo_base (tcscale/demo_base/README.md)
+	$(VPY) launchers/demo_base.py
 
 bench-loader: $(STAMP)
 	$(VPY) benchmarks/bench_loader.py
