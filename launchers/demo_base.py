@@ -59,24 +59,16 @@ def validate(run: Path, tag: str, env: dict[str, str]) -> dict[str, float]:
     return json.loads((out / "results.json").read_text())["metrics"]
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--no-ship", action="store_true", help="train and validate only; leave tcscale/demo_base alone")
-    ap.add_argument("--steps", type=int, default=None, help="override max_steps (default: configs/demo_base.yaml)")
-    args = ap.parse_args(argv)
-    from launchers.demo import build_deepspeed_op, child_env, free_port
+def pretrain(run: Path, env: dict[str, str], steps: int | None) -> None:
+    from launchers.demo import free_port
 
-    t0 = time.perf_counter()
-    env = child_env()
-    build_deepspeed_op()
     say("writing the pretraining world (mostly single objects) ...")
     shards = write_world(OUT / "shards")
-    run = OUT / "run"
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "1", "--master_port", str(free_port()),
            "launchers/train.py", "--config", "configs/demo_base.yaml", f"output_dir={run}", f"data.shards={shards}",
            f"tracking.uri=sqlite:///{OUT / 'mlflow.db'}"]  # fmt: skip
-    if args.steps is not None:
-        cmd += [f"max_steps={args.steps}"]
+    if steps is not None:
+        cmd += [f"max_steps={steps}"]
     say(f"pretraining with the LDM loss (log: {run / 'train.log'}) ...")
     run.mkdir(parents=True, exist_ok=True)
     with open(run / "train.log", "w") as log:
@@ -84,8 +76,30 @@ def main(argv: list[str] | None = None) -> int:
     if rc != 0:
         tail = "\n".join((run / "train.log").read_text().splitlines()[-25:])
         raise SystemExit(f"demo-base: pretraining failed (exit {rc}); {run / 'train.log'}:\n{tail}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--no-ship", action="store_true", help="train and validate only; leave tcscale/demo_base alone")
+    ap.add_argument("--steps", type=int, default=None, help="override max_steps (default: configs/demo_base.yaml)")
+    ap.add_argument(
+        "--validate-only",
+        action="store_true",
+        help="skip pretraining: validate (and ship) the checkpoints runs/demo_base/run already holds",
+    )
+    args = ap.parse_args(argv)
+    from launchers.demo import build_deepspeed_op, child_env
+
+    t0 = time.perf_counter()
+    env = child_env()
+    build_deepspeed_op()
+    run = OUT / "run"
+    if not args.validate_only:
+        pretrain(run, env, args.steps)
     tags = [p.name for p in (run / "checkpoints").glob("step*") if p.name[4:].isdigit()]
     tags.sort(key=lambda t: int(t[4:]))
+    if not tags:
+        raise SystemExit(f"demo-base: {run / 'checkpoints'} holds no checkpoint to validate")
     scores = {}
     for tag in tags:
         scores[tag] = validate(run, tag, env)
