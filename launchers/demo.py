@@ -1,16 +1,18 @@
-"""The CPU demo: TokenCompose against LDM-only on the synthetic shapes world, 3 seeds, in minutes (make demo).
+"""The CPU demo: the shipped base finetuned with LDM-only, TokenCompose and SepEn, composition per method (make demo).
 
-    python launchers/demo.py              # 3 seeds x 500 steps (~10 min on 2 cores)
-    DEMO_FAST=1 python launchers/demo.py  # 1 seed x 150 steps, a smaller world: checks the pipeline (CI)
+    python launchers/demo.py              # 3 seeds x 3 methods x 500 steps, then 12 evaluations
+    DEMO_FAST=1 python launchers/demo.py  # 1 seed x 60 steps, a smaller world and evaluation: checks the pipeline (CI)
 
-1. writes the training world as grounded WebDataset shards (dataprep.synthetic_shards);
-2. per seed, trains both models side by side, one core each, through the real launcher
-   (`deepspeed --num_gpus 1 launchers/train.py --config configs/demo_cpu.yaml objective.name=ldm|tokencompose`),
-   with a progress bar per model;
-3. evaluates each with `launchers/eval.py --config configs/eval/demo_cpu.yaml` (held-out grounding mIoU and the
-   synthetic scorer's all-objects rate on held-out prompts), nested under its training run in MLflow;
-4. writes runs/demo/results.json, a figure (a held-out prompt: image and per-phrase attention of both models) and
-   prints the table and the `mlflow ui` command.
+1. materialises the shipped base (tcscale/demo_base, made by `make demo-base`) as an fp32 pipeline in runs/demo;
+2. writes the finetuning world as grounded WebDataset shards (dataprep.synthetic_shards: 1-3 objects per image);
+3. finetunes the base per seed and method through the real launcher (`deepspeed --num_gpus 1 launchers/train.py
+   --config configs/demo_cpu.yaml objective.name=ldm|tokencompose|sepen model.pretrained=<base>`), two runs at a
+   time (one core each), a progress bar per run;
+4. evaluates the base and every finetune with `launchers/eval.py --config configs/eval/demo_cpu.yaml seed=<seed>`
+   (MG2 / MG3: every object of a held-out 2- / 3-object prompt found by the synthetic scorer; held-out grounding
+   mIoU), the finetunes' nested under their training runs in MLflow;
+5. writes runs/demo/results.json and the figures (generated images per model for the same prompts and noise,
+   per-phrase attention) and prints the table and the `mlflow ui` command.
 """
 
 from __future__ import annotations

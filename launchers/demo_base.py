@@ -1,6 +1,6 @@
 """Pretrain the demo's shipped base model (make demo-base): a tiny text-to-image model that draws the shapes world.
 
-    python launchers/demo_base.py                 # 4,000 steps, then the validation choice; writes tcscale/demo_base
+    python launchers/demo_base.py                 # pretrain (configs/demo_base.yaml), validate, ship tcscale/demo_base
     python launchers/demo_base.py --no-ship       # train and validate only (runs/demo_base/)
 
 1. writes the pretraining world as WebDataset shards, built the way web data fails composition: mostly one object

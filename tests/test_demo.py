@@ -41,6 +41,11 @@ def test_shipped_base_materialises_as_the_fp16_rounded_fp32_pipeline(tmp_path):
             torch.testing.assert_close(p, mine[key].detach().half().float(), rtol=0, atol=0)
     ids = loaded.tokenizer("a photo of a red circle").input_ids
     assert ids == comps.tokenizer("a photo of a red circle").input_ids
+    # the configured VAE factor of the local pipeline is its own (2: space-to-depth), not the released VAEs' 8
+    from tcscale.config import expected_vae_factor
+
+    assert expected_vae_factor(ModelConfig(pretrained=str(out))) == 2
+    assert expected_vae_factor(ModelConfig(pretrained=str(tmp_path / "no_such_pipeline"))) == 8
 
 
 def test_incomplete_shipped_base_names_the_missing_file(tmp_path):
