@@ -2,6 +2,7 @@
 
     python launchers/demo.py              # 3 seeds x 3 methods x 500 steps, then 12 evaluations
     DEMO_FAST=1 python launchers/demo.py  # 1 seed x 60 steps, a smaller world and evaluation: checks the pipeline (CI)
+    DEMO_SEEDS=0 python launchers/demo.py # the full budget for the listed seeds only (comma-separated)
 
 1. materialises the shipped base (tcscale/demo_base, made by `make demo-base`) as an fp32 pipeline in runs/demo;
 2. writes the finetuning world as grounded WebDataset shards (dataprep.synthetic_shards: 1-3 objects per image);
@@ -250,7 +251,9 @@ def metric_rows(metrics: dict[str, float]) -> dict[str, float]:
 
 def main() -> int:
     fast = os.environ.get("DEMO_FAST", "") not in ("", "0")
-    plan = FAST if fast else FULL
+    plan = dict(FAST if fast else FULL)
+    if os.environ.get("DEMO_SEEDS"):  # e.g. DEMO_SEEDS=0: one seed of the full budget
+        plan["seeds"] = [int(s) for s in os.environ["DEMO_SEEDS"].split(",")]
     t0 = time.perf_counter()
     shutil.rmtree(OUT, ignore_errors=True)
     OUT.mkdir(parents=True)
@@ -287,16 +290,16 @@ def main() -> int:
     say(f"finetuning: {len(train)} runs of {plan['steps']} steps ...")
     run_jobs(train, plan["steps"])
 
-    def eval_cmd(name: str, seed: int, model: str, out: Path) -> tuple[list[str], Path]:
-        cmd = [sys.executable, "launchers/eval.py", "--config", "configs/eval/demo_cpu.yaml", f"name={name}",
-               model, f"output_dir={out}", f"seed={seed}", f"grounding.synthetic_seed={GROUNDING_SEED + seed}",
+    def eval_cmd(name: str, seed: int, model: list[str], out: Path) -> tuple[list[str], Path]:
+        cmd = [sys.executable, "launchers/eval.py", "--config", "configs/eval/demo_cpu.yaml", f"name={name}", *model,
+               f"output_dir={out}", f"seed={seed}", f"grounding.synthetic_seed={GROUNDING_SEED + seed}",
                f"grounding.num_samples={plan['grounding_samples']}", f"synthetic.num_prompts={plan['prompts']}",
                f"synthetic.rounds={plan['rounds']}"]  # fmt: skip
         return cmd, out.parent / f"{out.name}.log"
 
-    evals = {f"base seed {s}": eval_cmd(f"base_s{s}", s, f"model.pretrained={base}", OUT / f"base_eval_s{s}")
-             for s in plan["seeds"]}  # fmt: skip
-    evals.update({f"{m} seed {s}": eval_cmd(f"{m}_s{s}", s, f"model.run_dir={run}", run / "eval")
+    base_model = [f"model.pretrained={base}", "model.run_dir=null"]  # the eval config names a run
+    evals = {f"base seed {s}": eval_cmd(f"base_s{s}", s, base_model, OUT / f"base_eval_s{s}") for s in plan["seeds"]}
+    evals.update({f"{m} seed {s}": eval_cmd(f"{m}_s{s}", s, [f"model.run_dir={run}"], run / "eval")
                   for (m, s), run in runs.items()})  # fmt: skip
     say(f"evaluating the base and every finetune on held-out prompts ({len(evals)} evaluations) ...")
     run_jobs(evals, None)
