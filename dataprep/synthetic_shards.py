@@ -43,13 +43,14 @@ def write_synthetic_shards(
     *,
     seed: int = 1234,
     max_objects: int = 3,
+    min_objects: int = 1,
     phrase: str = "colour_shape",
     samples_per_shard: int = 1000,
     prefix: str = "synthetic",
     progress: bool = True,
     mask_format: str = "packbits",
 ) -> dict:
-    world = SyntheticWorld(num, max_objects, seed, phrase)
+    world = SyntheticWorld(num, max_objects, seed, phrase, min_objects=min_objects)
     return write_shards(
         list(range(num)),
         lambda idx: synthetic_records(world, idx, (height, width)),
@@ -58,7 +59,15 @@ def write_synthetic_shards(
         samples_per_shard=samples_per_shard,
         progress=progress,
         mask_format=mask_format,
-        run_info={"source": "synthetic", "seed": seed, "num": num, "height": height, "width": width},
+        run_info={
+            "source": "synthetic",
+            "seed": seed,
+            "num": num,
+            "height": height,
+            "width": width,
+            "min_objects": min_objects,
+            "max_objects": max_objects,
+        },
     )
 
 
@@ -71,6 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--width", type=int, default=None, help="image width (overrides --resolution)")
     ap.add_argument("--seed", type=int, default=1234, help="world seed (default 1234)")
     ap.add_argument("--max-objects", type=int, default=3, help="objects per image, 1..6 (default 3)")
+    ap.add_argument("--min-objects", type=int, default=1, help="fewest objects per image, 1..max (default 1)")
     ap.add_argument("--phrase", choices=["colour_shape", "shape"], default="colour_shape")
     ap.add_argument("--samples-per-shard", type=int, default=1000)
     ap.add_argument("--prefix", default="synthetic")
@@ -83,6 +93,7 @@ def main(argv: list[str] | None = None) -> None:
         args.width or args.resolution,
         seed=args.seed,
         max_objects=args.max_objects,
+        min_objects=args.min_objects,
         phrase=args.phrase,
         samples_per_shard=args.samples_per_shard,
         prefix=args.prefix,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import os
 import sys
 from dataclasses import asdict, dataclass, field, make_dataclass
@@ -162,11 +163,18 @@ def _find_auto(obj: Any, prefix: str) -> list[str]:
 
 
 def expected_vae_factor(model: ModelConfig) -> int:
-    """Pixels per latent cell of the configured VAE: the tiny VAE's blocks; 8 for every released SD VAE."""
+    """Pixels per latent cell of the configured VAE: the tiny VAE's blocks; a local pipeline's vae/config.json
+    (2^(blocks - 1), as diffusers computes it: a tiny model's export says 2); 8 for every released SD VAE."""
     if model.pretrained is None:
         if model.tiny.latent == "space_to_depth":
             return model.tiny.space_to_depth_factor
         return 2 ** (len(model.tiny.vae_block_out_channels) - 1)
+    vae_config = Path(model.pretrained).expanduser() / "vae" / "config.json"
+    if vae_config.is_file():
+        try:
+            return 2 ** (len(json.loads(vae_config.read_text())["block_out_channels"]) - 1)
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # unreadable: the loader names the file when it fails on it
     return 8
 
 

@@ -1,0 +1,122 @@
+"""Pretrain the demo's shipped base model (make demo-base): a tiny text-to-image model that draws the shapes world.
+
+    python launchers/demo_base.py                 # pretrain (configs/demo_base.yaml), validate, ship tcscale/demo_base
+    python launchers/demo_base.py --no-ship       # train and validate only (runs/demo_base/)
+
+1. writes the pretraining world as WebDataset shards, built the way web data fails composition: mostly one object
+   per caption (seed 2001, `SINGLE` samples), few captions of two or three objects (seed 2002, `MULTI` samples),
+   and the world's six held-out colour/shape combinations never shown;
+2. trains with the LDM loss alone through the real launcher
+   (`deepspeed --num_gpus 1 launchers/train.py --config configs/demo_base.yaml`), a checkpoint every 1,000 steps;
+3. evaluates every checkpoint on the **validation split** (`configs/eval/demo_base_val.yaml`: prompts of training
+   combinations only, eval seed 7; one- and two-object prompts) and keeps the one that draws single objects best
+   (ties: the earlier one). The held-out prompts `make demo` scores are never looked at here;
+4. ships that checkpoint into tcscale/demo_base/ (fp16 safetensors, no tokenizer: `tcscale.models.demo_base`
+   rebuilds the full fp32 pipeline from it) with a model card holding the validation numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if sys.path and Path(sys.path[0]).resolve() == REPO / "launchers":  # launchers/dataprep.py would shadow dataprep/
+    sys.path[0] = str(REPO)
+OUT = REPO / "runs" / "demo_base"
+SINGLE = {"seed": 2001, "num": 8500, "min_objects": 1, "max_objects": 1}
+MULTI = {"seed": 2002, "num": 1500, "min_objects": 2, "max_objects": 3}
+
+
+def say(message: str) -> None:
+    print(f"[demo-base {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def write_world(out: Path) -> str:
+    """The pretraining shards; returns the `data.shards` value (both worlds, '::'-joined)."""
+    from dataprep.synthetic_shards import write_synthetic_shards
+
+    parts = []
+    for prefix, world in (("single", SINGLE), ("multi", MULTI)):
+        info = write_synthetic_shards(
+            str(out), world["num"], 32, 32, seed=world["seed"], min_objects=world["min_objects"],
+            max_objects=world["max_objects"], samples_per_shard=500, prefix=prefix, progress=False,
+        )  # fmt: skip
+        parts.append(str(out / info["shards"]))
+    return "::".join(parts)
+
+
+def validate(run: Path, tag: str, env: dict[str, str]) -> dict[str, float]:
+    out = run / "val" / tag
+    cmd = [sys.executable, "launchers/eval.py", "--config", "configs/eval/demo_base_val.yaml", f"name=val_{tag}",
+           f"model.run_dir={run}", f"model.tag={tag}", f"output_dir={out}"]  # fmt: skip
+    with open(run / f"val_{tag}.log", "w") as log:
+        subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
+    return json.loads((out / "results.json").read_text())["metrics"]
+
+
+def pretrain(run: Path, env: dict[str, str], steps: int | None) -> None:
+    from launchers.demo import free_port
+
+    say("writing the pretraining world (mostly single objects) ...")
+    shards = write_world(OUT / "shards")
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "1", "--master_port", str(free_port()),
+           "launchers/train.py", "--config", "configs/demo_base.yaml", f"output_dir={run}", f"data.shards={shards}",
+           f"tracking.uri=sqlite:///{OUT / 'mlflow.db'}"]  # fmt: skip
+    if steps is not None:
+        cmd += [f"max_steps={steps}"]
+    say(f"pretraining with the LDM loss (log: {run / 'train.log'}) ...")
+    run.mkdir(parents=True, exist_ok=True)
+    with open(run / "train.log", "w") as log:
+        rc = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+    if rc != 0:
+        tail = "\n".join((run / "train.log").read_text().splitlines()[-25:])
+        raise SystemExit(f"demo-base: pretraining failed (exit {rc}); {run / 'train.log'}:\n{tail}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--no-ship", action="store_true", help="train and validate only; leave tcscale/demo_base alone")
+    ap.add_argument("--steps", type=int, default=None, help="override max_steps (default: configs/demo_base.yaml)")
+    ap.add_argument(
+        "--validate-only",
+        action="store_true",
+        help="skip pretraining: validate (and ship) the checkpoints runs/demo_base/run already holds",
+    )
+    args = ap.parse_args(argv)
+    from launchers.demo import build_deepspeed_op, child_env
+
+    t0 = time.perf_counter()
+    env = child_env()
+    build_deepspeed_op()
+    run = OUT / "run"
+    if not args.validate_only:
+        pretrain(run, env, args.steps)
+    tags = [p.name for p in (run / "checkpoints").glob("step*") if p.name[4:].isdigit()]
+    tags.sort(key=lambda t: int(t[4:]))
+    if not tags:
+        raise SystemExit(f"demo-base: {run / 'checkpoints'} holds no checkpoint to validate")
+    scores = {}
+    for tag in tags:
+        scores[tag] = validate(run, tag, env)
+        say(f"validation {tag}: one object drawn {scores[tag]['synthetic/k1/all_objects']:.3f}, "
+            f"two objects {scores[tag]['synthetic/k2/all_objects']:.3f}")  # fmt: skip
+    best = max(tags, key=lambda t: (scores[t]["synthetic/k1/all_objects"], -tags.index(t)))
+    summary = {"chosen": best, "validation": scores, "wall_s": round(time.perf_counter() - t0, 1),
+               "single": SINGLE, "multi": MULTI}  # fmt: skip
+    (OUT / "validation.json").write_text(json.dumps(summary, indent=1))
+    say(f"chosen on validation: {best}")
+    if not args.no_ship:
+        from tcscale.models.demo_base import SHIPPED, ship_demo_base
+
+        ship_demo_base(run, best, summary)
+        say(f"shipped {best} into {SHIPPED}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

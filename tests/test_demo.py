@@ -1,0 +1,112 @@
+"""The CPU demo's parts: the shipped base model, its pretraining world, SepEn's concepts, the job runner."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _tiny_components():
+    from omegaconf import OmegaConf
+
+    from tcscale.config import TinyModelConfig
+    from tcscale.models.architectures import build_tiny_components
+
+    tiny = TinyModelConfig(**OmegaConf.to_container(OmegaConf.load(REPO / "configs/demo_base.yaml").model.tiny))
+    return build_tiny_components(tiny, 32, "sd")
+
+
+def test_shipped_base_materialises_as_the_fp16_rounded_fp32_pipeline(tmp_path):
+    from tcscale.config import ModelConfig
+    from tcscale.models.demo_base import materialise_demo_base, write_shipped
+    from tcscale.models.sd import load_components
+
+    comps = _tiny_components()
+    src = write_shipped(comps, {"how": "test"}, tmp_path / "shipped")
+    assert not (src / "tokenizer").exists() and json.loads((src / "provenance.json").read_text()) == {"how": "test"}
+    out = materialise_demo_base(tmp_path / "pipe", src=src)
+    loaded = load_components(ModelConfig(pretrained=str(out)), 32)
+    assert type(loaded.vae).__name__ == "SpaceToDepthAutoencoder"
+    for name in ("unet", "text_encoder"):
+        mine, theirs = dict(getattr(comps, name).named_parameters()), dict(getattr(loaded, name).named_parameters())
+        assert mine.keys() == theirs.keys()
+        for key, p in theirs.items():
+            assert p.dtype == torch.float32, (name, key)
+            torch.testing.assert_close(p, mine[key].detach().half().float(), rtol=0, atol=0)
+    ids = loaded.tokenizer("a photo of a red circle").input_ids
+    assert ids == comps.tokenizer("a photo of a red circle").input_ids
+    # the configured VAE factor of the local pipeline is its own (2: space-to-depth), not the released VAEs' 8
+    from tcscale.config import expected_vae_factor
+
+    assert expected_vae_factor(ModelConfig(pretrained=str(out))) == 2
+    assert expected_vae_factor(ModelConfig(pretrained=str(tmp_path / "no_such_pipeline"))) == 8
+
+
+def test_incomplete_shipped_base_names_the_missing_file(tmp_path):
+    from tcscale.models.demo_base import DemoBaseError, materialise_demo_base, write_shipped
+
+    src = write_shipped(_tiny_components(), {}, tmp_path / "shipped")
+    (src / "unet" / "config.json").unlink()
+    with pytest.raises(DemoBaseError, match=r"unet/config.json not found \(make demo-base writes it\)"):
+        materialise_demo_base(tmp_path / "pipe", src=src)
+    assert not (tmp_path / "pipe").exists()
+
+
+def test_the_package_ships_a_small_complete_base_with_its_card():
+    from tcscale.models.demo_base import SHIPPED, shipped_demo_base
+
+    shipped_demo_base()
+    size = sum(p.stat().st_size for p in SHIPPED.rglob("*") if p.is_file())
+    assert size < 10 * 2**20, size
+    card = (SHIPPED / "README.md").read_text()
+    assert "make demo-base" in card
+    provenance = json.loads((SHIPPED / "provenance.json").read_text())
+    assert provenance["chosen"] in provenance["validation"]
+
+
+def test_pretraining_world_min_objects(tmp_path):
+    import webdataset as wds
+
+    from dataprep.synthetic_shards import write_synthetic_shards
+
+    info = write_synthetic_shards(str(tmp_path), 12, 32, 32, seed=5, min_objects=2, max_objects=3,
+                                  samples_per_shard=6, prefix="multi", progress=False)  # fmt: skip
+    metas = [json.loads(s["json"]) for s in wds.WebDataset(str(tmp_path / info["shards"]), shardshuffle=False)]
+    assert len(metas) == 12
+    assert all(len(m["phrases"]) in (2, 3) for m in metas), [m["caption"] for m in metas]
+    assert {len(m["phrases"]) for m in metas} == {2, 3}
+
+
+def test_sepen_concepts_are_the_worlds_training_combinations_and_prompts_read_like_its_captions():
+    from tcscale.data.synthetic import compose_caption, synthetic_combos
+    from tcscale.models.tokenizer import sd_clip_tokenizer
+    from tcscale.objectives.sepen_prompts import SepEnPromptSampler, load_concept_file
+
+    path = REPO / "configs/demo_sepen_concepts.txt"
+    assert sorted(load_concept_file(path)) == sorted(f"{c} {s}" for c, s in synthetic_combos()[0])
+    sampler = SepEnPromptSampler.from_concepts(str(path), split="all", num_objects=(2, 2), seed=0)
+    tok = sd_clip_tokenizer()
+    for p in sampler.multi(0, 0, 16):
+        objects = [tuple(o.split()) for o in p.objects]
+        assert p.text in (compose_caption(objects), compose_caption(objects).removeprefix("a photo of "))
+        ids = tok(p.text, padding="max_length", max_length=77).input_ids
+        for noun, pos in zip(p.objects, p.token_positions):  # colour and shape tokens, as TokenCompose's phrases
+            assert tok.decode([ids[i] for i in pos]) == noun
+
+
+def test_run_jobs_stops_at_a_failed_job_with_its_log(tmp_path, monkeypatch):
+    sys.path.insert(0, str(REPO))
+    from launchers import demo_finetune as demo
+
+    ok = [sys.executable, "-c", "print('step 1/1')"]
+    bad = [sys.executable, "-c", "print('step 1/2'); print('the reason'); raise SystemExit(3)"]
+    demo.run_jobs({"fine": (ok, tmp_path / "a.log")}, total=1)
+    assert "step 1/1" in (tmp_path / "a.log").read_text()
+    with pytest.raises(SystemExit, match=r"demo: broken failed \(exit 3\); .*b.log:\nstep 1/2\nthe reason"):
+        demo.run_jobs({"broken": (bad, tmp_path / "b.log"), "fine": (ok, tmp_path / "c.log")}, total=2, slots=1)
