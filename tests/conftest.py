@@ -51,22 +51,6 @@ def tiny_config():
     return make
 
 
-@pytest.fixture
-def launch():
-    """Real multi-process runs through the README's launch commands (tests/helpers/launch.py)."""
-    from tests.helpers import launch as helpers
-
-    return helpers
-
-
-@pytest.fixture
-def run_outputs():
-    """Readers of what a run left behind: `final_weights(run_dir)`, `mlflow_runs(run_dir, experiment)`."""
-    from tests.helpers import launch as helpers
-
-    return helpers
-
-
 # -- grounded attention on a tiny U-Net ---------------------------------------------------------------
 @pytest.fixture
 def grounding_inputs():

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tcscale.train.ema import load_ema_state_dict
+from tests.helpers import launch
 
 CONFIG = "configs/tiny_cpu.yaml"
 DECAY = 0.9999
@@ -61,7 +62,7 @@ def assert_ema_matches(run: Path, got: dict[str, torch.Tensor], steps: int) -> N
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_bf16_zero3_two_ranks_ema_resumes_and_exports(tmp_path, launch):
+def test_bf16_zero3_two_ranks_ema_resumes_and_exports(tmp_path):
     import yaml
 
     run = tmp_path / "run"

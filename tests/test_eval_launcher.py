@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import launch
 from tests.helpers.eval_models import build_tiny_owlv2
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -39,7 +40,7 @@ def manifest_keys(suite_dir: Path) -> dict[int, list[str]]:
     return out
 
 
-def test_eval_on_two_ranks_exactly_once_resumable_and_nested_in_mlflow(tmp_path, tiny_config, launch, run_outputs):
+def test_eval_on_two_ranks_exactly_once_resumable_and_nested_in_mlflow(tmp_path, tiny_config):
     from tcscale.train.trainer import train
 
     run = tmp_path / "run"
@@ -86,7 +87,7 @@ def test_eval_on_two_ranks_exactly_once_resumable_and_nested_in_mlflow(tmp_path,
     assert "synthetic/k2/all_objects" in results["metrics"]
     assert "| tiny_cpu |" in proc.stdout  # the table is printed
 
-    client, runs = run_outputs.mlflow_runs(run, "tcscale-tiny")
+    client, runs = launch.mlflow_runs(run, "tcscale-tiny")
     evals = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent]
     assert len(evals) == 1 and evals[0].info.status == "FINISHED"
     logged = evals[0].data.metrics

@@ -22,6 +22,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers import launch
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = "configs/tiny_cpu.yaml"
 
@@ -109,7 +111,7 @@ def test_unwritable_output_is_one_line_naming_the_folder(train_main, tmp_path, c
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_unwritable_output_on_two_ranks_has_no_cross_rank_noise(tmp_path, launch):
+def test_unwritable_output_on_two_ranks_has_no_cross_rank_noise(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
     proc = subprocess.run(
@@ -160,18 +162,18 @@ def _kill_then_resume(launch, run: Path, overrides: list[str], kill_at: int) -> 
 
 
 @pytest.mark.slow
-def test_sigkill_at_a_random_step_reaches_the_uninterrupted_weights(tmp_path, launch, run_outputs):
+def test_sigkill_at_a_random_step_reaches_the_uninterrupted_weights(tmp_path):
     common = ["max_steps=10", "checkpoint.every_steps=2", "checkpoint.keep_last=10", "tracking.enabled=false"]
     ref = tmp_path / "ref"
     proc = subprocess.run([os.sys.executable, "launchers/train.py", "--config", CONFIG, f"output_dir={ref}", *common],
                           cwd=REPO, env=launch.clean_env(), capture_output=True, text=True, timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    expected = run_outputs.final_weights(ref)
+    expected = launch.final_weights(ref)
     for seed in (0, 1, 2):
         kill_at = random.Random(seed).randint(3, 9)
         run = tmp_path / f"kill{seed}"
         _kill_then_resume(launch, run, common, kill_at)
-        got = run_outputs.final_weights(run)
+        got = launch.final_weights(run)
         for k in expected:
             torch.testing.assert_close(
                 got[k], expected[k], rtol=0, atol=1e-6, msg=lambda m, k=k, s=seed: f"{k} (seed {s}): {m}"
@@ -180,7 +182,7 @@ def test_sigkill_at_a_random_step_reaches_the_uninterrupted_weights(tmp_path, la
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_sigusr1_to_the_deepspeed_launcher_checkpoints_and_stops_the_ranks(tmp_path, launch):
+def test_sigusr1_to_the_deepspeed_launcher_checkpoints_and_stops_the_ranks(tmp_path):
     run = tmp_path / "run"
     cmd = launch.deepspeed_cmd(2, CONFIG, [f"output_dir={run}", "max_steps=300", "checkpoint.every_steps=0"])
     proc = subprocess.Popen(cmd, cwd=REPO, env=launch.clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -276,7 +278,7 @@ def test_safe_load_opt_in_and_the_dataprep_checkpoint(tmp_path):
 
 # -- tracking server failure ----------------------------------------------------------------------------
 @pytest.mark.slow
-def test_tracking_server_dying_mid_run_does_not_stop_training(tmp_path, mlflow_server, launch):
+def test_tracking_server_dying_mid_run_does_not_stop_training(tmp_path, mlflow_server):
     env = launch.clean_env(MLFLOW_HTTP_REQUEST_MAX_RETRIES="1", MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="0")
     run = tmp_path / "run"
     cmd = [os.sys.executable, "launchers/train.py", "--config", CONFIG, f"output_dir={run}",

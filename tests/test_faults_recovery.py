@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers import launch
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = "configs/tiny_cpu.yaml"
 
@@ -167,7 +169,7 @@ def _ranks_of(launcher_pid: int) -> list[int]:
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_sigterm_to_the_ranks_checkpoints_and_exits_75(tmp_path, launch):
+def test_sigterm_to_the_ranks_checkpoints_and_exits_75(tmp_path):
     """scancel / a time limit: SIGTERM to the ranks (2 ranks, ZeRO-2) is a preemption: checkpoint, PREEMPTED,
     the launcher exits 75, the MLflow run KILLED with the reason, and a resume continues it."""
     run = tmp_path / "run"
@@ -197,7 +199,7 @@ def test_sigterm_to_the_ranks_checkpoints_and_exits_75(tmp_path, launch):
 
 
 @pytest.mark.slow
-def test_sigterm_without_time_to_save_stops_cleanly_with_143(tmp_path, launch):
+def test_sigterm_without_time_to_save_stops_cleanly_with_143(tmp_path):
     """checkpoint.on_sigterm=false (a scheduler that kills soon after SIGTERM): stop at the end of the step without
     saving, exit 143, the MLflow run KILLED with the reason (never left RUNNING), the lock released."""
     run = tmp_path / "run"

@@ -18,6 +18,7 @@ import torch
 
 from tcscale.config import ConfigError, load_config
 from tcscale.train.batch import BatchError, resolve_batch
+from tests.helpers import launch
 
 REPO = Path(__file__).resolve().parents[1]
 SD14 = REPO / "configs" / "sd14_tokencompose.yaml"
@@ -82,7 +83,7 @@ def test_scheduler_lrs_scale_too_and_explicit_accumulation_must_agree():
 
 
 @pytest.mark.distributed
-def test_two_rank_launch_of_the_paper_config_refuses_before_any_model(tmp_path, launch):
+def test_two_rank_launch_of_the_paper_config_refuses_before_any_model(tmp_path):
     """micro-batch 3 on 2 ranks cannot make 4: exit 2, one line, nothing written, no model loaded."""
     cmd = launch.deepspeed_cmd(2, str(SD14), [f"output_dir={tmp_path / 'run'}", "device=cpu",
                                               "deepspeed.train_micro_batch_size_per_gpu=3"])  # fmt: skip

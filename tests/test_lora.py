@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from tcscale.config import ConfigError, load_config
 from tcscale.train import trainer as trainer_mod
 from tcscale.train.export import export_pipeline, load_trained_components
+from tests.helpers import launch
 
 CONFIG = "configs/tiny_cpu.yaml"
 
@@ -91,13 +92,13 @@ def test_lora_run_changes_only_adapters_and_its_export_reproduces_the_trained_un
     torch.testing.assert_close(unet_output(merged_unet), trained, rtol=1e-5, atol=1e-5)
 
 
-def test_sepen_lora_adapts_only_cross_attention_keys(tmp_path, tiny_config, run_outputs):
+def test_sepen_lora_adapts_only_cross_attention_keys(tmp_path, tiny_config):
     cfg = tiny_config(
         tmp_path, "max_steps=1", "objective.name=sepen", "objective.sepen.map_resolution=8", "model.lora.rank=2",
         "deepspeed.optimizer.params.lr=1e-2",
     )  # fmt: skip
     trainer_mod.train(cfg)
-    after = run_outputs.final_weights(tmp_path)
+    after = launch.final_weights(tmp_path)
     adapters = {k for k in after if ".lora_" in k}
     assert adapters and all(".attn2.to_k.lora_" in k for k in adapters), sorted(adapters)[:4]
 
@@ -112,7 +113,7 @@ def test_export_merge_lora_refuses_a_full_finetuning_run(tmp_path, tiny_config):
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_lora_zero3_two_ranks_resumes_exactly(tmp_path, launch):
+def test_lora_zero3_two_ranks_resumes_exactly(tmp_path):
     """ZeRO-3 on 2 ranks: a copy of a 4-step run cut back to its step-2 checkpoint resumes to the uninterrupted
     run's weights (adapters and base)."""
     import shutil

@@ -16,6 +16,7 @@ from tcscale.config import load_config
 from tcscale.memory.official import OFFICIAL_OVERRIDES
 from tcscale.memory.planner import MiB, plan_memory
 from tcscale.memory.static import zero_static_bytes
+from tests.helpers import launch
 from tests.helpers.paths import REPO, TINY_CONFIG
 
 SD14_LDM = REPO / "configs" / "sd14_ldm.yaml"
@@ -190,7 +191,7 @@ def test_zero_partition_rules():
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.parametrize("stage", [2, 3])
-def test_zero_optimizer_bytes_match_a_real_engine(launch, stage):
+def test_zero_optimizer_bytes_match_a_real_engine(stage):
     """Per-rank AdamW state bytes of a real 2-rank CPU DeepSpeed engine (gloo) equal the planner's ZeRO figure (the
     1-rank figures are the unpartitioned totals, test_zero_partition_rules)."""
     cfg = load_config(TINY_CONFIG)

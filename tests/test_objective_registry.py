@@ -14,6 +14,7 @@ import torch
 import yaml
 
 from tcscale.objectives import OBJECTIVES, Objective, StepOutput, register_objective
+from tests.helpers import launch
 
 
 @dataclass
@@ -103,7 +104,7 @@ def test_bad_plugin_import_names_the_entry(tiny_config, tmp_path):
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_toy_objective_trains_through_the_launcher_on_two_ranks(tmp_path, launch, run_outputs):
+def test_toy_objective_trains_through_the_launcher_on_two_ranks(tmp_path):
     run = tmp_path / "run"
     launch.run_deepspeed(
         2,
@@ -117,7 +118,7 @@ def test_toy_objective_trains_through_the_launcher_on_two_ranks(tmp_path, launch
             "deepspeed.optimizer.params.lr=1e-2",
         ],
     )
-    client, runs = run_outputs.mlflow_runs(run, "tcscale-tiny")
+    client, runs = launch.mlflow_runs(run, "tcscale-tiny")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "loss/toy")]
     assert sorted(steps) == [1, 2]
@@ -126,6 +127,6 @@ def test_toy_objective_trains_through_the_launcher_on_two_ranks(tmp_path, launch
     from safetensors.torch import load_file
 
     before = load_file(run / "base_model" / "unet" / "diffusion_pytorch_model.safetensors")
-    after = run_outputs.final_weights(run)
+    after = launch.final_weights(run)
     changed = {k for k in before if not torch.equal(before[k], after[k].to(before[k].dtype))}
     assert changed == {"conv_out.weight", "conv_out.bias"}

@@ -14,6 +14,7 @@ from tcscale.families.sdxl import second_tokenizer_ids
 from tcscale.models.architectures import build_random_components, build_tiny_components
 from tcscale.models.conditioning import encode_text
 from tcscale.models.tokenizer import sd_clip_tokenizer, sdxl_second_tokenizer
+from tests.helpers import launch
 
 CONFIG = "configs/tiny_sdxl_cpu.yaml"
 CAPTIONS = [
@@ -103,7 +104,7 @@ def test_sdxl_family_mismatch_with_a_pipeline_dir_is_named(tmp_path):
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_tiny_sdxl_two_ranks_zero2_logs_grounding_resumes_exactly_and_exports(tmp_path, launch):
+def test_tiny_sdxl_two_ranks_zero2_logs_grounding_resumes_exactly_and_exports(tmp_path):
     """4 steps on 2 ranks (ZeRO-2) with checkpoints at 2 and 4; a copy of the run cut back to its step-2 checkpoint
     resumes to step 4 with the same weights; the export is a StableDiffusionXLPipeline that generates."""
     from diffusers import StableDiffusionXLPipeline

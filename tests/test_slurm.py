@@ -11,67 +11,19 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import sys
-import textwrap
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.helpers.slurm import SlurmCluster
+from tests.helpers.slurm import REPO, SBATCH, STANDIN, WAIT_S, SlurmCluster, job_env, sbatch_args, wait_for
 
-REPO = Path(__file__).resolve().parents[1]
-SBATCH = REPO / "launchers" / "slurm" / "train.sbatch"
 ENV_SH = REPO / "launchers" / "slurm" / "env.sh"
-WAIT_S = 60  # every wait on the cluster is bounded by this
 
 
 @pytest.fixture
 def slurm(slurm_cluster) -> SlurmCluster:
     return slurm_cluster
-
-
-STANDIN = textwrap.dedent(
-    """
-    # Stand-in for launchers/train.py: proves the env wiring and the signal path of train.sbatch.
-    import json, os, signal, sys, time
-    from pathlib import Path
-
-    import torch
-    import torch.distributed as dist
-
-    out = Path(os.environ["STANDIN_OUT"])
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    restart = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
-    tag = f"{restart}.rank{rank}"
-    got = []
-    signal.signal(signal.SIGUSR1, lambda *_: got.append(time.time()))
-
-    dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=world)
-    t = torch.tensor([float(rank + 1)])
-    dist.all_reduce(t)
-    keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT",
-            "SLURM_PROCID", "SLURM_JOB_ID", "OMP_NUM_THREADS")
-    record = {"env": {k: os.environ.get(k) for k in keys}, "argv": sys.argv[1:], "all_reduce": t.item()}
-    (out / f"started.{tag}.json").write_text(json.dumps(record))
-
-    if os.environ.get("STANDIN_MODE") == "wait_signal" and restart == 0:
-        deadline = time.time() + 90
-        while not got and time.time() < deadline:
-            time.sleep(0.1)
-        if not got:
-            sys.exit(3)
-        # The trainer's protocol: all ranks agree, checkpoint, marker, exit 0.
-        flag = torch.tensor([1.0])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        (out / f"usr1.{tag}").write_text("SIGUSR1\\n")
-        if rank == 0:
-            (out / "PREEMPTED").write_text("step 0\\n")
-    dist.barrier()
-    dist.destroy_process_group()
-    (out / f"done.{tag}").write_text("ok\\n")
-    """
-)
 
 
 def sbatch_header(path: Path) -> list[str]:
@@ -114,42 +66,6 @@ def test_sbatch_usage_without_config(tmp_path):
 # -------------------------------------------------------------------------------------------------------
 # On a real cluster
 # -------------------------------------------------------------------------------------------------------
-def wait_for(what: str, ok, timeout: float = WAIT_S, cluster: SlurmCluster | None = None, log: Path | None = None):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if ok():
-            return
-        time.sleep(0.2)
-    detail = log.read_text(errors="replace")[-3000:] if log and log.is_file() else ""
-    raise AssertionError(
-        f"timed out after {timeout} s waiting for {what}\n{detail}\n{cluster.logs() if cluster else ''}"
-    )
-
-
-def job_env(cluster: SlurmCluster, tmp_path: Path, entry: Path | None, **extra: str) -> dict[str, str]:
-    env = dict(cluster.env)
-    env.update(
-        TCSCALE_ROOT=str(REPO),
-        TCSCALE_PYTHON=sys.executable,
-        OMP_NUM_THREADS="1",
-        STANDIN_OUT=str(tmp_path),
-        **extra,
-    )
-    if entry is not None:
-        env["TCSCALE_TRAIN_ENTRY"] = str(entry)
-    for k in ("MASTER_ADDR", "MASTER_PORT", "GPUS_PER_NODE", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        env.pop(k, None)  # the batch script must derive these itself
-    return env
-
-
-def sbatch_args(tmp_path: Path, *extra: str) -> list[str]:
-    return [
-        "sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=2", "--cpus-per-task=1",
-        "--time=10",
-        f"--output={tmp_path / 'slurm-%j.out'}", *extra, str(SBATCH),
-    ]  # fmt: skip
-
-
 def expedite_requeued(cluster: SlurmCluster, job_id: str, log: Path) -> None:
     """Start a requeued job now instead of after Slurm's ~2 min requeue hold (Reason=BeginTime).
 

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.slurm import SlurmCluster, find_program
-from tests.test_slurm import STANDIN, job_env, sbatch_args, wait_for
+from tests.helpers.slurm import STANDIN, SlurmCluster, find_program, job_env, sbatch_args, wait_for
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]

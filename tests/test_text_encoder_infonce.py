@@ -30,6 +30,7 @@ from tcscale.data.crops import (
 from tcscale.data.samples import Counters, RawSample
 from tcscale.eval.retrieval import retrieval_recall
 from tcscale.losses import info_nce
+from tests.helpers import launch
 from tests.helpers.eval_models import build_tiny_clip
 
 REPO = Path(__file__).resolve().parents[1]
@@ -249,10 +250,10 @@ def trained_run(tmp_path_factory, tiny_clip):
     return run, result
 
 
-def test_short_run_raises_held_out_text_to_crop_recall(trained_run, run_outputs):
+def test_short_run_raises_held_out_text_to_crop_recall(trained_run):
     run, result = trained_run
     assert result.step == 40
-    client, runs = run_outputs.mlflow_runs(run, "tcscale-tiny")
+    client, runs = launch.mlflow_runs(run, "tcscale-tiny")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     rid = runs[0].info.run_id
 
@@ -272,7 +273,7 @@ def test_short_run_raises_held_out_text_to_crop_recall(trained_run, run_outputs)
     assert saved["objective"]["name"] == "text_encoder_infonce"
 
 
-def test_export_writes_the_finetuned_text_encoder_and_keeps_the_base_unet(trained_run, tmp_path, run_outputs):
+def test_export_writes_the_finetuned_text_encoder_and_keeps_the_base_unet(trained_run, tmp_path):
     from diffusers import StableDiffusionPipeline
     from safetensors.torch import load_file
     from transformers import CLIPTextModel
@@ -280,7 +281,7 @@ def test_export_writes_the_finetuned_text_encoder_and_keeps_the_base_unet(traine
     from tcscale.train.export import export_pipeline, export_text_encoder
 
     run, _ = trained_run
-    trained = run_outputs.final_weights(run)
+    trained = launch.final_weights(run)
     encoder = {k.removeprefix("text_encoder."): v for k, v in trained.items() if k.startswith("text_encoder.")}
     assert encoder and {k for k in trained if not k.startswith("text_encoder.")} == {"projection.weight"}
     # launchers/export.py --text-encoder: a CLIPTextModel directory
@@ -344,9 +345,7 @@ def test_tokencompose_trains_with_the_exported_encoder_and_eval_swaps_it_in(trai
     assert all(torch.equal(pipe.text_encoder.state_dict()[k], v) for k, v in finetuned.items())
 
 
-def test_resume_is_exact_with_last_n_layers_a_new_projection_and_a_learnt_temperature(
-    tiny_config, tmp_path, tiny_clip, run_outputs
-):
+def test_resume_is_exact_with_last_n_layers_a_new_projection_and_a_learnt_temperature(tiny_config, tmp_path, tiny_clip):
     from tcscale.train.trainer import train
 
     opts = [f"{SECTION}.train_layers=last_n", f"{SECTION}.last_n=1", f"{SECTION}.projection=new",
@@ -357,7 +356,7 @@ def test_resume_is_exact_with_last_n_layers_a_new_projection_and_a_learnt_temper
     train(infonce_config(tiny_config, split, tiny_clip, "max_steps=2", *opts))
     again = train(infonce_config(tiny_config, split, tiny_clip, "max_steps=4", "resume=latest", *opts))
     assert again.step == 4
-    a, b = run_outputs.final_weights(straight), run_outputs.final_weights(split)
+    a, b = launch.final_weights(straight), launch.final_weights(split)
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     # what trained: the last layer + final LN, the new projection, the temperature; not the rest
     from transformers import CLIPTextModel

@@ -8,6 +8,7 @@ import pytest
 
 from tcscale.config import load_config
 from tcscale.train.trainer import train
+from tests.helpers import launch
 from tests.helpers.launch import image_series
 
 pytestmark = pytest.mark.slow
@@ -52,9 +53,7 @@ def rest(url: str, endpoint: str, **params) -> dict:
 
 
 @pytest.mark.distributed
-def test_lab_server_takes_a_two_rank_run_and_its_nested_evaluation_then_stops_every_process(
-    mlflow_server, tmp_path, launch
-):
+def test_lab_server_takes_a_two_rank_run_and_its_nested_evaluation_then_stops_every_process(mlflow_server, tmp_path):
     """launchers/mlflow_server.sh (the fixture starts it), clients through MLFLOW_TRACKING_URI only."""
     import json
     import os

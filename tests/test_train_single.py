@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from tcscale.models.sd import ModelLoadError
 from tcscale.train import trainer as trainer_mod
 from tcscale.train.export import export_pipeline
+from tests.helpers import launch
 from tests.helpers.launch import image_series
 
 
@@ -20,13 +21,13 @@ def cfg_for(tiny_config):
 
 
 @pytest.fixture
-def final_weights(run_outputs):
-    return run_outputs.final_weights
+def final_weights():
+    return launch.final_weights
 
 
 @pytest.fixture
-def mlflow_runs(run_outputs):
-    return run_outputs.mlflow_runs
+def mlflow_runs():
+    return launch.mlflow_runs
 
 
 def base_unet_weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -127,10 +128,17 @@ def test_missing_model_path_is_a_clear_error(tmp_path, cfg_for):
 
 def test_preemption_signal_checkpoints_and_marks_the_run(tmp_path, monkeypatch, cfg_for):
     class SetAfterFirstStep:
+        """PreemptionFlag's interface (tcscale.train.preemption), set as if SIGUSR1 arrived during step 1."""
+
         reads = 0
+        reason = "SIGUSR1"
+        sigterm = False
 
         def install(self):
             return self
+
+        def stop_watching(self):
+            pass
 
         @property
         def requested(self):
