@@ -90,7 +90,7 @@ def run_pair(commands: dict[str, list[str]], logs: dict[str, Path], total: int |
             raise SystemExit(f"demo: {what} of {name} failed (exit {p.returncode}); {logs[name]}:\n{tail}")
 
 
-def held_out_maps(runs: dict[str, Path], path: Path) -> None:
+def held_out_maps(pipelines: dict[str, Path], path: Path) -> None:
     """A held-out training-style image (one object a combination never trained on), its true masks, and each
     model's per-phrase attention from one forward at t=100 (what the grounding mIoU scores), one row per model."""
     import torch
@@ -105,8 +105,7 @@ def held_out_maps(runs: dict[str, Path], path: Path) -> None:
     from tcscale.eval.grounding_maps import grounding_batches, phrase_layer_maps
 
     rows = []
-    for i, (name, run) in enumerate(runs.items()):
-        export = sorted((run / "export").iterdir())[-1]
+    for i, (name, export) in enumerate(pipelines.items()):
         pipe = load_pipeline(str(export), EvalModelConfig(pretrained=str(export)), SamplerConfig("ddim"), "cpu")
         plan = GroundingPlan.build(pipe.unet, blocks=["up"], resolutions=[16], image_resolution=32,
                                    scale_factor=vae_scale_factor(pipe.vae))  # fmt: skip
@@ -160,7 +159,7 @@ def _stack(rows):
     return canvas
 
 
-def figure(runs: dict[str, Path], path: Path) -> None:
+def figure(pipelines: dict[str, Path], path: Path) -> None:
     """One held-out prompt: the image and per-phrase attention of each model, one row per model."""
     import torch
 
@@ -172,8 +171,7 @@ def figure(runs: dict[str, Path], path: Path) -> None:
 
     prompt = synthetic_eval_prompts(2, "held_out", 1, seed=0)[0]["prompt"]
     rows = []
-    for name, run in runs.items():
-        export = sorted((run / "export").iterdir())[-1]
+    for name, export in pipelines.items():
         pipe = load_pipeline(str(export), EvalModelConfig(pretrained=str(export)), SamplerConfig("ddim"), "cpu")
         plan = GroundingPlan.build(pipe.unet, blocks=["up"], resolutions=[16], image_resolution=32,
                                    scale_factor=vae_scale_factor(pipe.vae))  # fmt: skip
@@ -258,8 +256,9 @@ def main(argv: list[str] | None = None) -> int:
 
     diffusers.utils.logging.set_verbosity_error()
     diffusers.utils.logging.disable_progress_bar()
-    figure(runs, OUT / "figure.png")
-    held_out_maps(runs, OUT / "figure_heldout_maps.png")
+    exports = {m: sorted((run / "export").iterdir())[-1] for m, run in runs.items()}
+    figure(exports, OUT / "figure.png")
+    held_out_maps(exports, OUT / "figure_heldout_maps.png")
     wall = time.perf_counter() - t0
     out = {"seeds": plan["seeds"], "models": results, "wall_s": round(wall, 1), "fast": fast,
            "steps": plan["steps"]}  # fmt: skip

@@ -25,7 +25,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -35,6 +34,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 if sys.path and Path(sys.path[0]).resolve() == REPO / "launchers":  # launchers/dataprep.py would shadow dataprep/
     sys.path[0] = str(REPO)
+from launchers.demo import build_deepspeed_op, child_env, figure, free_port, held_out_maps, say  # noqa: E402
+
 OUT = REPO / "runs" / "demo_finetune"
 MODELS = ("ldm", "tokencompose", "sepen")  # the finetunes of the shipped base
 ROWS = ("base", *MODELS)
@@ -42,34 +43,6 @@ LABELS = {"base": "base (shipped)", "ldm": "LDM-only", "tokencompose": "TokenCom
 GROUNDING_SEED = 11233  # + the seed: the held-out grounding world of each seed's evaluation (never trained on)
 FULL = {"seeds": [0, 1, 2], "steps": 500, "world": 4000, "grounding_samples": 128, "prompts": 16, "rounds": 4}
 FAST = {"seeds": [0], "steps": 60, "world": 1200, "grounding_samples": 64, "prompts": 4, "rounds": 2}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def child_env() -> dict[str, str]:
-    drop = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-    env = {k: v for k, v in os.environ.items() if k not in drop}
-    env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
-    return env
-
-
-def say(message: str) -> None:
-    print(f"[demo {time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-def build_deepspeed_op() -> None:
-    """DeepSpeed compiles its CPU communication op on first use (once per machine, into ~/.cache)."""
-    say("building DeepSpeed's CPU communication op (once per machine, ~1 min; silent while it compiles) ...")
-    code = (
-        "from deepspeed.accelerator import get_accelerator\n"
-        "b = get_accelerator().create_op_builder('ShareMemCommBuilder')\n"
-        "b.load() if b is not None else None\n"
-    )
-    subprocess.run([sys.executable, "-c", code], env=child_env(), check=True, capture_output=True, cwd=REPO)
 
 
 def run_jobs(jobs: dict[str, tuple[list[str], Path]], total: int | None, slots: int = 2) -> None:
@@ -114,99 +87,6 @@ def run_jobs(jobs: dict[str, tuple[list[str], Path]], total: int | None, slots: 
         log = jobs[name][1]
         tail = "\n".join(log.read_text().splitlines()[-25:])
         raise SystemExit(f"demo: {name} failed (exit {rc}); {log}:\n{tail}")
-
-
-def held_out_maps(pipelines: dict[str, Path], path: Path) -> None:
-    """A held-out training-style image (one object a combination never trained on), its true masks, and each
-    model's per-phrase attention from one forward at t=100 (what the grounding mIoU scores), one row per model."""
-    import torch
-    from PIL import Image
-
-    from tcscale.attention.plan import GroundingPlan, vae_scale_factor
-    from tcscale.attention.processors import observe
-    from tcscale.attention.recorders import MapCapture
-    from tcscale.eval.attention_maps import render_attention
-    from tcscale.eval.config import EvalModelConfig, SamplerConfig
-    from tcscale.eval.generation import load_pipeline
-    from tcscale.eval.grounding_maps import grounding_batches, phrase_layer_maps
-
-    rows = []
-    for i, (name, export) in enumerate(pipelines.items()):
-        pipe = load_pipeline(str(export), EvalModelConfig(pretrained=str(export)), SamplerConfig("ddim"), "cpu")
-        plan = GroundingPlan.build(pipe.unet, blocks=["up"], resolutions=[16], image_resolution=32,
-                                   scale_factor=vae_scale_factor(pipe.vae))  # fmt: skip
-        batch = next(grounding_batches("synthetic", pipe.tokenizer, resolution=32, num_samples=4, batch_size=4,
-                                       synthetic_seed=11233, min_objects=2))  # fmt: skip
-        b = 0
-        observe(pipe.unet, plan)
-        with torch.no_grad():
-            lat = pipe.vae.encode(batch["pixel_values"]).latent_dist.mode() * pipe.vae.config.scaling_factor
-            t = torch.full((lat.shape[0],), 100)
-            noisy = pipe.scheduler.add_noise(lat, torch.randn(lat.shape, generator=torch.Generator().manual_seed(0)), t)
-            with MapCapture(tuple(lat.shape[-2:])) as cap:
-                pipe.unet(noisy, t, pipe.text_encoder(batch["input_ids"])[0], cross_attention_kwargs=cap.kwargs)
-        slots, layers = phrase_layer_maps({k: v.float() for k, v in cap.maps.items()}, batch["token_phrase"],
-                                          tuple(lat.shape[-2:]))[b]  # fmt: skip
-        words = batch["captions"][b].replace(",", "").split()
-        image = Image.fromarray(((batch["pixel_values"][b].permute(1, 2, 0).numpy() + 1) * 127.5).clip(0, 255)
-                                .astype("uint8"))  # fmt: skip
-        heats = []
-        for j, p in enumerate(slots):
-            up = [torch.nn.functional.interpolate(m[j][None, None], size=(32, 32), mode="bilinear")[0, 0]
-                  for m in layers.values()]  # fmt: skip
-            pos = [k for k in range(77) if int(batch["token_phrase"][b][k]) == p]
-            label = " ".join(words[k - 1] for k in pos if 0 < k <= len(words))
-            heats.append((label, torch.stack(up).mean(0)))
-        if i == 0:  # the true masks once, as the first row
-            masks = [(f"mask: {text}", batch["phrase_masks"][b][p]) for (text, _), p in zip(heats, slots)]
-            rows += [_label(f"held-out image: {batch['captions'][b]!r}", 192 * (1 + len(masks))),
-                     render_attention(image, masks, tile=192)]  # fmt: skip
-        rows += [_label(f"{name}: attention at t=100 (16x16 up-block layers)", 192 * (1 + len(heats))),
-                 render_attention(image, heats, tile=192)]  # fmt: skip
-    _stack(rows).save(path)
-
-
-def _label(text: str, width: int):
-    from PIL import Image, ImageDraw
-
-    im = Image.new("RGB", (width, 28), "white")
-    ImageDraw.Draw(im).text((6, 6), text, fill="black")
-    return im
-
-
-def _stack(rows):
-    from PIL import Image
-
-    canvas = Image.new("RGB", (max(r.width for r in rows), sum(r.height for r in rows)), "white")
-    y = 0
-    for r in rows:
-        canvas.paste(r, (0, y))
-        y += r.height
-    return canvas
-
-
-def figure(pipelines: dict[str, Path], path: Path) -> None:
-    """One held-out prompt: the generated image and per-phrase attention during sampling, one row per model."""
-    import torch
-
-    from tcscale.attention.plan import GroundingPlan, vae_scale_factor
-    from tcscale.data.synthetic import synthetic_eval_prompts
-    from tcscale.eval.attention_maps import generate_with_maps, phrase_heat, phrase_tokens, render_attention
-    from tcscale.eval.config import EvalModelConfig, SamplerConfig
-    from tcscale.eval.generation import load_pipeline
-
-    prompt = synthetic_eval_prompts(2, "held_out", 1, seed=0)[0]["prompt"]
-    rows = []
-    for name, export in pipelines.items():
-        pipe = load_pipeline(str(export), EvalModelConfig(pretrained=str(export)), SamplerConfig("ddim"), "cpu")
-        plan = GroundingPlan.build(pipe.unet, blocks=["up"], resolutions=[16], image_resolution=32,
-                                   scale_factor=vae_scale_factor(pipe.vae))  # fmt: skip
-        image, maps = generate_with_maps(pipe, prompt, plan, resolution=32, num_inference_steps=20, guidance_scale=1.0,
-                                         generator=torch.Generator().manual_seed(0))  # fmt: skip
-        heats = [(text, phrase_heat(maps, pos, (32, 32))) for text, pos in phrase_tokens(pipe.tokenizer, prompt)]
-        tile = render_attention(image, heats, tile=192)
-        rows += [_label(f"{name}: generated for {prompt!r} (20 DDIM steps)", tile.width), tile]
-    _stack(rows).save(path)
 
 
 def generated_grid(pipelines: dict[str, Path], path: Path, per_k: int = 4, seed: int = 0) -> None:
