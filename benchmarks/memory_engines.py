@@ -136,13 +136,15 @@ def worker(args) -> None:
         unet = build_unet()
         unet.train()
     largest = max(p.numel() for p in unet.parameters())
-    import deepspeed
+    import logging
 
-    deepspeed.utils.logger.setLevel("WARNING")
+    from tcscale.train.engine import build_engine  # the trainer's deepspeed.initialize (tcscale/train owns DeepSpeed)
+
+    logging.getLogger("DeepSpeed").setLevel("WARNING")
     cfg = ds_config(args.stage, args.dtype, args.optimizer, world)
     _reset_hwm()
     with record_function("phase:build"):
-        engine, *_ = deepspeed.initialize(model=unet, model_parameters=[p for p in unet.parameters()], config=cfg)
+        engine = build_engine(unet, list(unet.parameters()), cfg)
     hwm["build"] = _vm_hwm()
     x, t, text = inputs(dtype)
     _reset_hwm()
@@ -324,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     records = [rec for r, st, d, o in combos for rec in raw.get(f"{r}-{st}-{d}-{o}", [])]
     acts = {d: activations(d) for d in {c[2] for c in combos}}
     rows = compare(records, acts)
-    import deepspeed
+    from importlib.metadata import version
 
     meta = {
         "kind": "real DeepSpeed engines on this CPU: torch CPU allocator peaks per phase against the planner",
@@ -335,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
         "versions": {
             "python": platform.python_version(),
             "torch": torch.__version__,
-            "deepspeed": deepspeed.__version__,
+            "deepspeed": version("deepspeed"),
             "diffusers": diffusers.__version__,
         },  # fmt: skip
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
