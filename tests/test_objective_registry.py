@@ -14,7 +14,6 @@ import torch
 import yaml
 
 from tcscale.objectives import OBJECTIVES, Objective, StepOutput, register_objective
-from tests.helpers import launch
 
 
 @dataclass
@@ -105,6 +104,8 @@ def test_bad_plugin_import_names_the_entry(tiny_config, tmp_path):
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_toy_objective_trains_through_the_launcher_on_two_ranks(tmp_path):
+    from tests.helpers import launch  # not at the top: the training processes import this file without tests/
+
     run = tmp_path / "run"
     launch.run_deepspeed(
         2,
