@@ -27,8 +27,8 @@ constraints:  ## rewrite constraints.txt from a fresh venv resolving pyproject.t
 	{ sed -n '1,2p' constraints.txt; .venv-constraints/bin/pip freeze --exclude-editable | grep -v -i -E '^(pip|setuptools|wheel)=='; } > constraints.txt.tmp
 	mv constraints.txt.tmp constraints.txt && rm -rf .venv-constraints
 
-test: $(STAMP)  ## the whole CPU test suite (GPU tests skip without a GPU)
-	OMP_NUM_THREADS=1 $(VPY) -m pytest -ra $(PYTEST_ARGS)
+test: $(STAMP)  ## the CPU test suite (GPU tests skip without a GPU; the released-shape runs: make test-realshape)
+	OMP_NUM_THREADS=1 $(VPY) -m pytest -ra -m "not realshape" $(PYTEST_ARGS)
 
 test-fast: $(STAMP)  ## everything except the multi-process / slow / released-shape tests
 	OMP_NUM_THREADS=1 $(VPY) -m pytest -ra -m "not slow and not distributed and not realshape" $(PYTEST_ARGS)
