@@ -183,12 +183,13 @@ def figure(pipelines: dict[str, Path], path: Path) -> None:
     _stack(rows).save(path)
 
 
-def parse_args(argv: list[str] | None = None):
+def parse_args(argv: list[str] | None = None, description: str | None = __doc__):
+    """The demos' command line (this one's and launchers/demo_finetune.py's, with its own description)."""
     import argparse
 
     from tcscale.logs import add_log_level_argument
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fast", action="store_true", help="the 1-seed pipeline check (same as DEMO_FAST=1)")
     add_log_level_argument(parser)
     return parser.parse_args(argv)

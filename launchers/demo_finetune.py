@@ -34,7 +34,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 if sys.path and Path(sys.path[0]).resolve() == REPO / "launchers":  # launchers/dataprep.py would shadow dataprep/
     sys.path[0] = str(REPO)
-from launchers.demo import build_deepspeed_op, child_env, figure, free_port, held_out_maps, say  # noqa: E402
+from launchers.demo import build_deepspeed_op, child_env, figure, free_port, held_out_maps, parse_args, say  # noqa: E402
 
 OUT = REPO / "runs" / "demo_finetune"
 MODELS = ("ldm", "tokencompose", "sepen")  # the finetunes of the shipped base
@@ -132,19 +132,8 @@ def metric_rows(metrics: dict[str, float]) -> dict[str, float]:
     }
 
 
-def parse_args(argv: list[str] | None = None):
-    import argparse
-
-    from tcscale.logs import add_log_level_argument
-
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--fast", action="store_true", help="the 1-seed pipeline check (same as DEMO_FAST=1)")
-    add_log_level_argument(parser)
-    return parser.parse_args(argv)
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)  # --help prints and exits here, before anything is written or started
+    args = parse_args(argv, __doc__)  # --help prints and exits here, before anything is written or started
     from tcscale.logs import setup_logging
 
     setup_logging(args.log_level)
