@@ -32,5 +32,5 @@ class AttentionConfig:
     # model.family=sd3 only (docs/MMDIT.md): the grounding map of a joint-attention layer, the image-query x text-key
     # block of the joint softmax: renormalised over the text keys ("text", what a U-Net's attn2 gives) | as is
     joint_reading: JointReading = "text"
-    # model.family=sd3 only: a phrase's tokens in both text sequences (CLIP and T5, summed) | the CLIP ones | the T5 ones
+    # model.family=sd3 only: a phrase's tokens in both text sequences (CLIP and T5, summed) | CLIP's only | T5's only
     joint_tokens: JointTokens = "both"

@@ -30,8 +30,14 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 from diffusers.models.attention_processor import Attention
-from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel
-from transformers import T5TokenizerFast
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+    T5TokenizerFast,
+)
 
 from tcscale.families.base import Family
 from tcscale.families.sd3_tokenizer import T5_MAX_LENGTH, tiny_t5_tokenizer
@@ -229,7 +235,7 @@ class SD3Family(Family):
             vae = sd3_vae(cfg.vae_block_out_channels, 1, resolution)
             factor = 2 ** (len(cfg.vae_block_out_channels) - 1)
             if resolution % (2 * factor):
-                raise ValueError(f"resolution must be a multiple of {2 * factor} (VAE factor x patch 2), got {resolution}")
+                raise ValueError(f"resolution must be a multiple of {2 * factor} (VAE x patch), got {resolution}")
             transformer = tiny_sd3_transformer(cfg, resolution // factor)
             text_encoder = tiny_text_encoder_1(cfg, len(tokenizer))
             text_encoder_2 = tiny_text_encoder_2(cfg, len(tokenizer))

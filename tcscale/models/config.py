@@ -37,7 +37,7 @@ class TinyModelConfig:
     # model.family=sdxl only: transformer depth per block (SDXL: [1, 2, 10]); null -> 1 in every block
     transformer_layers_per_block: list[int] | None = None
     # model.family=sd3 only (an SD3Transformer2DModel; docs/MMDIT.md): joint blocks, heads, width per head, the
-    # blocks with a second (image-only) attention (SD3.5-medium: 0..12), and the T5 tower's width (= joint_attention_dim)
+    # blocks with a second (image-only) attention (SD3.5-medium: 0..12), the T5 width (= joint_attention_dim)
     mmdit_layers: int = 3
     mmdit_heads: int = 2
     mmdit_head_dim: int = 16

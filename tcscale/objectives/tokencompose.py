@@ -88,8 +88,9 @@ class TokenComposeObjective(LDMObjective):
             token_loss_heads=self.tc.token_loss_heads,
         )
         # over the text keys the grounded layers read (an MMDiT's: CLIP then T5 positions; tcscale.families)
-        token_phrase = self.family.key_token_phrase(self.comps, batch["input_ids"], batch["token_phrase"], self.attention)
-        token_phrase = token_phrase.to(device)
+        token_phrase = self.family.key_token_phrase(
+            self.comps, batch["input_ids"], batch["token_phrase"], self.attention
+        ).to(device)
         if self.tc.pixel_loss_reduction == "per_resolution":
             return GroupedLossRecorder(
                 latent_size, token_phrase, groups=self.plan.groups(), pixel_loss_reduction="per_resolution", **kwargs
