@@ -154,6 +154,7 @@ def tiny_t5(cfg, vocab_size: int) -> T5EncoderModel:
         T5Config(
             vocab_size=vocab_size, d_model=width, d_kv=width // cfg.text_heads, d_ff=2 * width,
             num_layers=cfg.text_layers, num_heads=cfg.text_heads, feed_forward_proj="gated-gelu",
+            dropout_rate=0.0,  # a frozen tower: no dropout even where a caller forgets eval()
         )
     )  # fmt: skip
 
