@@ -261,10 +261,12 @@ class SD3Family(Family):
             text_encoder = CLIPTextModelWithProjection(CLIPTextConfig(**SD3_TEXT_ENCODER))
             text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_TEXT_ENCODER_2))
             text_encoder_3 = T5EncoderModel(T5Config(**SD3_T5))
+        # with a tokenizer (planner, benchmarks: shapes, not vocabularies) the tiny T5 tokenizer stands in for T5's
         tokenizer_2 = sdxl_second_tokenizer() if tokenizer is not None else None
+        tokenizer_3 = tiny_t5_tokenizer() if tokenizer is not None else None
         return SDComponents(
             transformer, vae, text_encoder, tokenizer, FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER),
-            text_encoder_2, tokenizer_2, family=self.name, text_encoder_3=text_encoder_3,
+            text_encoder_2, tokenizer_2, family=self.name, text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3,
         )  # fmt: skip
 
     # -- using -------------------------------------------------------------------------------------------------

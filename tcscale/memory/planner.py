@@ -128,7 +128,7 @@ def build_models(cfg: TrainConfig, arch: str, device: str | torch.device = "meta
     return Models(
         comps=comps,
         frozen_fp32=_numel(comps.vae),
-        frozen_compute=_numel(comps.text_encoder) + _numel(comps.text_encoder_2),
+        frozen_compute=sum(_numel(tower) for tower in comps.text_towers),
     )
 
 
