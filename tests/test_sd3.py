@@ -216,6 +216,24 @@ def test_sd3_config_errors_name_the_key(tmp_path):
         OBJECTIVES["tokencompose"].build(cfg.objective.tokencompose, ctx)
 
 
+@pytest.mark.parametrize("overrides", [(), ("model.lora.rank=4",)], ids=["full", "lora"])
+def test_planner_runs_the_sd3_step_on_meta_as_on_the_cpu(overrides):
+    """The memory planner builds the sd3 components and runs TokenCompose's joint-attention step on the meta device:
+    the bytes kept for backward equal a real CPU run's; all three text towers count as frozen models; LoRA adapts
+    the transformer's attention projections only."""
+    from tcscale.memory.planner import build_models, plan_memory
+
+    cfg = load_config(CONFIG, list(overrides))
+    meta, real = plan_memory(cfg, 1), plan_memory(cfg, 1, device="cpu")
+    assert meta.activations_per_sample > 0
+    assert abs(real.activations_per_sample - meta.activations_per_sample) <= 0.01 * meta.activations_per_sample
+    comps = build_models(cfg, "tiny").comps
+    assert build_models(cfg, "tiny").frozen_compute == sum(count(t) for t in comps.text_towers)
+    assert len(comps.text_towers) == 3
+    if overrides:
+        assert 0 < meta.trainable_params < count(comps.unet) / 10
+
+
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_tiny_sd3_two_ranks_zero2_logs_grounding_resumes_exactly_and_exports(tmp_path):

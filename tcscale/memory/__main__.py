@@ -88,9 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu-mem", action="append", default=[], help="device memory, e.g. 24GiB (repeatable)")
     parser.add_argument("--world-size", type=int, default=1, help="data-parallel ranks (ZeRO partitions)")
     parser.add_argument("--provider", choices=PROVIDERS, default="tcscale", help="official: the official-style replica")
-    parser.add_argument(
-        "--arch", choices=(*ARCHITECTURES, "tiny"), default=None, help="override the architecture"
-    )
+    parser.add_argument("--arch", choices=(*ARCHITECTURES, "tiny"), default=None, help="override the architecture")
     parser.add_argument(
         "--workspace", default=None, help="fixed workspace margin (default 1.5GiB on cuda, 3.5GiB on cpu)"
     )
