@@ -35,6 +35,7 @@ class Family:
     name: str = ""  # `model.family`
     pipeline_class: str = ""  # the diffusers pipeline class its pipelines load and export as
     layout: DenoiserLayout  # where the denoiser's cross-attention layers are
+    flow_matching: bool = False  # L_LDM is flow matching (objective.ldm.flow_matching), not a DDPM ε / v loss
     # released architectures (tcscale.models.architectures) and the hub-id fragments that name each, lower case
     hub_names: dict[str, tuple[str, ...]] = {}
 

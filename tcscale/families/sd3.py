@@ -203,6 +203,7 @@ class SD3Family(Family):
     name = "sd3"
     pipeline_class = "StableDiffusion3Pipeline"
     layout = MMDIT_LAYOUT
+    flow_matching = True
     hub_names = {
         "sd3.5-large": ("stable-diffusion-3.5-large",),
         "sd3.5-medium": ("stable-diffusion-3.5-medium",),

@@ -117,13 +117,18 @@ class LDMObjective(Objective):
 def check_ldm_options(cfg) -> None:
     if cfg.objective.ldm.noise_offset < 0:
         raise ValueError(f"objective.ldm.noise_offset must be >= 0, got {cfg.objective.ldm.noise_offset}")
-    if cfg.model.family == "sd3" and cfg.objective.ldm.snr_gamma is not None:
+    from tcscale.families import family_of
+
+    if not family_of(cfg.model).flow_matching:
+        return
+    family = cfg.model.family
+    if cfg.objective.ldm.snr_gamma is not None:
         raise ValueError(
-            "objective.ldm.snr_gamma: min-SNR weighting is for DDPM schedules; model.family=sd3 trains with flow "
-            "matching, weighted by objective.ldm.flow_matching.weighting_scheme"
+            f"objective.ldm.snr_gamma: min-SNR weighting is for DDPM schedules; model.family={family} trains with "
+            "flow matching, weighted by objective.ldm.flow_matching.weighting_scheme"
         )
-    if cfg.model.family == "sd3" and cfg.model.prediction_type is not None:
-        raise ValueError("model.prediction_type: model.family=sd3 predicts the flow-matching velocity; leave it null")
+    if cfg.model.prediction_type is not None:
+        raise ValueError(f"model.prediction_type: model.family={family} predicts the flow-matching velocity; set null")
 
 
 register_objective("ldm", LDMConfig, LDMObjective, check=check_ldm_options, description="L_LDM only (the baseline)")
