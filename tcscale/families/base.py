@@ -36,6 +36,7 @@ class Family:
     pipeline_class: str = ""  # the diffusers pipeline class its pipelines load and export as
     layout: DenoiserLayout  # where the denoiser's cross-attention layers are
     flow_matching: bool = False  # L_LDM is flow matching (objective.ldm.flow_matching), not a DDPM ε / v loss
+    denoiser_component: str = "unet"  # the pipeline's name of the denoiser `SDComponents.unet` holds (SD3: transformer)
     # released architectures (tcscale.models.architectures) and the hub-id fragments that name each, lower case
     hub_names: dict[str, tuple[str, ...]] = {}
 
@@ -124,7 +125,10 @@ class Family:
 
     # -- training (the L_LDM term's parts that differ between families) -----------------------------------------
     def subfolder(self, component: str) -> str:
-        """The pipeline directory's subfolder of a `component_classes` entry (the noise scheduler's: scheduler/)."""
+        """The pipeline directory's subfolder of a `component_classes` entry (the noise scheduler's: scheduler/, the
+        denoiser's: `denoiser_component`)."""
+        if component == "unet":
+            return self.denoiser_component
         return "scheduler" if component == "noise_scheduler" else component
 
     def latents(self, vae, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -204,6 +204,7 @@ class SD3Family(Family):
     pipeline_class = "StableDiffusion3Pipeline"
     layout = MMDIT_LAYOUT
     flow_matching = True
+    denoiser_component = "transformer"
     hub_names = {
         "sd3.5-large": ("stable-diffusion-3.5-large",),
         "sd3.5-medium": ("stable-diffusion-3.5-medium",),
@@ -223,9 +224,6 @@ class SD3Family(Family):
             "tokenizer_3": (T5TokenizerFast, {}),
             "noise_scheduler": (FlowMatchEulerDiscreteScheduler, {}),
         }
-
-    def subfolder(self, component: str) -> str:
-        return "transformer" if component == "unet" else super().subfolder(component)
 
     # -- building ----------------------------------------------------------------------------------------------
     def build_tiny(self, cfg, resolution: int) -> SDComponents:
