@@ -209,6 +209,8 @@ def test_sd3_config_errors_name_the_key(tmp_path):
 
     with pytest.raises(ValueError, match="objective.ldm.snr_gamma: min-SNR weighting is for DDPM"):
         load_config(CONFIG, ["objective.ldm.snr_gamma=5.0"])
+    with pytest.raises(ValueError, match="validation.every_steps=5: the trainer's validation reads U-Net"):
+        load_config(CONFIG, ["validation.every_steps=5"])
     cfg, comps = tiny()
     cfg.attention.backend = "fused"
     ctx = BuildContext(cfg, comps, torch.float32, torch.device("cpu"), 2)

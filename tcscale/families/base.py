@@ -40,6 +40,9 @@ class Family:
     # released architectures (tcscale.models.architectures) and the hub-id fragments that name each, lower case
     hub_names: dict[str, tuple[str, ...]] = {}
 
+    def check_config(self, cfg) -> None:
+        """Refuse, with a ValueError naming the key, a run config this family cannot train (at load time)."""
+
     # -- building ----------------------------------------------------------------------------------------------
     def component_classes(self, variant: str | None) -> dict[str, tuple[type, dict[str, Any]]]:
         """{component: (class, extra from_pretrained kwargs)} of a pipeline directory, scheduler as noise_scheduler."""

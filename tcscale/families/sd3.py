@@ -225,6 +225,13 @@ class SD3Family(Family):
             "noise_scheduler": (FlowMatchEulerDiscreteScheduler, {}),
         }
 
+    def check_config(self, cfg) -> None:
+        if cfg.validation.every_steps:
+            raise ValueError(
+                f"validation.every_steps={cfg.validation.every_steps}: the trainer's validation reads U-Net "
+                "cross-attention maps, not yet an MMDiT's joint attention (docs/MMDIT.md); set validation.every_steps=0"
+            )
+
     # -- building ----------------------------------------------------------------------------------------------
     def build_tiny(self, cfg, resolution: int) -> SDComponents:
         if cfg.latent != "vae":
