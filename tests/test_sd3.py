@@ -114,28 +114,38 @@ def test_joint_grounding_maps_against_an_independent_computation():
     text = torch.randn(2, 333, model.config.joint_attention_dim, generator=g)
     pooled = torch.randn(2, model.config.pooled_projection_dim, generator=g)
     t = torch.tensor([500.0, 20.0])
-    inputs = {}
-    hook = model.transformer_blocks[1].attn.register_forward_pre_hook(
-        lambda mod, args, kwargs: inputs.update(kwargs), with_kwargs=True
-    )
+    inputs: dict[int, dict] = {1: {}, 2: {}}  # the middle block and the last (context_pre_only) block
+    hooks = [
+        model.transformer_blocks[n].attn.register_forward_pre_hook(
+            lambda mod, args, kwargs, n=n: inputs[n].update(kwargs), with_kwargs=True
+        )
+        for n in inputs
+    ]
     with torch.no_grad():
         ref = model(x, text, pooled, t).sample  # diffusers' own processors
-    hook.remove()
-    expected, n_image = independent_joint_probs(
-        model.transformer_blocks[1].attn, inputs["hidden_states"], inputs["encoder_hidden_states"]
-    )
-    block = expected[:, :, :n_image, n_image:]
-    for reading, want in (("joint", block), ("text", block / block.sum(-1, keepdim=True))):
-        attention = AttentionConfig(blocks=["middle"], joint_reading=reading)
+    for hook in hooks:
+        hook.remove()
+    assert model.transformer_blocks[2].context_pre_only
+    blocks = {}
+    for n, kw in inputs.items():
+        expected, n_image = independent_joint_probs(
+            model.transformer_blocks[n].attn, kw["hidden_states"], kw["encoder_hidden_states"]
+        )
+        blocks[n] = expected[:, :, :n_image, n_image:]
+    for reading in ("joint", "text"):
+        attention = AttentionConfig(blocks=["middle", "late"], joint_reading=reading)
         plan = GroundingPlan.from_config(model, attention, 64, vae_scale_factor(comps.vae), layout=MMDIT_LAYOUT)
-        assert plan.layers == ("transformer_blocks.1.attn",) and plan.sides == (8,)
+        assert plan.layers == ("transformer_blocks.1.attn", "transformer_blocks.2.attn") and plan.sides == (8, 8)
         install_joint_grounding_processors(model, plan, attention)
         with torch.no_grad(), ProbsRecorder((16, 16)) as rec:
             out = model(x, text, pooled, t, joint_attention_kwargs=rec.kwargs).sample
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-        (record,) = rec.records
-        assert record.probs.shape == (2, 2, 64, 333) and record.size == (8, 8)
-        torch.testing.assert_close(record.probs.double(), want, rtol=1e-5, atol=1e-7)
+        assert [r.name for r in rec.records] == list(plan.layers)
+        for record, block in zip(rec.records, blocks.values()):
+            want = block if reading == "joint" else block / block.sum(-1, keepdim=True)
+            assert record.probs.shape == (2, 2, 64, 333) and record.size == (8, 8)
+            torch.testing.assert_close(record.probs.double(), want, rtol=1e-5, atol=1e-7)
+    block = blocks[1]
     rows = block.sum(-1)
     assert (rows < 1).all() and (rows > 0).all()  # the joint reading's rows keep the mass left to the text keys
 
