@@ -243,7 +243,7 @@ def test_sd14_paper_eval_with_released_shape_detectors(realshape_root, sd14_toke
     owlvit = _build(realshape_root, "owlvit_b32", "save_owlvit_base32(Path({out}))")
     out = realshape_root / "eval" / "sd14_paper"
     overrides = [
-        f"model.run_dir={run_dir}", f"output_dir={out}", "model.dtype=fp32",
+        f"model.run_dir={run_dir}", f"output_dir={out}", "model.dtype=fp32", "device=cpu",
         "sampler.num_inference_steps=4", f"sampler.resolution={RESOLUTION}", "sampler.batch_size=1",
         "multigen.limit=1", "multigen.rounds=1", f"multigen.detector={owlv2}", "multigen.detector_batch_size=1",
         "visor.limit=2", "visor.rounds=1", f"visor.detector={owlvit}", "visor.detector_batch_size=1",
