@@ -27,6 +27,7 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
+from tests.helpers.memory_lock import heavy_memory  # noqa: E402
 from tests.helpers.paths import TINY_CONFIG  # noqa: E402
 from tests.helpers.shm import remove_orphan_buffers  # noqa: E402
 
@@ -37,6 +38,16 @@ def pytest_sessionfinish(session, exitstatus):
     """Ranks the tests SIGKILL cannot unlink their DeepSpeed /dev/shm buffer (67 MB of RAM each); remove those this
     session made that no live process maps, so a long suite does not fill the machine's memory with tmpfs."""
     remove_orphan_buffers(_SESSION_START)
+
+
+@pytest.fixture(autouse=True)
+def _heavy_memory_lock(request):
+    """Tests marked heavy_memory run while no other session's heavy test or released-shape run holds the memory."""
+    if request.node.get_closest_marker("heavy_memory") is None:
+        yield
+        return
+    with heavy_memory():
+        yield
 
 
 def pytest_collection_modifyitems(config, items):

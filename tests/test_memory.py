@@ -361,6 +361,7 @@ def test_sd14_on_this_cpu_machine(lora, fits):
 
 @pytest.mark.slow
 @pytest.mark.distributed
+@pytest.mark.heavy_memory
 def test_plan_holds_against_a_real_engine():
     """A 215 M-parameter U-Net trained one step by real DeepSpeed engines on 2 CPU ranks (ZeRO-2, bf16, torch
     AdamW, the flagship config's sections): each rank's torch-allocator peak in every phase is within 10 % of the

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from tests.helpers.memory_lock import heavy_memory
+
 REPO = Path(__file__).resolve().parents[2]
 GIB = 1024**3
 
@@ -141,10 +143,11 @@ def record(what: str, wall_s: float, peak_rss_gib: float, cpu_s: float) -> None:
 
 
 def run_measured(what: str, cmd: list[str], env: dict[str, str], timeout: float = 900) -> Measured:
-    """Run `cmd` in its own process group from the repository root; kill the group after `timeout` seconds."""
+    """Run `cmd` in its own process group from the repository root, holding the heavy-memory lock
+    (tests/helpers/memory_lock.py); kill the group after `timeout` seconds."""
     import tempfile
 
-    with tempfile.TemporaryFile(mode="w+") as log:
+    with heavy_memory(), tempfile.TemporaryFile(mode="w+") as log:
         start = time.monotonic()
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         timer = threading.Timer(timeout, lambda: os.killpg(proc.pid, signal.SIGKILL))
