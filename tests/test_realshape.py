@@ -17,8 +17,8 @@ finetuned text encoder) run LoRA; SepEn (only attn2.to_k trains, 10 M parameters
 Each run asserts the user-visible result (the launcher exits 0, the step's losses are finite, the export loads
 and generates, what trained differs from the base and nothing else does) and a peak resident set below
 `PEAK_LIMIT_GIB` (24 GiB less 4 GiB headroom). Marked `realshape` (and `slow`): `make test-realshape` runs
-only these (CI runs it beside `make test`, which leaves them out); every subprocess holds the heavy-memory lock. Set TCSCALE_REALSHAPE_LOG=<file> to collect each
-step's wall time and peak memory.
+only these (CI runs it beside `make test`, which leaves them out); every subprocess holds the heavy-memory lock.
+Set TCSCALE_REALSHAPE_LOG=<file> to collect each step's wall time and peak memory.
 """
 
 from __future__ import annotations
