@@ -19,6 +19,7 @@ method on held-out prompts, 3 seeds, in minutes.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -38,8 +39,8 @@ MODELS = ("ldm", "tokencompose", "sepen")  # the finetunes of the shipped base
 LABELS = {"base": "base (shipped)", "ldm": "LDM-only", "tokencompose": "TokenCompose", "sepen": "SepEn"}
 GROUNDING_SEED = 11233  # + the seed: the held-out grounding world of each seed's evaluation (never trained on)
 VALIDATION_SEED = 7000  # + the seed (and + GROUNDING_SEED): the validation split's prompts, noise and grounding world
-FULL = {"seeds": [0, 1, 2], "steps": 500, "world": 4000, "grounding_samples": 128, "prompts": 16, "rounds": 4}
-FAST = {"seeds": [0], "steps": 60, "world": 1200, "grounding_samples": 64, "prompts": 4, "rounds": 2}
+FULL = {"seeds": [0, 1, 2], "steps": 200, "world": 4000, "grounding_samples": 128, "prompts": 16, "rounds": 2}
+FAST = {"seeds": [0], "steps": 40, "world": 1200, "grounding_samples": 64, "prompts": 4, "rounds": 2}
 
 
 def free_port() -> int:
@@ -114,6 +115,15 @@ def run_jobs(jobs: dict[str, tuple[list[str], Path]], total: int | None, slots: 
         raise SystemExit(f"demo: {name} failed (exit {rc}); {log}:\n{tail}")
 
 
+@functools.lru_cache(maxsize=8)
+def figure_pipeline(export: str):
+    """A model's DDIM pipeline for the figures, loaded once for all three (loading costs more than drawing)."""
+    from tcscale.eval.config import EvalModelConfig, SamplerConfig
+    from tcscale.eval.generation import load_pipeline
+
+    return load_pipeline(export, EvalModelConfig(pretrained=export), SamplerConfig("ddim"), "cpu")
+
+
 def held_out_maps(pipelines: dict[str, Path], path: Path) -> None:
     """A held-out training-style image (one object a combination never trained on), its true masks, and each
     model's per-phrase attention from one forward at t=100 (what the grounding mIoU scores), one row per model."""
@@ -124,13 +134,11 @@ def held_out_maps(pipelines: dict[str, Path], path: Path) -> None:
     from tcscale.attention.processors import observe
     from tcscale.attention.recorders import MapCapture
     from tcscale.eval.attention_maps import render_attention
-    from tcscale.eval.config import EvalModelConfig, SamplerConfig
-    from tcscale.eval.generation import load_pipeline
     from tcscale.eval.grounding_maps import grounding_batches, phrase_layer_maps
 
     rows = []
     for i, (name, export) in enumerate(pipelines.items()):
-        pipe = load_pipeline(str(export), EvalModelConfig(pretrained=str(export)), SamplerConfig("ddim"), "cpu")
+        pipe = figure_pipeline(str(export))
         plan = GroundingPlan.build(pipe.unet, blocks=["up"], resolutions=[16], image_resolution=32,
                                    scale_factor=vae_scale_factor(pipe.vae))  # fmt: skip
         batch = next(grounding_batches("synthetic", pipe.tokenizer, resolution=32, num_samples=4, batch_size=4,
@@ -190,13 +198,11 @@ def figure(pipelines: dict[str, Path], path: Path) -> None:
     from tcscale.attention.plan import GroundingPlan, vae_scale_factor
     from tcscale.data.synthetic import synthetic_eval_prompts
     from tcscale.eval.attention_maps import generate_with_maps, phrase_heat, phrase_tokens, render_attention
-    from tcscale.eval.config import EvalModelConfig, SamplerConfig
-    from tcscale.eval.generation import load_pipeline
 
     prompt = synthetic_eval_prompts(2, "held_out", 1, seed=0)[0]["prompt"]
     rows = []
     for name, export in pipelines.items():
-        pipe = load_pipeline(str(export), EvalModelConfig(pretrained=str(export)), SamplerConfig("ddim"), "cpu")
+        pipe = figure_pipeline(str(export))
         plan = GroundingPlan.build(pipe.unet, blocks=["up"], resolutions=[16], image_resolution=32,
                                    scale_factor=vae_scale_factor(pipe.vae))  # fmt: skip
         image, maps = generate_with_maps(pipe, prompt, plan, resolution=32, num_inference_steps=20, guidance_scale=1.0,
@@ -215,8 +221,6 @@ def generated_grid(pipelines: dict[str, Path], path: Path, per_k: int = 4, seed:
     from PIL import Image, ImageDraw
 
     from tcscale.data.synthetic import synthetic_eval_prompts
-    from tcscale.eval.config import EvalModelConfig, SamplerConfig
-    from tcscale.eval.generation import load_pipeline
     from tcscale.eval.synthetic_scorer import all_objects_present
 
     prompts = [p for k in (2, 3) for p in synthetic_eval_prompts(k, "held_out", per_k, seed=seed)]
@@ -227,7 +231,7 @@ def generated_grid(pipelines: dict[str, Path], path: Path, per_k: int = 4, seed:
         words = ", ".join(" ".join(o) for o in p["objects"]).split(", ")
         draw.text((left + j * (tile + pad), 6), "\n".join(words), fill="black")
     for i, (name, export) in enumerate(pipelines.items()):
-        pipe = load_pipeline(str(export), EvalModelConfig(pretrained=str(export)), SamplerConfig("ddim"), "cpu")
+        pipe = figure_pipeline(str(export))
         y = head + i * (tile + pad)
         draw.text((6, y + tile // 2 - 6), name, fill="black")
         for j, p in enumerate(prompts):
@@ -270,6 +274,9 @@ def parse_args(argv: list[str] | None = None):
     if not methods or any(m not in MODELS for m in methods):
         parser.error(f"--methods {args.methods!r}: each must be one of {', '.join(MODELS)}")
     args.methods = methods
+    out = args.out.resolve()
+    if out.exists() and any(out.iterdir()) and not (out / "base_model").exists():  # the demo empties --out first
+        parser.error(f"--out {args.out}: exists and is not an earlier demo's output (no base_model/); not emptying it")
     for o in args.overrides:
         if "=" not in o or (":" in o.split("=", 1)[0] and o.split(":", 1)[0] not in MODELS):
             parser.error(f"--set {o!r}: expected [METHOD:]KEY=VALUE, METHOD one of {', '.join(MODELS)}")
@@ -322,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     from tcscale.models.demo_base import materialise_demo_base
 
     base = materialise_demo_base(out_dir / "base_model", **({"src": args.base} if args.base else {}))
-    say(f"the shipped base (tcscale/demo_base, its README.md says how it was made) -> {base}")
+    say(f"the base ({args.base or 'tcscale/demo_base, its README.md says how it was made'}) -> {base}")
     say(f"writing the finetuning world: {plan['world']} grounded samples (1-3 objects) as WebDataset shards ...")
     from dataprep.synthetic_shards import write_synthetic_shards
 
@@ -384,7 +391,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.validation:  # the figures show held-out prompts: never drawn while choosing settings
         say("figures: generated images per model for the same prompts and noise; per-phrase attention ...")
         import diffusers
+        import torch
 
+        torch.set_num_threads(1)  # as the runs (child_env): two threads on shared cores drew the figures 12x slower
         diffusers.utils.logging.set_verbosity_error()
         diffusers.utils.logging.disable_progress_bar()
         s0 = plan["seeds"][0]

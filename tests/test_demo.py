@@ -125,7 +125,9 @@ def test_tuning_overrides_reach_only_their_method_and_bad_ones_are_refused(capsy
     assert demo.overrides_for("tokencompose", args.overrides) == [lr, tc, shards]
     bad_methods = "--methods 'ldm,dalle': each must be one of ldm, tokencompose, sepen"
     bad_set = "--set 'sdxl:max_steps=3': expected [METHOD:]KEY=VALUE"
-    for argv, line in ((["--methods", "ldm,dalle"], bad_methods), (["--set", "sdxl:max_steps=3"], bad_set)):
+    not_demo = f"--out {REPO / 'configs'}: exists and is not an earlier demo's output (no base_model/); not emptying it"
+    for argv, line in ((["--methods", "ldm,dalle"], bad_methods), (["--set", "sdxl:max_steps=3"], bad_set),
+                       (["--out", str(REPO / "configs")], not_demo)):  # fmt: skip
         with pytest.raises(SystemExit) as exc:
             demo.parse_args(argv)
         assert exc.value.code == 2 and line in capsys.readouterr().err
