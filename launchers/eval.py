@@ -96,6 +96,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
 
+    from tcscale.train.distributed import cuda_missing
+
+    if why := cuda_missing(cfg.device):
+        print(f"error: {why}", file=sys.stderr)
+        return 2
     import diffusers
 
     diffusers.utils.logging.set_verbosity_error()
@@ -109,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         if shard is not None or args.merge:  # array tasks and the merge: one process each, no process group
             import torch
 
-            device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+            device = torch.device("cuda", 0) if cfg.device == "cuda" else torch.device("cpu")
             if shard is not None:
                 run_share(cfg, shard[0], shard[1], device, progress=sys.stderr.isatty())
                 print(f"share {shard[0]} of {shard[1]} done: {os.path.join(cfg.output_dir, 'shards')}")
@@ -118,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from tcscale.train.distributed import barrier, init_distributed
 
-            env = init_distributed()
+            env = init_distributed(cfg.device)
             ctx = EvalContext(env.rank, env.world_size, env.device, barrier, progress=sys.stderr.isatty())
             evaluation = Evaluation(cfg, ctx)
             results = evaluation.run()

@@ -73,7 +73,9 @@ def main(argv: list[str] | None = None) -> int:
             if code == 4:
                 print(f"{prefix}stopping: another rank failed ({type(exc).__name__}); see its message", file=sys.stderr)
             else:
-                print(f"{prefix}error: {type(exc).__name__}: {exc}", file=sys.stderr)
+                print(f"{prefix}error: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        if getattr(exc, "agreed", False):
+            _wait_for_every_rank()  # the launcher kills the others when one rank exits: rank 0's line first
         return code
     finally:
         preempt.stop_watching()
@@ -82,6 +84,18 @@ def main(argv: list[str] | None = None) -> int:
     if result.terminated:
         return EXIT_TERMINATED
     return EXIT_OK if result.step >= cfg.max_steps else EXIT_UNEXPECTED
+
+
+def _wait_for_every_rank() -> None:
+    """Every rank raised the same verdict (an "agreed" error): meet once more before exiting, so a peer's early
+    exit (on which the deepspeed launcher kills the rest) cannot stop rank 0 before it printed the one line."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        try:
+            dist.barrier()
+        except Exception:  # noqa: BLE001 - a peer already gone: nothing left to wait for
+            pass
 
 
 if __name__ == "__main__":

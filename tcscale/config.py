@@ -266,6 +266,12 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             raise ConfigError(f"attention.ungrounded=xformers needs {missing}; use attention.ungrounded=sdpa")
     if cfg.model.lora is not None:
         check_lora(cfg)
+    from tcscale.families import family_of
+
+    try:
+        family_of(cfg.model).check_config(cfg)  # what the family cannot do yet (tcscale.families)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     check = OBJECTIVES[cfg.objective.name].check
     if check is not None:
         try:

@@ -51,10 +51,10 @@ def test_pipeline_family_reads_model_index(tmp_path):
     pipe = FAMILIES["sdxl"].pipeline(xl)
     pipe.save_pretrained(str(tmp_path / "xl"))
     assert pipeline_family(tmp_path / "xl") is FAMILIES["sdxl"] is family_of_pipeline(pipe)
-    other = tmp_path / "sd3"
+    other = tmp_path / "flux"
     other.mkdir()
-    (other / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
-    with pytest.raises(ValueError, match=r"StableDiffusion3Pipeline.*StableDiffusionPipeline \(model.family=sd\)"):
+    (other / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    with pytest.raises(ValueError, match=r"FluxPipeline.*StableDiffusionPipeline \(model.family=sd\)"):
         pipeline_family(other)
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -153,3 +153,18 @@ def test_model_card_states_base_objective_weights_steps_data_and_eval(tmp_path):
     assert yaml.safe_load(card.split("```yaml")[1].split("```")[0])["max_steps"] == 24000  # the whole config
     with pytest.raises(FileNotFoundError, match="no results.json"):
         read_eval_results([tmp_path / "nowhere"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_cuda_eval_config_without_gpu_exits_2_in_one_line(tmp_path, capsys):
+    """configs/eval/sd14_paper.yaml samples on GPUs (its default device); without one it stops before loading
+    anything, naming the override, instead of sampling on the CPU for days."""
+    spec = importlib.util.spec_from_file_location("eval_launcher", REPO / "launchers" / "eval.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "eval"
+    args = ["--config", "configs/eval/sd14_paper.yaml", "model.run_dir=runs/none", f"output_dir={out}"]
+    assert module.main(args) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "device: cuda, but no CUDA GPU is visible" in err[0] and "device=cpu" in err[0]
+    assert not out.exists()

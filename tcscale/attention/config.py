@@ -9,6 +9,10 @@ from typing import Literal, get_args
 from tcscale.attention.masks import MaskInterpolation
 from tcscale.families.layout import Block
 
+JointReading = Literal["text", "joint"]  # MMDiT grounding map: renormalised over text keys | joint probabilities as is
+JOINT_READINGS: tuple[str, ...] = get_args(JointReading)
+JointTokens = Literal["both", "clip", "t5"]  # MMDiT text keys a phrase's tokens are taken from
+JOINT_TOKENS: tuple[str, ...] = get_args(JointTokens)
 GroundedBackend = Literal["reference", "fused"]  # explicit probabilities | the fused Triton kernel
 GROUNDED_BACKENDS: tuple[str, ...] = get_args(GroundedBackend)
 UngroundedAttention = Literal["sdpa", "xformers"]
@@ -25,3 +29,8 @@ class AttentionConfig:
     mask_interpolation: MaskInterpolation = "bilinear"  # F.interpolate mode for masks -> layer resolution
     mask_threshold: float = 0.0  # binarise resized masks with > threshold (official: > 0)
     ungrounded: UngroundedAttention = "sdpa"  # the layers no objective reads (self-attention, other attn2)
+    # model.family=sd3 only (docs/MMDIT.md): the grounding map of a joint-attention layer, the image-query x text-key
+    # block of the joint softmax: renormalised over the text keys ("text", what a U-Net's attn2 gives) | as is
+    joint_reading: JointReading = "text"
+    # model.family=sd3 only: a phrase's tokens in both text sequences (CLIP and T5, summed) | CLIP's only | T5's only
+    joint_tokens: JointTokens = "both"

@@ -80,7 +80,7 @@ class GroundingPlan:
                 f"at {image_resolution} px (input latent {side}x{side})"
             )
         sides = tuple(layout.latent_side(unet, n, side) for n in names)
-        places = tuple(layout.place(n) for n in names)
+        places = tuple(layout.place(n, unet) for n in names)
         return cls(tuple(names), sides, side, mask_rule or MaskRule(), places)
 
     @classmethod

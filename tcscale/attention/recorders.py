@@ -31,7 +31,7 @@ import torch
 
 from tcscale.attention.plan import MaskRule, layer_size
 from tcscale.attention.reference import attention_probs, cross_attention_with_grounding_reference
-from tcscale.losses.grounding import check_token_phrase, grounding_losses_grouped
+from tcscale.losses.grounding import check_token_phrase, grounding_losses, grounding_losses_grouped
 
 
 class Recorder:
@@ -64,6 +64,11 @@ class Recorder:
     def attend(self, layer: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, backend: str):
         """(B, H, Lq, d) attention output of one grounded layer; q: (B, H, Lq, d), k, v: (B, H, Lk, d)."""
         raise NotImplementedError
+
+    def ground(self, layer: str, attn_map: torch.Tensor) -> None:
+        """Take the (B, H, Lq, Lk) grounding map of a layer whose processor computes its attention itself (an
+        MMDiT's joint attention: the image-query x text-key block, tcscale.attention.joint), float32, in the graph."""
+        raise NotImplementedError(f"{type(self).__name__} takes no processor-computed grounding maps")
 
 
 @dataclass
@@ -143,6 +148,16 @@ class LossRecorder(Recorder):
             self.records.append(LayerLoss(layer, size, token, pixel))
         return out
 
+    def ground(self, layer, attn_map):
+        size = layer_size(attn_map.shape[2], self.latent_size)
+        masks = self.masks_for(size, attn_map.device)
+        losses = grounding_losses(
+            attn_map, masks, self.token_phrase.to(attn_map.device), token_loss_heads=self.token_loss_heads,
+            validate_values=not self.validated,
+        )  # fmt: skip
+        if self.recording:
+            self.records.append(LayerLoss(layer, size, losses["token"], losses["pixel"]))
+
     def total(self, term: str) -> torch.Tensor:
         """Σ over the recorded layers of one term ("token" or "pixel"); raises when nothing was recorded."""
         if not self.records:
@@ -192,12 +207,15 @@ class GroupedLossRecorder(LossRecorder):
                 f"'reference', got {backend!r}"
             )
         probs = attention_probs(q, k, scale, torch.float32)  # (B, H, Lq, Lk)
+        self.ground(layer, probs)
+        return torch.matmul(probs.to(v.dtype), v)
+
+    def ground(self, layer, attn_map):
         if self.recording:
             if layer not in self.group_of:
                 raise KeyError(f"{layer} is in no grounding group {sorted(set(self.group_of.values()))}")
-            self.layer_probs.append(LayerProbs(layer, layer_size(q.shape[2], self.latent_size), probs))
+            self.layer_probs.append(LayerProbs(layer, layer_size(attn_map.shape[2], self.latent_size), attn_map))
             self._totals = None
-        return torch.matmul(probs.to(v.dtype), v)
 
     def held(self) -> tuple[torch.Tensor, ...]:
         return tuple(lp.probs for lp in self.layer_probs)
@@ -236,9 +254,12 @@ class ProbsRecorder(Recorder):
 
     def attend(self, layer, q, k, v, scale, backend):
         probs = attention_probs(q, k, scale, torch.float32)  # (B, H, Lq, Lk)
-        if self.recording:
-            self.records.append(LayerProbs(layer, layer_size(q.shape[2], self.latent_size), probs))
+        self.ground(layer, probs)
         return torch.matmul(probs.to(v.dtype), v)
+
+    def ground(self, layer, attn_map):
+        if self.recording:
+            self.records.append(LayerProbs(layer, layer_size(attn_map.shape[2], self.latent_size), attn_map))
 
 
 class MapCapture(Recorder):
@@ -252,9 +273,12 @@ class MapCapture(Recorder):
 
     def attend(self, layer, q, k, v, scale, backend):
         probs = attention_probs(q, k, scale, torch.float32)
+        self.ground(layer, probs)
+        return torch.matmul(probs.to(v.dtype), v)
+
+    def ground(self, layer, attn_map):
         if self.recording:
-            mean_map = probs.mean(dim=1).detach()  # (B, Lq, Lk)
+            mean_map = attn_map.mean(dim=1).detach()  # (B, Lq, Lk)
             prev = self.maps.get(layer)
             self.maps[layer] = mean_map if prev is None else prev + mean_map
             self.calls[layer] = self.calls.get(layer, 0) + 1
-        return torch.matmul(probs.to(v.dtype), v)

@@ -149,6 +149,8 @@ class EvalConfig:
     name: str = "eval"  # the evaluation's name (MLflow run name, results.json "name")
     output_dir: str = "runs/eval"  # images/, detections/, results.json, table.md
     seed: int = 0  # eval seed: each image's seed derives from (seed, suite, prompt id, round)
+    # cuda: one GPU per rank, refused (exit 2) where no GPU is visible; cpu: CPU ranks even beside a GPU
+    device: Literal["cuda", "cpu"] = "cuda"
     model: EvalModelConfig = field(default_factory=EvalModelConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     multigen: MultiGenConfig = field(default_factory=MultiGenConfig)

@@ -17,10 +17,12 @@ from tcscale.families.base import (
 )
 from tcscale.families.layout import BLOCKS, UNET_LAYOUT, Block, DenoiserLayout, UNetLayout, select_layers
 from tcscale.families.sd import SDFamily
+from tcscale.families.sd3 import SD3Family
 from tcscale.families.sdxl import SDXLFamily
 
 register_family(SDFamily())
 register_family(SDXLFamily())
+register_family(SD3Family())
 
 __all__ = [
     "BLOCKS",

@@ -35,8 +35,13 @@ class Family:
     name: str = ""  # `model.family`
     pipeline_class: str = ""  # the diffusers pipeline class its pipelines load and export as
     layout: DenoiserLayout  # where the denoiser's cross-attention layers are
+    flow_matching: bool = False  # L_LDM is flow matching (objective.ldm.flow_matching), not a DDPM ε / v loss
+    denoiser_component: str = "unet"  # the pipeline's name of the denoiser `SDComponents.unet` holds (SD3: transformer)
     # released architectures (tcscale.models.architectures) and the hub-id fragments that name each, lower case
     hub_names: dict[str, tuple[str, ...]] = {}
+
+    def check_config(self, cfg) -> None:
+        """Refuse, with a ValueError naming the key, a run config this family cannot train (at load time)."""
 
     # -- building ----------------------------------------------------------------------------------------------
     def component_classes(self, variant: str | None) -> dict[str, tuple[type, dict[str, Any]]]:
@@ -60,7 +65,7 @@ class Family:
 
         parts: dict[str, Any] = {}
         for name, (cls, _) in self.component_classes(None).items():
-            sub = path / ("scheduler" if name == "noise_scheduler" else name)
+            sub = path / self.subfolder(name)
             if name.startswith("tokenizer") or name == "noise_scheduler":
                 parts[name] = cls.from_pretrained(str(sub))
                 continue
@@ -120,6 +125,45 @@ class Family:
         from tcscale.losses.diffusion import diffusion_target
 
         return diffusion_target(scheduler, latents, noise, timesteps)
+
+    # -- training (the L_LDM term's parts that differ between families) -----------------------------------------
+    def subfolder(self, component: str) -> str:
+        """The pipeline directory's subfolder of a `component_classes` entry (the noise scheduler's: scheduler/, the
+        denoiser's: `denoiser_component`)."""
+        if component == "unet":
+            return self.denoiser_component
+        return "scheduler" if component == "noise_scheduler" else component
+
+    def latents(self, vae, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """(B, C, h, w) float32 latents the denoiser is trained on: a VAE posterior sample x scaling factor."""
+        return (vae.encode(pixels).latent_dist.sample(generator) * vae.config.scaling_factor).float()
+
+    def noise_latents(self, scheduler, latents: torch.Tensor, noise: torch.Tensor, generator: torch.Generator, ldm_cfg):
+        """(timesteps, noisy latents, target, per-sample loss weights or None) of one micro-step: t ~ U{0..T-1},
+        the scheduler's forward process, ε or v (docs/DESIGN.md §3 "LDM loss")."""
+        T = scheduler.config.num_train_timesteps
+        timesteps = torch.randint(0, T, (latents.shape[0],), generator=generator, device=latents.device).long()
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        return timesteps, noisy, self.training_target(scheduler, latents, noise, timesteps), None
+
+    def denoise(self, model, noisy: torch.Tensor, timesteps: torch.Tensor, cond, attention_kwargs=None) -> torch.Tensor:
+        """The denoiser's prediction for `noisy` at `timesteps` under `cond` (a `Conditioning`); `attention_kwargs`
+        reach every attention processor (a grounding recorder)."""
+        return model(
+            noisy, timesteps, cond.text, added_cond_kwargs=cond.added_cond_kwargs,
+            cross_attention_kwargs=attention_kwargs,
+        ).sample  # fmt: skip
+
+    def key_token_phrase(self, towers, input_ids: torch.Tensor, token_phrase: torch.Tensor, attention) -> torch.Tensor:
+        """(B, Lk) phrase slot of each text key the grounded layers read, from the loader's (B, L) `token_phrase` over
+        the first tokenizer's `input_ids`; one text sequence: the same tensor. `attention`: the run's section."""
+        return token_phrase
+
+    def install_grounding(self, denoiser: torch.nn.Module, plan, attention) -> None:
+        """Grounding processors on the plan's layers (`attention.backend`), `attention.ungrounded` elsewhere."""
+        from tcscale.attention.processors import install_grounding_processors
+
+        install_grounding_processors(denoiser, plan, attention.backend, attention.ungrounded)
 
 
 FAMILIES: dict[str, Family] = {}

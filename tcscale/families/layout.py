@@ -16,7 +16,8 @@ from typing import Literal, Protocol, get_args
 import torch
 from diffusers.models.attention_processor import Attention
 
-Block = Literal["down", "mid", "up"]
+# U-Net blocks, and the thirds of an MMDiT's stack of joint blocks (tcscale.families.sd3.MMDiTLayout)
+Block = Literal["down", "mid", "up", "early", "middle", "late"]
 BLOCKS: tuple[str, ...] = get_args(Block)
 
 
@@ -27,8 +28,8 @@ class DenoiserLayout(Protocol):
         """Every text cross-attention module, by module name, in module order."""
         ...
 
-    def place(self, name: str) -> str:
-        """The block a layer belongs to: one of `BLOCKS`."""
+    def place(self, name: str, denoiser: torch.nn.Module | None = None) -> str:
+        """The block a layer belongs to: one of `BLOCKS` (an MMDiT's depth thirds need the `denoiser`)."""
         ...
 
     def latent_side(self, denoiser: torch.nn.Module, name: str, input_side: int) -> int:
@@ -53,7 +54,7 @@ class UNetLayout:
             raise ValueError(f"{name!r} is not a layer of a down/mid/up block")
         return match
 
-    def place(self, name: str) -> str:
+    def place(self, name: str, denoiser: torch.nn.Module | None = None) -> str:
         return self._PLACES[self._match(name).group(1)]
 
     def latent_side(self, denoiser: torch.nn.Module, name: str, input_side: int) -> int:
@@ -82,7 +83,7 @@ def select_layers(
         raise ValueError(f"unknown block {unknown[0]!r}, expected one of {list(BLOCKS)}")
     names = []
     for name in layout.cross_attention_layers(denoiser):
-        if layout.place(name) not in blocks:
+        if layout.place(name, denoiser) not in blocks:
             continue
         if resolutions is not None and layout.latent_side(denoiser, name, input_side) not in resolutions:
             continue

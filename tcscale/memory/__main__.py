@@ -15,6 +15,7 @@ import sys
 
 from tcscale.memory.planner import PROVIDERS, GiB, MemoryPlan, MiB, PlanError, plan_memory
 from tcscale.memory.static import OptimizerSpec
+from tcscale.models.architectures import ARCHITECTURES
 
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
@@ -87,9 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu-mem", action="append", default=[], help="device memory, e.g. 24GiB (repeatable)")
     parser.add_argument("--world-size", type=int, default=1, help="data-parallel ranks (ZeRO partitions)")
     parser.add_argument("--provider", choices=PROVIDERS, default="tcscale", help="official: the official-style replica")
-    parser.add_argument(
-        "--arch", choices=("sd14", "sd21", "sdxl", "tiny"), default=None, help="override the architecture"
-    )
+    parser.add_argument("--arch", choices=(*ARCHITECTURES, "tiny"), default=None, help="override the architecture")
     parser.add_argument(
         "--workspace", default=None, help="fixed workspace margin (default 1.5GiB on cuda, 3.5GiB on cpu)"
     )

@@ -173,6 +173,15 @@ ARCHITECTURES = {
         vae_scaling_factor=0.13025,
     ),
 }
+# SD3 / SD3.5 (family sd3): the transformer's shape is tcscale.families.sd3.SD3_TRANSFORMERS[name]; the fields here
+# describe the first CLIP tower (CLIP ViT-L/14 with projection) and the joint attention's text width (T5's 4096)
+for _name in ("sd3-medium", "sd3.5-medium", "sd3.5-large"):
+    ARCHITECTURES[_name] = SDArchitecture(
+        name=_name, resolution=1024, cross_attention_dim=4096, attention_head_dim=64, use_linear_projection=True,
+        text_layers=12, text_heads=12, text_intermediate=3072, text_act="quick_gelu", text_projection_dim=768,
+        prediction_type="flow_matching", family="sd3", text_hidden=768, vae_scaling_factor=1.5305,
+        text_pad_token_id=1,
+    )  # fmt: skip
 
 
 def architecture(name: str) -> SDArchitecture:

@@ -36,6 +36,13 @@ class TinyModelConfig:
     addition_time_embed_dim: int = 8  # model.family=sdxl only: sinusoidal width per time id (SDXL: 256)
     # model.family=sdxl only: transformer depth per block (SDXL: [1, 2, 10]); null -> 1 in every block
     transformer_layers_per_block: list[int] | None = None
+    # model.family=sd3 only (an SD3Transformer2DModel; docs/MMDIT.md): joint blocks, heads, width per head, the
+    # blocks with a second (image-only) attention (SD3.5-medium: 0..12), the T5 width (= joint_attention_dim)
+    mmdit_layers: int = 3
+    mmdit_heads: int = 2
+    mmdit_head_dim: int = 16
+    mmdit_dual_attention_layers: list[int] = field(default_factory=list)
+    t5_hidden: int = 64
 
 
 @dataclass
@@ -54,8 +61,9 @@ class LoRAConfig:
 
 @dataclass
 class ModelConfig:
-    # sd: SD1.x / SD2.x (one text tower) | sdxl: two text towers, text_time micro-conditioning (StableDiffusionXL)
-    family: Literal["sd", "sdxl"] = "sd"
+    # sd: SD1.x / SD2.x (one text tower) | sdxl: two text towers, text_time micro-conditioning (StableDiffusionXL) |
+    # sd3: SD3 / SD3.5 MMDiT, two CLIP towers + T5, flow matching (StableDiffusion3; docs/MMDIT.md)
+    family: Literal["sd", "sdxl", "sd3"] = "sd"
     pretrained: str | None = None  # hub id or local diffusers pipeline dir (SD1.4/1.5/2.1); null -> tiny models
     revision: str | None = None  # hub revision for `pretrained`
     variant: str | None = None  # weights variant for `pretrained`, e.g. "fp16"

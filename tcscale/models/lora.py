@@ -97,15 +97,14 @@ def save_lora_dir(unet: torch.nn.Module, out_dir: str | os.PathLike, *, family: 
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    pipeline_cls = family_named(family).pipeline_cls()
+    fam = family_named(family)
     metadata = unet.peft_config[ADAPTER_NAME].to_dict()
-    pipeline_cls.save_lora_weights(
-        str(out),
-        unet_lora_layers={k: v.detach().float().contiguous() for k, v in adapter_state_dict(unet).items()},
-        weight_name=WEIGHT_NAME,
-        safe_serialization=True,
-        unet_lora_adapter_metadata=metadata,
-    )
+    layers = {k: v.detach().float().contiguous() for k, v in adapter_state_dict(unet).items()}
+    denoiser = fam.denoiser_component  # diffusers names the arguments by component: unet_..., transformer_...
+    fam.pipeline_cls().save_lora_weights(
+        str(out), weight_name=WEIGHT_NAME, safe_serialization=True,
+        **{f"{denoiser}_lora_layers": layers, f"{denoiser}_lora_adapter_metadata": metadata},
+    )  # fmt: skip
     info = {"base_model": base_model, "family": family, "lora": asdict(lora) if lora is not None else None}
     (out / INFO_NAME).write_text(json.dumps(info, indent=2) + "\n")
     return out

@@ -32,10 +32,13 @@ class SDComponents:
     text_encoder: CLIPTextModel
     tokenizer: CLIPTokenizer
     noise_scheduler: DDPMScheduler
-    # SDXL only: the second text tower (OpenCLIP ViT-bigG with projection) and its tokenizer (pads with "!")
+    # SDXL, SD3: the second text tower (OpenCLIP ViT-bigG with projection) and its tokenizer (pads with "!")
     text_encoder_2: CLIPTextModelWithProjection | None = None
     tokenizer_2: CLIPTokenizer | None = None
     family: str = "sd"  # the tcscale.families name that built them (`model.family`)
+    # SD3 only: the T5 tower and its tokenizer (`unet` then holds the SD3Transformer2DModel, the pipeline's transformer)
+    text_encoder_3: torch.nn.Module | None = None
+    tokenizer_3: object | None = None
 
     @property
     def prediction_type(self) -> str:
@@ -43,8 +46,8 @@ class SDComponents:
 
     @property
     def text_towers(self) -> tuple[torch.nn.Module, ...]:
-        """The frozen text encoders the family loaded (one for SD, two for SDXL)."""
-        return tuple(t for t in (self.text_encoder, self.text_encoder_2) if t is not None)
+        """The frozen text encoders the family loaded (one for SD, two for SDXL, three for SD3)."""
+        return tuple(t for t in (self.text_encoder, self.text_encoder_2, self.text_encoder_3) if t is not None)
 
 
 def _is_local(ref: str) -> bool:
@@ -88,7 +91,7 @@ def load_components(cfg: ModelConfig, resolution: int) -> SDComponents:
             loaders["vae"] = (SpaceToDepthAutoencoder, {})
         parts = {}
         for name, (cls, extra) in loaders.items():
-            subfolder = "scheduler" if name == "noise_scheduler" else name
+            subfolder = family.subfolder(name)
             try:
                 parts[name] = cls.from_pretrained(
                     str(Path(ref).expanduser()) if _is_local(ref) else ref, subfolder=subfolder, revision=cfg.revision,

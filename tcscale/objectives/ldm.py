@@ -5,12 +5,13 @@ Its options (`objective.ldm`) also configure the L_LDM term of the objectives bu
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from tcscale.losses.diffusion import ldm_loss, sample_noise
-from tcscale.models.conditioning import batch_conditioning
+from tcscale.losses.flow_matching import FlowMatchingConfig, flow_matching_loss
+from tcscale.models.conditioning import Conditioning, batch_conditioning
 from tcscale.models.lora import ATTENTION_PROJECTIONS
 from tcscale.objectives.base import BuildContext, Objective, StepOutput, register_objective
 
@@ -19,16 +20,23 @@ from tcscale.objectives.base import BuildContext, Objective, StepOutput, registe
 class LDMConfig:
     snr_gamma: float | None = None  # min-SNR weighting gamma (5.0 is the usual value); null -> plain MSE
     noise_offset: float = 0.0  # noise offset scale (0 disables)
+    # model.family=sd3: the flow-matching timestep density and loss weighting (tcscale.losses.flow_matching)
+    flow_matching: FlowMatchingConfig = field(default_factory=FlowMatchingConfig)
 
 
 @dataclass
 class NoisedBatch:
     latents: torch.Tensor  # (B, C, h, w) float32 VAE latents x scaling factor
-    timesteps: torch.Tensor  # (B,) int64, t ~ U{0..T-1}
+    timesteps: torch.Tensor  # (B,) int64, t ~ U{0..T-1} (flow matching: float t = σ·T)
     noisy: torch.Tensor  # (B, C, h, w) compute dtype: the U-Net input z_t
-    target: torch.Tensor  # epsilon or v, float32
+    target: torch.Tensor  # epsilon or v (flow matching: ε − x₀), float32
     text: torch.Tensor  # (B, 77, D) compute dtype: what attn2 reads (tcscale.models.conditioning)
-    added_cond_kwargs: dict | None = None  # SDXL: text_embeds + micro-conditioning time_ids; None for SD1/2
+    added_cond_kwargs: dict | None = None  # SDXL: text_embeds + micro-conditioning time_ids; SD3: pooled_projections
+    weights: torch.Tensor | None = None  # (B,) per-sample loss weights (flow matching's scheme), None: plain / min-SNR
+
+    @property
+    def cond(self) -> Conditioning:
+        return Conditioning(self.text, self.added_cond_kwargs)
 
 
 class LDMObjective(Objective):
@@ -86,21 +94,22 @@ class LDMObjective(Objective):
         vae, scheduler = self.comps.vae, self.comps.noise_scheduler
         device = self.device
         pixels = batch["pixel_values"].to(device, vae.dtype)
-        latents = (vae.encode(pixels).latent_dist.sample(generator) * vae.config.scaling_factor).float()
+        latents = self.family.latents(vae, pixels, generator)
         cond = batch_conditioning(self.comps, batch, dtype=self.dtype, device=device)
         noise = sample_noise(latents, generator, self.ldm.noise_offset)
-        T = scheduler.config.num_train_timesteps
-        timesteps = torch.randint(0, T, (latents.shape[0],), generator=generator, device=device).long()
-        noisy = scheduler.add_noise(latents, noise, timesteps)
-        target = self.family.training_target(scheduler, latents, noise, timesteps)
-        return NoisedBatch(latents, timesteps, noisy.to(self.dtype), target, cond.text, cond.added_cond_kwargs)
+        timesteps, noisy, target, weights = self.family.noise_latents(scheduler, latents, noise, generator, self.ldm)
+        return NoisedBatch(
+            latents, timesteps, noisy.to(self.dtype), target, cond.text, cond.added_cond_kwargs, weights
+        )  # fmt: skip
 
     def ldm_loss(self, pred: torch.Tensor, nb: NoisedBatch) -> torch.Tensor:
+        if nb.weights is not None:
+            return flow_matching_loss(pred, nb.target, nb.weights)
         return ldm_loss(pred, nb.target, nb.timesteps, self.comps.noise_scheduler, self.ldm.snr_gamma)
 
     def __call__(self, model, batch: dict, generator: torch.Generator) -> StepOutput:
         nb = self.noised(batch, generator)
-        pred = model(nb.noisy, nb.timesteps, nb.text, added_cond_kwargs=nb.added_cond_kwargs).sample
+        pred = self.family.denoise(model, nb.noisy, nb.timesteps, nb.cond)
         ldm = self.ldm_loss(pred, nb)
         return StepOutput(ldm, {"ldm": ldm})
 
@@ -108,6 +117,18 @@ class LDMObjective(Objective):
 def check_ldm_options(cfg) -> None:
     if cfg.objective.ldm.noise_offset < 0:
         raise ValueError(f"objective.ldm.noise_offset must be >= 0, got {cfg.objective.ldm.noise_offset}")
+    from tcscale.families import family_of
+
+    if not family_of(cfg.model).flow_matching:
+        return
+    family = cfg.model.family
+    if cfg.objective.ldm.snr_gamma is not None:
+        raise ValueError(
+            f"objective.ldm.snr_gamma: min-SNR weighting is for DDPM schedules; model.family={family} trains with "
+            "flow matching, weighted by objective.ldm.flow_matching.weighting_scheme"
+        )
+    if cfg.model.prediction_type is not None:
+        raise ValueError(f"model.prediction_type: model.family={family} predicts the flow-matching velocity; set null")
 
 
 register_objective("ldm", LDMConfig, LDMObjective, check=check_ldm_options, description="L_LDM only (the baseline)")

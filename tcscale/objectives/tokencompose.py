@@ -18,7 +18,6 @@ import torch
 
 from tcscale.attention.masks import MaskFullRes
 from tcscale.attention.plan import GroundingPlan, vae_scale_factor
-from tcscale.attention.processors import install_grounding_processors
 from tcscale.attention.recorders import GroupedLossRecorder, LossRecorder
 from tcscale.losses.grounding import PixelLossReduction, TokenLossHeads
 from tcscale.objectives.base import BuildContext, StepOutput, register_objective
@@ -68,7 +67,8 @@ class TokenComposeObjective(LDMObjective):
             mask_full_res=self.tc.mask_full_res,
             layout=ctx.family.layout,
         )
-        install_grounding_processors(self.module, self.plan, ctx.cfg.attention.backend, ctx.cfg.attention.ungrounded)
+        ctx.family.install_grounding(self.module, self.plan, ctx.cfg.attention)
+        self.attention = ctx.cfg.attention
 
     @property
     def phrase_device(self) -> torch.device:
@@ -87,7 +87,10 @@ class TokenComposeObjective(LDMObjective):
             mask_rule=self.plan.mask_rule,
             token_loss_heads=self.tc.token_loss_heads,
         )
-        token_phrase = batch["token_phrase"].to(device)
+        # over the text keys the grounded layers read (an MMDiT's: CLIP then T5 positions; tcscale.families)
+        token_phrase = self.family.key_token_phrase(
+            self.comps, batch["input_ids"], batch["token_phrase"], self.attention
+        ).to(device)
         if self.tc.pixel_loss_reduction == "per_resolution":
             return GroupedLossRecorder(
                 latent_size, token_phrase, groups=self.plan.groups(), pixel_loss_reduction="per_resolution", **kwargs
@@ -97,8 +100,7 @@ class TokenComposeObjective(LDMObjective):
     def __call__(self, model, batch: dict, generator: torch.Generator) -> StepOutput:
         nb = self.noised(batch, generator)
         with self.recorder(tuple(nb.latents.shape[-2:]), batch) as rec:
-            extra = {"added_cond_kwargs": nb.added_cond_kwargs, "cross_attention_kwargs": rec.kwargs}
-            pred = model(nb.noisy, nb.timesteps, nb.text, **extra).sample
+            pred = self.family.denoise(model, nb.noisy, nb.timesteps, nb.cond, rec.kwargs)
         ldm = self.ldm_loss(pred, nb)
         token, pixel = rec.total("token"), rec.total("pixel")
         loss = ldm + self.tc.token_loss_weight * token + self.tc.pixel_loss_weight * pixel

@@ -199,8 +199,7 @@ def adapter_unet(
     """A LoRA run's U-Net holding only its adapters: built from the base's config on the meta device (no base
     weight is read or allocated), the adapters filled from the checkpoint (`ema`: its EMA weights). Enough to write
     the adapter."""
-    from diffusers import UNet2DConditionModel
-
+    from tcscale.families import family_of
     from tcscale.models.lora import add_lora, lora_target_modules
 
     run_dir = Path(run_dir)
@@ -211,12 +210,14 @@ def adapter_unet(
     if ema:
         state = _with_ema(state, ckpt_dir / tag, allow_unsafe_load)
     base = _base_ref(cfg, run_dir)
+    family = family_of(cfg.model)
+    denoiser_cls, sub = family.component_classes(None)["unet"][0], family.subfolder("unet")
     try:
-        config = UNet2DConditionModel.load_config(base, subfolder="unet", revision=cfg.model.revision)
+        config = denoiser_cls.load_config(base, subfolder=sub, revision=cfg.model.revision)
     except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"model.pretrained={base!r}: cannot read unet/config.json: {exc}") from exc
+        raise ModelLoadError(f"model.pretrained={base!r}: cannot read {sub}/config.json: {exc}") from exc
     with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(config)
+        unet = denoiser_cls.from_config(config)
         add_lora(unet, cfg.model.lora, lora_target_modules(cfg), seed=cfg.seed)
     _load_parts(unet, cfg.objective.name, state, frozen, ckpt_dir / tag, assign=True)
     empty = [n for n, p in unet.named_parameters() if ".lora_" in n and p.is_meta]
