@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 
 EXTRAS    ?= dataprep,eval,dev
 
-.PHONY: setup test test-fast test-realshape lint format demo demo-finetune demo-base doctor constraints bench-loader bench-kernel gpu-wheels clean
+.PHONY: setup test test-fast test-realshape lint format demo demo-base doctor constraints bench-loader bench-kernel gpu-wheels clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -42,11 +42,8 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(VENV)/bin/ruff format . && $(VENV)/bin/ruff check --fix .
 
-demo: $(STAMP)  ## TokenCompose vs LDM-only on the synthetic world, 3 seeds (DEMO_FAST=1: 1 short seed); docs/DEMO.md
+demo: $(STAMP)  ## the shipped base finetuned: LDM-only vs TokenCompose vs SepEn, 3 seeds (DEMO_FAST=1: 1 short seed); docs/DEMO.md
 	$(VPY) launchers/demo.py
-
-demo-finetune: $(STAMP)  ## finetune the shipped base: LDM-only vs TokenCompose vs SepEn (work in progress); docs/DEMO_FINETUNE.md
-	$(VPY) launchers/demo_finetune.py
 
 demo-base: $(STAMP)  ## pretrain the demo's base model and ship it into tcscale/demo_base (tcscale/demo_base/README.md)
 	$(VPY) launchers/demo_base.py

@@ -1,20 +1,25 @@
-"""The CPU demo: TokenCompose against LDM-only on the synthetic shapes world, 3 seeds, in minutes (make demo).
+"""The CPU demo (make demo): a shipped base model finetuned with LDM-only, TokenCompose and SepEn, composition per
+method on held-out prompts, 3 seeds, in minutes.
 
-    python launchers/demo.py              # 3 seeds x 500 steps (~10 min on 2 cores)
-    DEMO_FAST=1 python launchers/demo.py  # 1 seed x 150 steps, a smaller world: checks the pipeline (CI)
+    python launchers/demo.py              # 3 seeds x 3 methods, then the base and every finetune evaluated
+    DEMO_FAST=1 python launchers/demo.py  # 1 seed, a few steps, a small evaluation: checks the pipeline (CI)
+    DEMO_SEEDS=0 python launchers/demo.py # the full budget for the listed seeds only (comma-separated)
 
-1. writes the training world as grounded WebDataset shards (dataprep.synthetic_shards);
-2. per seed, trains both models side by side, one core each, through the real launcher
-   (`deepspeed --num_gpus 1 launchers/train.py --config configs/demo_cpu.yaml objective.name=ldm|tokencompose`),
-   with a progress bar per model;
-3. evaluates each with `launchers/eval.py --config configs/eval/demo_cpu.yaml` (held-out grounding mIoU and the
-   synthetic scorer's all-objects rate on held-out prompts), nested under its training run in MLflow;
-4. writes runs/demo/results.json, a figure (a held-out prompt: image and per-phrase attention of both models) and
-   prints the table and the `mlflow ui` command.
+1. materialises the shipped base (tcscale/demo_base, made by `make demo-base`) as an fp32 pipeline in runs/demo;
+2. writes the finetuning world as grounded WebDataset shards (dataprep.synthetic_shards: 1-3 objects per image);
+3. finetunes the base per seed and method through the real launcher (`deepspeed --num_gpus 1 launchers/train.py
+   --config configs/demo_cpu.yaml objective.name=ldm|tokencompose|sepen model.pretrained=<base>`), two runs at a
+   time (one core each), a progress bar per run;
+4. evaluates the base and every finetune with `launchers/eval.py --config configs/eval/demo_cpu.yaml seed=<seed>`
+   (MG2 / MG3: every object of a held-out 2- / 3-object prompt found by the synthetic scorer; held-out grounding
+   mIoU), the finetunes' nested under their training runs in MLflow;
+5. writes runs/demo/results.json and the figures (generated images per model for the same prompts and noise,
+   per-phrase attention) and prints the table and the `mlflow ui` command.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -30,9 +35,12 @@ REPO = Path(__file__).resolve().parents[1]
 if sys.path and Path(sys.path[0]).resolve() == REPO / "launchers":  # launchers/dataprep.py would shadow dataprep/
     sys.path[0] = str(REPO)
 OUT = REPO / "runs" / "demo"
-MODELS = ("ldm", "tokencompose")
-FULL = {"seeds": [0, 1, 2], "steps": 500, "world": 4000, "grounding_samples": 128, "prompts": 16, "rounds": 4}
-FAST = {"seeds": [0], "steps": 150, "world": 1200, "grounding_samples": 64, "prompts": 4, "rounds": 2}
+MODELS = ("ldm", "tokencompose", "sepen")  # the finetunes of the shipped base
+LABELS = {"base": "base (shipped)", "ldm": "LDM-only", "tokencompose": "TokenCompose", "sepen": "SepEn"}
+GROUNDING_SEED = 11233  # + the seed: the held-out grounding world of each seed's evaluation (never trained on)
+VALIDATION_SEED = 7000  # + the seed (and + GROUNDING_SEED): the validation split's prompts, noise and grounding world
+FULL = {"seeds": [0, 1, 2], "steps": 200, "world": 4000, "grounding_samples": 128, "prompts": 16, "rounds": 2}
+FAST = {"seeds": [0], "steps": 40, "world": 1200, "grounding_samples": 64, "prompts": 4, "rounds": 2}
 
 
 def free_port() -> int:
@@ -63,31 +71,57 @@ def build_deepspeed_op() -> None:
     subprocess.run([sys.executable, "-c", code], env=child_env(), check=True, capture_output=True, cwd=REPO)
 
 
-def run_pair(commands: dict[str, list[str]], logs: dict[str, Path], total: int | None, what: str) -> None:
-    """Run two commands side by side; a progress bar per model from the 'step N/M' lines of its log."""
+def run_jobs(jobs: dict[str, tuple[list[str], Path]], total: int | None, slots: int = 2) -> None:
+    """Run the commands `slots` at a time (one core each), a progress bar per job from the 'step N/M' lines of its
+    log; a failed job stops the demo with its log's tail."""
     from tqdm import tqdm
 
-    procs, bars = {}, {}
-    for i, (name, cmd) in enumerate(commands.items()):
-        logs[name].parent.mkdir(parents=True, exist_ok=True)
-        f = open(logs[name], "w")  # noqa: SIM115 - closed below
-        procs[name] = (subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=f, stderr=subprocess.STDOUT), f)
-        if total:
-            bars[name] = tqdm(total=total, desc=f"{what} {name:12s}", position=i, leave=True, file=sys.stdout)
+    pending, running, bars = list(jobs), {}, {}
+    if total:
+        bars = {name: tqdm(total=total, desc=f"{name:16s}", position=i, leave=True, file=sys.stdout)
+                for i, name in enumerate(jobs)}  # fmt: skip
     step_re = re.compile(r"^step (\d+)/")
-    while any(p.poll() is None for p, _ in procs.values()):
+    failed = None
+    while (pending or running) and failed is None:
+        while pending and len(running) < slots:
+            name = pending.pop(0)
+            cmd, log = jobs[name]
+            log.parent.mkdir(parents=True, exist_ok=True)
+            f = open(log, "w")  # noqa: SIM115 - closed when the job ends
+            running[name] = (subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=f, stderr=subprocess.STDOUT), f)
         time.sleep(1.0)
-        for name, bar in bars.items():
-            steps = [int(m.group(1)) for line in logs[name].read_text().splitlines() if (m := step_re.match(line))]
-            if steps and steps[-1] > bar.n:
-                bar.update(steps[-1] - bar.n)
+        for name in list(running):
+            proc, f = running[name]
+            if name in bars:
+                text = jobs[name][1].read_text()
+                steps = [int(m.group(1)) for line in text.splitlines() if (m := step_re.match(line))]
+                if steps and steps[-1] > bars[name].n:
+                    bars[name].update(steps[-1] - bars[name].n)
+            if proc.poll() is not None:
+                f.close()
+                del running[name]
+                if proc.returncode != 0:
+                    failed = (name, proc.returncode)
+    for proc, f in running.values():  # only after a failure: stop the others
+        proc.terminate()
+        proc.wait()
+        f.close()
     for bar in bars.values():
         bar.close()
-    for name, (p, f) in procs.items():
-        f.close()
-        if p.returncode != 0:
-            tail = "\n".join(logs[name].read_text().splitlines()[-25:])
-            raise SystemExit(f"demo: {what} of {name} failed (exit {p.returncode}); {logs[name]}:\n{tail}")
+    if failed is not None:
+        name, rc = failed
+        log = jobs[name][1]
+        tail = "\n".join(log.read_text().splitlines()[-25:])
+        raise SystemExit(f"demo: {name} failed (exit {rc}); {log}:\n{tail}")
+
+
+@functools.lru_cache(maxsize=8)
+def figure_pipeline(export: str):
+    """A model's DDIM pipeline for the figures, loaded once for all three (loading costs more than drawing)."""
+    from tcscale.eval.config import EvalModelConfig, SamplerConfig
+    from tcscale.eval.generation import load_pipeline
+
+    return load_pipeline(export, EvalModelConfig(pretrained=export), SamplerConfig("ddim"), "cpu")
 
 
 def held_out_maps(pipelines: dict[str, Path], path: Path) -> None:
@@ -100,13 +134,11 @@ def held_out_maps(pipelines: dict[str, Path], path: Path) -> None:
     from tcscale.attention.processors import observe
     from tcscale.attention.recorders import MapCapture
     from tcscale.eval.attention_maps import render_attention
-    from tcscale.eval.config import EvalModelConfig, SamplerConfig
-    from tcscale.eval.generation import load_pipeline
     from tcscale.eval.grounding_maps import grounding_batches, phrase_layer_maps
 
     rows = []
     for i, (name, export) in enumerate(pipelines.items()):
-        pipe = load_pipeline(str(export), EvalModelConfig(pretrained=str(export)), SamplerConfig("ddim"), "cpu")
+        pipe = figure_pipeline(str(export))
         plan = GroundingPlan.build(pipe.unet, blocks=["up"], resolutions=[16], image_resolution=32,
                                    scale_factor=vae_scale_factor(pipe.vae))  # fmt: skip
         batch = next(grounding_batches("synthetic", pipe.tokenizer, resolution=32, num_samples=4, batch_size=4,
@@ -166,13 +198,11 @@ def figure(pipelines: dict[str, Path], path: Path) -> None:
     from tcscale.attention.plan import GroundingPlan, vae_scale_factor
     from tcscale.data.synthetic import synthetic_eval_prompts
     from tcscale.eval.attention_maps import generate_with_maps, phrase_heat, phrase_tokens, render_attention
-    from tcscale.eval.config import EvalModelConfig, SamplerConfig
-    from tcscale.eval.generation import load_pipeline
 
     prompt = synthetic_eval_prompts(2, "held_out", 1, seed=0)[0]["prompt"]
     rows = []
     for name, export in pipelines.items():
-        pipe = load_pipeline(str(export), EvalModelConfig(pretrained=str(export)), SamplerConfig("ddim"), "cpu")
+        pipe = figure_pipeline(str(export))
         plan = GroundingPlan.build(pipe.unet, blocks=["up"], resolutions=[16], image_resolution=32,
                                    scale_factor=vae_scale_factor(pipe.vae))  # fmt: skip
         image, maps = generate_with_maps(pipe, prompt, plan, resolution=32, num_inference_steps=20, guidance_scale=1.0,
@@ -183,16 +213,97 @@ def figure(pipelines: dict[str, Path], path: Path) -> None:
     _stack(rows).save(path)
 
 
-def parse_args(argv: list[str] | None = None, description: str | None = __doc__):
-    """The demos' command line (this one's and launchers/demo_finetune.py's, with its own description)."""
+def generated_grid(pipelines: dict[str, Path], path: Path, per_k: int = 4, seed: int = 0) -> None:
+    """Images generated by every model for the same held-out prompts and the same initial noise: one row per model,
+    `per_k` two-object then `per_k` three-object prompts; a green frame where the synthetic scorer finds every
+    object the prompt names (colour and shape), red where it does not."""
+    import torch
+    from PIL import Image, ImageDraw
+
+    from tcscale.data.synthetic import synthetic_eval_prompts
+    from tcscale.eval.synthetic_scorer import all_objects_present
+
+    prompts = [p for k in (2, 3) for p in synthetic_eval_prompts(k, "held_out", per_k, seed=seed)]
+    tile, pad, head, left = 128, 6, 64, 120
+    canvas = Image.new("RGB", (left + len(prompts) * (tile + pad), head + len(pipelines) * (tile + pad)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for j, p in enumerate(prompts):
+        words = ", ".join(" ".join(o) for o in p["objects"]).split(", ")
+        draw.text((left + j * (tile + pad), 6), "\n".join(words), fill="black")
+    for i, (name, export) in enumerate(pipelines.items()):
+        pipe = figure_pipeline(str(export))
+        y = head + i * (tile + pad)
+        draw.text((6, y + tile // 2 - 6), name, fill="black")
+        for j, p in enumerate(prompts):
+            image = pipe(p["prompt"], height=32, width=32, num_inference_steps=20, guidance_scale=1.0,
+                         generator=torch.Generator().manual_seed(1000 + j)).images[0]  # fmt: skip
+            ok = all_objects_present(image, p["objects"])
+            x = left + j * (tile + pad)
+            draw.rectangle([x - 3, y - 3, x + tile + 2, y + tile + 2], fill=(40, 170, 60) if ok else (220, 40, 40))
+            canvas.paste(image.resize((tile, tile), Image.NEAREST), (x, y))
+    canvas.save(path)
+
+
+def parse_args(argv: list[str] | None = None):
+    """The demo's command line; the options past --fast are for choosing its settings (docs/DEMO.md)."""
     import argparse
 
     from tcscale.logs import add_log_level_argument
 
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fast", action="store_true", help="the 1-seed pipeline check (same as DEMO_FAST=1)")
+    parser.add_argument("--validation", action="store_true",
+                        help="score on the validation split (training combinations, other seeds), no figures: "
+                             "how the settings are chosen; the held-out prompts are never looked at")  # fmt: skip
+    parser.add_argument("--out", type=Path, default=OUT, help=f"output directory (default {OUT.relative_to(REPO)})")
+    parser.add_argument("--methods", default=",".join(MODELS), help="comma-separated subset of " + ",".join(MODELS))
+    parser.add_argument("--steps", type=int, default=None, help="finetuning steps (default: the plan's)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="[METHOD:]KEY=VALUE",
+        help="a training config override, for every method or for METHOD only (repeatable)",
+    )
+    parser.add_argument("--base", type=Path, default=None,
+                        help="a base in the shipped format (default: tcscale/demo_base)")  # fmt: skip
     add_log_level_argument(parser)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    methods = tuple(args.methods.split(","))
+    if not methods or any(m not in MODELS for m in methods):
+        parser.error(f"--methods {args.methods!r}: each must be one of {', '.join(MODELS)}")
+    args.methods = methods
+    out = args.out.resolve()
+    if out.exists() and any(out.iterdir()) and not (out / "base_model").exists():  # the demo empties --out first
+        parser.error(f"--out {args.out}: exists and is not an earlier demo's output (no base_model/); not emptying it")
+    for o in args.overrides:
+        if "=" not in o or (":" in o.split("=", 1)[0] and o.split(":", 1)[0] not in MODELS):
+            parser.error(f"--set {o!r}: expected [METHOD:]KEY=VALUE, METHOD one of {', '.join(MODELS)}")
+    return args
+
+
+def overrides_for(method: str, overrides: list[str]) -> list[str]:
+    """The `--set` overrides that apply to `method`: unprefixed ones and those prefixed `method:`."""
+    out = []
+    for o in overrides:
+        head, sep, rest = o.partition(":")
+        if sep and "=" not in head:
+            if head == method:
+                out.append(rest)
+        else:
+            out.append(o)
+    return out
+
+
+def metric_rows(metrics: dict[str, float]) -> dict[str, float]:
+    """The demo's four numbers from an evaluation's metrics (launchers/eval.py results.json)."""
+    return {
+        "grounding_miou": metrics["grounding/miou"],
+        "all_objects": metrics["synthetic/k2/all_objects"],  # the key earlier demos wrote: two-object prompts
+        "mg2": metrics["synthetic/k2/all_objects"],
+        "mg3": metrics["synthetic/k3/all_objects"],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -201,84 +312,119 @@ def main(argv: list[str] | None = None) -> int:
 
     setup_logging(args.log_level)
     fast = args.fast or os.environ.get("DEMO_FAST", "") not in ("", "0")
-    plan = FAST if fast else FULL
+    plan = dict(FAST if fast else FULL)
+    if os.environ.get("DEMO_SEEDS"):  # e.g. DEMO_SEEDS=0: one seed of the full budget
+        plan["seeds"] = [int(s) for s in os.environ["DEMO_SEEDS"].split(",")]
+    if args.steps is not None:
+        plan["steps"] = args.steps
+    models, rows, out_dir = args.methods, ("base", *args.methods), args.out.resolve()
     t0 = time.perf_counter()
-    shutil.rmtree(OUT, ignore_errors=True)
-    OUT.mkdir(parents=True)
-    say(f"{'fast path: ' if fast else ''}{len(plan['seeds'])} seed(s) x {{LDM-only, TokenCompose}}, "
-        f"{plan['steps']} steps each, two trainings side by side (one core each)")  # fmt: skip
+    shutil.rmtree(out_dir, ignore_errors=True)
+    out_dir.mkdir(parents=True)
+    say(f"{'fast path: ' if fast else ''}finetuning the shipped base with {', '.join(LABELS[m] for m in models)}, "
+        f"{len(plan['seeds'])} seed(s) x {plan['steps']} steps, two runs at a time (one core each)"
+        + (" -- scored on the validation split" if args.validation else ""))  # fmt: skip
     build_deepspeed_op()
 
-    say(f"writing the training world: {plan['world']} grounded samples as WebDataset shards ...")
+    from tcscale.models.demo_base import materialise_demo_base
+
+    base = materialise_demo_base(out_dir / "base_model", **({"src": args.base} if args.base else {}))
+    say(f"the base ({args.base or 'tcscale/demo_base, its README.md says how it was made'}) -> {base}")
+    say(f"writing the finetuning world: {plan['world']} grounded samples (1-3 objects) as WebDataset shards ...")
     from dataprep.synthetic_shards import write_synthetic_shards
 
-    info = write_synthetic_shards(str(OUT / "shards"), plan["world"], 32, 32, samples_per_shard=500, progress=False)
-    shards = str(OUT / "shards" / info["shards"])
-    uri = f"sqlite:///{OUT / 'mlflow.db'}"
+    info = write_synthetic_shards(str(out_dir / "shards"), plan["world"], 32, 32, samples_per_shard=500, progress=False)
+    shards = str(out_dir / "shards" / info["shards"])
+    uri = f"sqlite:///{out_dir / 'mlflow.db'}"
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=uri)  # created once here, not by two trainings at the same moment
     if client.get_experiment_by_name("tcscale-demo") is None:
-        client.create_experiment("tcscale-demo", artifact_location=(OUT / "mlartifacts").as_uri())
+        client.create_experiment("tcscale-demo", artifact_location=(out_dir / "mlartifacts").as_uri())
 
     deepspeed = str(Path(sys.executable).parent / "deepspeed")
-    results = {m: {"grounding_miou": [], "all_objects": []} for m in MODELS}
-    runs = {}
-    for seed in plan["seeds"]:
-        runs = {m: OUT / f"{m}_s{seed}" for m in MODELS}
-        train = {
-            m: [deepspeed, "--num_gpus", "1", "--master_port", str(free_port()), "launchers/train.py",
-                "--config", "configs/demo_cpu.yaml", f"objective.name={m}", f"run_name={m}_s{seed}",
-                f"output_dir={runs[m]}", f"seed={seed}", f"model.tiny.seed={seed}", f"max_steps={plan['steps']}",
-                f"validation.every_steps={plan['steps']}", f"data.shards={shards}", f"tracking.uri={uri}",
-                f"--log-level={args.log_level}"]
-            for m in MODELS
-        }  # fmt: skip
-        say(f"seed {seed}: training both models ({plan['steps']} steps) ...")
-        run_pair(train, {m: runs[m] / "train.log" for m in MODELS}, plan["steps"], f"seed {seed}")
-        evals = {
-            m: [sys.executable, "launchers/eval.py", "--config", "configs/eval/demo_cpu.yaml", f"name={m}_s{seed}",
-                f"model.run_dir={runs[m]}", f"output_dir={runs[m] / 'eval'}",
-                f"grounding.num_samples={plan['grounding_samples']}", f"synthetic.num_prompts={plan['prompts']}",
-                f"synthetic.rounds={plan['rounds']}", f"--log-level={args.log_level}"]
-            for m in MODELS
-        }  # fmt: skip
-        say(f"seed {seed}: evaluating both (held-out grounding mIoU, all objects present on held-out prompts) ...")
-        run_pair(evals, {m: runs[m] / "eval.log" for m in MODELS}, None, f"seed {seed} eval")
-        for m in MODELS:
-            metrics = json.loads((runs[m] / "eval" / "results.json").read_text())["metrics"]
-            results[m]["grounding_miou"].append(metrics["grounding/miou"])
-            results[m]["all_objects"].append(metrics["synthetic/k2/all_objects"])
-        say("seed {}: grounding mIoU LDM-only {:.3f} / TokenCompose {:.3f}".format(
-            seed, results["ldm"]["grounding_miou"][-1], results["tokencompose"]["grounding_miou"][-1]))  # fmt: skip
+    runs = {(m, s): out_dir / f"{m}_s{s}" for s in plan["seeds"] for m in models}
+    train = {
+        f"{m} seed {s}": ([deepspeed, "--num_gpus", "1", "--master_port", str(free_port()), "launchers/train.py",
+                           "--config", "configs/demo_cpu.yaml", f"objective.name={m}", f"run_name={m}_s{s}",
+                           f"output_dir={run}", f"model.pretrained={base}", f"seed={s}", f"max_steps={plan['steps']}",
+                           f"validation.every_steps={plan['steps']}", f"data.shards={shards}", f"tracking.uri={uri}",
+                           *overrides_for(m, args.overrides)],
+                          run / "train.log")
+        for (m, s), run in runs.items()
+    }  # fmt: skip
+    say(f"finetuning: {len(train)} runs of {plan['steps']} steps ...")
+    run_jobs(train, plan["steps"])
 
-    say("figure: a held-out prompt, image and per-phrase attention of both models ...")
-    import diffusers
+    def eval_cmd(name: str, seed: int, model: list[str], out: Path) -> tuple[list[str], Path]:
+        config = "configs/eval/demo_cpu.yaml"
+        cmd = [sys.executable, "launchers/eval.py", "--config", config, f"name={name}", *model,
+               f"output_dir={out}", f"seed={seed}", f"grounding.synthetic_seed={GROUNDING_SEED + seed}",
+               f"grounding.num_samples={plan['grounding_samples']}", f"synthetic.num_prompts={plan['prompts']}",
+               f"synthetic.rounds={plan['rounds']}"]  # fmt: skip
+        if args.validation:  # training combinations, prompts / noise / grounding images of other seeds
+            cmd[cmd.index(f"seed={seed}")] = f"seed={VALIDATION_SEED + seed}"
+            cmd[cmd.index(f"grounding.synthetic_seed={GROUNDING_SEED + seed}")] = (
+                f"grounding.synthetic_seed={VALIDATION_SEED + GROUNDING_SEED + seed}"
+            )
+            cmd += ["synthetic.split=train", "grounding.synthetic_split=train"]
+        return cmd, out.parent / f"{out.name}.log"
 
-    diffusers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.disable_progress_bar()
-    exports = {m: sorted((run / "export").iterdir())[-1] for m, run in runs.items()}
-    figure(exports, OUT / "figure.png")
-    held_out_maps(exports, OUT / "figure_heldout_maps.png")
+    base_model = [f"model.pretrained={base}", "model.run_dir=null"]  # the eval config names a run
+    evals = {
+        f"base seed {s}": eval_cmd(f"base_s{s}", s, base_model, out_dir / f"base_eval_s{s}") for s in plan["seeds"]
+    }
+    evals.update({f"{m} seed {s}": eval_cmd(f"{m}_s{s}", s, [f"model.run_dir={run}"], run / "eval")
+                  for (m, s), run in runs.items()})  # fmt: skip
+    say(
+        f"evaluating the base and every finetune on {'validation' if args.validation else 'held-out'} prompts "
+        f"({len(evals)} evaluations) ..."
+    )
+    run_jobs(evals, None)
+    results = {m: {k: [] for k in ("grounding_miou", "all_objects", "mg2", "mg3")} for m in rows}
+    for s in plan["seeds"]:
+        outs = {"base": out_dir / f"base_eval_s{s}"} | {m: runs[(m, s)] / "eval" for m in models}
+        for m, out in outs.items():
+            for key, value in metric_rows(json.loads((out / "results.json").read_text())["metrics"]).items():
+                results[m][key].append(value)
+
+    if not args.validation:  # the figures show held-out prompts: never drawn while choosing settings
+        say("figures: generated images per model for the same prompts and noise; per-phrase attention ...")
+        import diffusers
+        import torch
+
+        torch.set_num_threads(1)  # as the runs (child_env): two threads on shared cores drew the figures 12x slower
+        diffusers.utils.logging.set_verbosity_error()
+        diffusers.utils.logging.disable_progress_bar()
+        s0 = plan["seeds"][0]
+        pipelines = {"base": base} | {m: sorted((runs[(m, s0)] / "export").iterdir())[-1] for m in models}
+        generated_grid(pipelines, out_dir / "figure_generated.png", per_k=2 if fast else 4)
+        figure(pipelines, out_dir / "figure.png")
+        held_out_maps(pipelines, out_dir / "figure_heldout_maps.png")
     wall = time.perf_counter() - t0
+    split = "validation" if args.validation else "held_out"
     out = {"seeds": plan["seeds"], "models": results, "wall_s": round(wall, 1), "fast": fast,
-           "steps": plan["steps"]}  # fmt: skip
-    tmp = OUT / "results.json.tmp"
+           "steps": plan["steps"], "split": split, "overrides": args.overrides}  # fmt: skip
+    tmp = out_dir / "results.json.tmp"
     tmp.write_text(json.dumps(out, indent=1))
-    tmp.replace(OUT / "results.json")
+    tmp.replace(out_dir / "results.json")
 
     def fmt(values: list[float]) -> str:
         spread = f" ± {statistics.pstdev(values):.3f}" if len(values) > 1 else ""
-        return f"{statistics.mean(values):.3f}{spread}  ({', '.join(f'{v:.3f}' for v in values)})"
+        return f"{statistics.mean(values):.3f}{spread}"
 
     print()
-    print(f"| model (seeds {plan['seeds']}) | held-out grounding mIoU | all objects present (held-out prompts) |")
-    print("|---|---|---|")
-    for m, label in (("ldm", "LDM-only"), ("tokencompose", "TokenCompose")):
-        print(f"| {label} | {fmt(results[m]['grounding_miou'])} | {fmt(results[m]['all_objects'])} |")
-    gaps = [t - b for t, b in zip(results["tokencompose"]["grounding_miou"], results["ldm"]["grounding_miou"])]
-    print(f"\nTokenCompose - LDM-only, grounding mIoU per seed: {', '.join(f'{g:+.3f}' for g in gaps)}")
-    print(f"results: {OUT / 'results.json'}   figure: {OUT / 'figure.png'}   wall: {wall / 60:.1f} min")
+    where = "validation" if args.validation else "held-out"
+    print(f"| model (seeds {plan['seeds']}) | MG2 (2 objects, {where}) | MG3 (3 objects, {where}) "
+          f"| {where} grounding mIoU |")  # fmt: skip
+    print("|---|---|---|---|")
+    for m in rows:
+        r = results[m]
+        print(f"| {LABELS[m]} | {fmt(r['mg2'])} | {fmt(r['mg3'])} | {fmt(r['grounding_miou'])} |")
+    for key in ("mg2", "grounding_miou") if {"ldm", "tokencompose"} <= set(models) else ():
+        gaps = [t - b for t, b in zip(results["tokencompose"][key], results["ldm"][key])]
+        print(f"TokenCompose - LDM-only, {key} per seed: {', '.join(f'{g:+.3f}' for g in gaps)}")
+    print(f"results: {out_dir / 'results.json'}   figures: {out_dir}/figure_*.png   wall: {wall / 60:.1f} min")
     print(f"MLflow:  {Path(sys.executable).parent / 'mlflow'} ui --backend-store-uri {uri}")
     return 0
 

@@ -72,7 +72,7 @@ def test_scheduler_lrs_scale_too_and_explicit_accumulation_must_agree():
     cfg = load_config(REPO / "configs" / "demo_cpu.yaml", ["batch.global_size=4", "batch.lr_scaling=linear"])
     plan = resolve_batch(cfg.deepspeed, 4, "linear", 1)  # micro-batch 8 on one rank: global 8
     ds = plan.deepspeed_section(cfg.deepspeed)
-    assert plan.global_batch == 8 and ds["scheduler"]["params"]["warmup_max_lr"] == pytest.approx(2e-3)
+    assert plan.global_batch == 8 and ds["scheduler"]["params"]["warmup_max_lr"] == pytest.approx(4e-4)
     with pytest.raises(BatchError, match=r"gradient_accumulation_steps=4 gives global batch 8 on 2 rank\(s\)"):
         plan_for(2, "deepspeed.gradient_accumulation_steps=4")
     with pytest.raises(ConfigError, match="batch.lr_scaling=linear needs batch.global_size"):
