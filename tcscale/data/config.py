@@ -7,6 +7,8 @@ from typing import Literal, get_args
 
 PhraseMode = Literal["colour_shape", "shape"]  # synthetic world: grounded phrase "red circle" | "circle"
 PHRASE_MODES: tuple[str, ...] = get_args(PhraseMode)
+LatentSource = Literal["images", "cached"]  # encode the batch images with the VAE each step | read cached latents
+LATENT_SOURCES: tuple[str, ...] = get_args(LatentSource)
 ComboSplit = Literal["train", "held_out"]  # synthetic world: training combinations only | one held-out per image
 COMBO_SPLITS: tuple[str, ...] = get_args(ComboSplit)
 
@@ -34,6 +36,9 @@ class DataConfig:
     resolution: int = 64  # training image side in pixels (512 for SD1.4, 768 for SD2.1)
     center_crop: bool = True  # resize shorter side then center crop (paper); False: random crop
     random_flip: bool = False  # horizontal flip of image and masks together
+    # images: the VAE encodes each batch | cached: read the latents the cache stage wrote into the shards
+    # (python -m dataprep.stages.latents; tcscale/data/latent_cache.py): the trainer keeps no VAE
+    latents: LatentSource = "images"
     max_phrases: int = 16  # phrases kept per sample (extra ones are dropped and counted)
     min_phrases: int = 0  # samples with fewer aligned phrases are skipped and counted (0: keep all; LDM loss only)
     shuffle_buffer: int = 256  # samples in the shuffle buffer of the streaming loader (per worker)
@@ -43,3 +48,19 @@ class DataConfig:
     prefetch_factor: int = 2  # batches prefetched per worker (num_workers > 0)
     steps_per_epoch: int = 1000  # fixed number of batches per epoch on every rank
     synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
+
+
+def check_cacheable(data: DataConfig) -> None:
+    """`data.latents: cached` needs what the cache can hold: shards and the centre crop. Raises DataConfigError."""
+    if data.latents != "cached":
+        return
+    if data.source != "webdataset":
+        raise DataConfigError(
+            "data.latents=cached needs data.source=webdataset (shards written by the latent cache stage, "
+            "python -m dataprep.stages.latents); the synthetic world is rendered on the fly"
+        )
+    if not data.center_crop:
+        raise DataConfigError(
+            "data.latents=cached needs data.center_crop=true: a random crop has one latent per offset and cannot be "
+            "cached"
+        )

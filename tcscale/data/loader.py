@@ -44,6 +44,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 
 from tcscale.attention.masks import MaskRule
 from tcscale.data.config import DataConfig, DataConfigError
+from tcscale.data.latent_cache import CacheKey, check_cacheable
 from tcscale.data.samples import (
     Counters,
     ProcessSettings,
@@ -113,6 +114,7 @@ def _settings(cfg: DataConfig, layer_sizes, mask_rule: MaskRule | None, full_mas
         layer_sizes=sizes,
         mask_rule=mask_rule or MaskRule(),
         full_masks=full_masks,
+        latents=cfg.latents,
     )
 
 
@@ -346,6 +348,7 @@ class TrainLoader:
             raise DataConfigError(f"data.steps_per_epoch must be > 0, got {cfg.steps_per_epoch}")
         if cfg.max_phrases <= 0:
             raise DataConfigError(f"data.max_phrases must be > 0, got {cfg.max_phrases}")
+        check_cacheable(cfg)
         self.cfg = cfg
         self.rank, self.world_size, self.micro_batch_size, self.seed = rank, world_size, micro_batch_size, seed
         self.start_step = start_step
@@ -369,6 +372,11 @@ class TrainLoader:
                 cfg, self.processor, rank=rank, world_size=world_size, batch=micro_batch_size, seed=seed,
                 collate_fn=self.collate_fn, anchor=self.anchor,
             )  # fmt: skip
+
+    def expect_latent_cache(self, key: CacheKey) -> None:
+        """data.latents=cached: every sample's cached latents must carry `key` (the run's VAE, resolution and crop
+        policy), else the stream stops with a `LatentCacheMismatch` naming both. Call before iterating."""
+        self.settings.latent_key = key
 
     # -- iteration -------------------------------------------------------------------------------
     def __len__(self) -> int:

@@ -21,6 +21,7 @@ from PIL import Image
 
 from tcscale.attention.masks import MaskRule
 from tcscale.data.align import PhraseAligner
+from tcscale.data.latent_cache import LATENTS_PART, CacheKey, check_key, decode_member
 from tcscale.data.transforms import crop_params, transform_image_and_masks, transform_with_soft_masks
 
 if TYPE_CHECKING:
@@ -78,6 +79,7 @@ class RawSample:
     phrases: list[str]  # phrases that have a mask, in json order
     masks: np.ndarray  # len(phrases) x H x W uint8, row p grounds phrases[p]
     num_null: int  # phrases of the json without a mask
+    latents: bytes | None = None  # the sample's cached latents (KEY.latents.npz, tcscale.data.latent_cache), if any
 
 
 def decode_shard_sample(sample: dict) -> RawSample:
@@ -111,7 +113,8 @@ def decode_shard_sample(sample: dict) -> RawSample:
         raise SkipSample("mask_size", f"sample {key}: masks are {all_masks.shape[1:]}, image is {image.shape[:2]}")
     texts = [t for t, m in entries if m is not None]
     masks = all_masks if indices == list(range(len(indices))) else all_masks[indices]  # rows in phrase order
-    return RawSample(key, image, caption, texts, masks, num_null=len(entries) - len(indices))
+    latents = sample.get(LATENTS_PART)
+    return RawSample(key, image, caption, texts, masks, num_null=len(entries) - len(indices), latents=latents)
 
 
 @dataclass
@@ -124,6 +127,8 @@ class ProcessSettings:
     layer_sizes: tuple[tuple[int, int], ...] = ()  # (h, w) grids to make layer masks for (the grounding plan's)
     mask_rule: MaskRule = field(default_factory=MaskRule)  # full-resolution mask (binary | soft) -> layer mask
     full_masks: bool | None = None  # keep the (P, R, R) masks in the batch; None: only when there are no layer sizes
+    latents: str = "images"  # data.latents: "cached" puts the sample's cached latent distribution in its place
+    latent_key: CacheKey | None = None  # the cache key a cached sample must carry (None: any; the trainer sets it)
 
     @property
     def keeps_full_masks(self) -> bool:
@@ -193,6 +198,13 @@ class SampleProcessor:
         }  # fmt: skip
         if st.keeps_full_masks:
             sample["phrase_masks"] = phrase_masks
+        if st.latents == "cached":  # the cached posterior of this very crop (and flip) instead of its pixels
+            if raw.latents is None:
+                raise SkipSample("missing_part", f"sample {raw.key} has no {LATENTS_PART} (data.latents=cached)")
+            cached = decode_member(raw.latents)
+            check_key(cached.key, st.latent_key, f"sample {raw.key}")
+            sample["latent_mean"], sample["latent_logvar"] = cached.variant(params.flip, raw.key)
+            del sample["pixel_values"]
         return sample
 
 
@@ -203,8 +215,7 @@ def collate(samples: list[dict]) -> dict:
     p_max = max(1, max(s["num_phrases"] for s in samples))
     batch = {}
     if "phrase_masks" in samples[0]:
-        r = samples[0]["pixel_values"].shape[-1]
-        phrase_masks = torch.zeros(b, p_max, r, r)
+        phrase_masks = torch.zeros(b, p_max, *samples[0]["phrase_masks"].shape[-2:])
         for i, s in enumerate(samples):
             phrase_masks[i, : s["phrase_masks"].shape[0]] = s["phrase_masks"]
         batch["phrase_masks"] = phrase_masks
@@ -215,9 +226,13 @@ def collate(samples: list[dict]) -> dict:
             m = s["layer_masks"][size]
             lm[i, : m.shape[0]] = m
         layer_masks[size] = lm
+    if "latent_mean" in samples[0]:  # data.latents=cached: (B, C, h, w) float32 each, no pixels
+        batch["latent_mean"] = torch.stack([s["latent_mean"] for s in samples])
+        batch["latent_logvar"] = torch.stack([s["latent_logvar"] for s in samples])
+    else:
+        batch["pixel_values"] = torch.stack([s["pixel_values"] for s in samples])
     batch.update(
         {
-            "pixel_values": torch.stack([s["pixel_values"] for s in samples]),
             "input_ids": torch.stack([s["input_ids"] for s in samples]),
             "token_phrase": torch.stack([s["token_phrase"] for s in samples]),
             "layer_masks": layer_masks,
