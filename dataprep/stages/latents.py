@@ -6,7 +6,8 @@
 
 The training config names everything the cache depends on, so the stage reads the run's own: `model` (the VAE, loaded
 through the family as the trainer loads it), `data.resolution`, `data.center_crop` (must be true) and
-`data.random_flip` (true: the flipped variant is cached too). Each input shard `<name>.tar` becomes
+`data.random_flip` (true: the flipped variant is cached too), `data.buckets` (each image at its aspect-ratio
+bucket's size, tcscale/data/buckets.py). Each input shard `<name>.tar` becomes
 `<out>/<name>.tar` with every member kept and `KEY.latents.npz` added; a sample the loader could not use (a missing
 part, an undecodable image or masks) is copied without latents and counted (the loader skips it either way).
 
@@ -36,6 +37,7 @@ import torch
 import webdataset as wds
 
 from dataprep.pipeline import DataprepConfigError, parse_shard_spec
+from tcscale.data.buckets import bucket_sizes, nearest_bucket
 from tcscale.data.config import DataConfig, DataConfigError
 from tcscale.data.latent_cache import LATENTS_PART, CacheKey, cache_key, encode_member
 from tcscale.data.samples import SkipSample, decode_shard_sample
@@ -67,15 +69,18 @@ class LatentEncoder:
         self.device = device
         self.flips = [False, True] if data.random_flip else [False]
         self.key: CacheKey = cache_key(data, self.vae)
+        self.buckets = bucket_sizes(data) if data.buckets.enabled else []
 
     @torch.no_grad()
     def __call__(self, image: np.ndarray) -> bytes:
         h, w = image.shape[:2]
+        bucket = nearest_bucket(h, w, self.buckets) if self.buckets else None  # the loader's bucket of this image
+        target = bucket or (self.data.resolution, self.data.resolution)
         pixels = []
         for flip in self.flips:  # the loader's crop (tcscale.data.samples.SampleProcessor), then the flip it drew
-            params = crop_params(h, w, center_crop=True, random_flip=False)
+            params = crop_params(h, w, center_crop=True, random_flip=False, target=bucket)
             params.flip = flip
-            pv, _ = transform_image_and_masks(image, np.zeros((0, h, w), np.uint8), self.data.resolution, params)
+            pv, _ = transform_image_and_masks(image, np.zeros((0, h, w), np.uint8), target, params)
             pixels.append(pv)
         dist = self.vae.encode(torch.stack(pixels).to(self.device)).latent_dist
         return encode_member(self.key, dist.mean.float().cpu().numpy(), dist.logvar.float().cpu().numpy(), self.flips)

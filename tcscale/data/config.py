@@ -25,6 +25,20 @@ class SyntheticDataConfig:
     seed: int = 1234  # world seed: same seed, same images, captions and masks
     phrase: PhraseMode = "colour_shape"  # grounded phrase per object: "red circle" | "circle"
     combos: ComboSplit = "train"  # "held_out": every image shows one held-out colour/shape combination (eval)
+    # image [h, w] of sample i is sizes[i % len(sizes)] (mixed aspect ratios, for buckets); empty: data.resolution²
+    sizes: list[list[int]] = field(default_factory=list)
+
+
+@dataclass
+class BucketConfig:
+    """Aspect-ratio buckets (tcscale/data/buckets.py): each image is cropped to the bucket nearest its aspect ratio
+    and resized to the bucket's size; each micro-batch holds one bucket."""
+
+    enabled: bool = False  # false: every image centre- (or randomly) cropped to data.resolution squared
+    sizes: list[list[int]] = field(default_factory=list)  # explicit [h, w] buckets in pixels; empty: generated
+    area: int = 0  # generated buckets' target area in pixels² (0: data.resolution²; SDXL at 1024: ~1 MP)
+    step: int = 64  # bucket sides are multiples of this (a multiple of the VAE factor x the U-Net's downsampling)
+    max_aspect: float = 2.0  # generated buckets: longest / shortest side at most this
 
 
 @dataclass
@@ -47,6 +61,7 @@ class DataConfig:
     num_workers: int = 0  # DataLoader worker processes per rank
     prefetch_factor: int = 2  # batches prefetched per worker (num_workers > 0)
     steps_per_epoch: int = 1000  # fixed number of batches per epoch on every rank
+    buckets: BucketConfig = field(default_factory=BucketConfig)  # aspect-ratio buckets (off by default)
     synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
 
 

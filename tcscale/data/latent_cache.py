@@ -9,9 +9,11 @@ crop-and-resize the loader applies (`tcscale.data.transforms`), and adds one mem
                       key    () str                 the cache key (JSON, `CacheKey`) the latents were written under
 
 Variants: the loader draws one of at most two geometric transforms per sample when `data.center_crop` is true:
-the centre crop, and (`data.random_flip`) its mirror image. The flipped image's latent is not the mirror of the
-latent (the VAE is not equivariant to flips), so both are encoded. A random crop (`data.center_crop=false`) has
-one variant per offset and cannot be cached (the config check refuses it).
+the centre crop, and (`data.random_flip`) its mirror image; with aspect-ratio buckets (`data.buckets`), the centred
+window of the image's bucket, resized to the bucket's size (the latents then have the bucket's shape / 8). The
+flipped image's latent is not the mirror of the latent (the VAE is not equivariant to flips), so both are encoded.
+A random crop (`data.center_crop=false`) has one variant per offset and cannot be cached (the config check refuses
+it).
 
 Training still samples: the loader hands the mean and log-variance on, and the objective draws
 ``latent = (mean + exp(logvar / 2) * eps) * scaling_factor`` with eps from the micro-step's generator, through
@@ -86,8 +88,7 @@ def cache_key(data: DataConfig, vae: torch.nn.Module) -> CacheKey:
 
 def buckets_id(data: DataConfig) -> str:
     """The bucket list as the cache key records it ("none" when buckets are off)."""
-    b = getattr(data, "buckets", None)
-    if b is None or not getattr(b, "enabled", False):
+    if not data.buckets.enabled:
         return "none"
     from tcscale.data.buckets import bucket_sizes
 

@@ -21,6 +21,7 @@ from PIL import Image
 
 from tcscale.attention.masks import MaskRule
 from tcscale.data.align import PhraseAligner
+from tcscale.data.buckets import layer_grids, nearest_bucket
 from tcscale.data.latent_cache import LATENTS_PART, CacheKey, check_key, decode_member
 from tcscale.data.transforms import crop_params, transform_image_and_masks, transform_with_soft_masks
 
@@ -129,6 +130,7 @@ class ProcessSettings:
     full_masks: bool | None = None  # keep the (P, R, R) masks in the batch; None: only when there are no layer sizes
     latents: str = "images"  # data.latents: "cached" puts the sample's cached latent distribution in its place
     latent_key: CacheKey | None = None  # the cache key a cached sample must carry (None: any; the trainer sets it)
+    buckets: tuple[tuple[int, int], ...] = ()  # aspect-ratio buckets (h, w) (tcscale.data.buckets); (): square
 
     @property
     def keeps_full_masks(self) -> bool:
@@ -160,22 +162,25 @@ class SampleProcessor:
         if len(keep) < st.min_phrases:
             raise SkipSample("too_few_phrases", f"sample {raw.key}: {len(keep)} aligned phrases < {st.min_phrases}")
         h, w = raw.image.shape[:2]
-        params = crop_params(h, w, center_crop=st.center_crop, random_flip=st.random_flip, rng=rng)
+        bucket = nearest_bucket(h, w, list(st.buckets)) if st.buckets else None  # aspect-ratio bucket (h, w)
+        target = bucket or (st.resolution, st.resolution)
+        params = crop_params(h, w, center_crop=st.center_crop, random_flip=st.random_flip, rng=rng, target=bucket)
         # phrase_masks (P, R, R) are binary whatever the rule (evaluation IoU reads them); with mask_rule.full_res
         # "soft" the layer masks are made from the soft resampled masks instead (official TokenCompose loader)
         if st.mask_rule.full_res == "soft" and st.layer_sizes:
             pixel_values, phrase_masks, layer_source = transform_with_soft_masks(
-                raw.image, raw.masks[keep], st.resolution, params
+                raw.image, raw.masks[keep], target, params
             )
         else:
-            pixel_values, phrase_masks = transform_image_and_masks(raw.image, raw.masks[keep], st.resolution, params)
+            pixel_values, phrase_masks = transform_image_and_masks(raw.image, raw.masks[keep], target, params)
             layer_source = phrase_masks
         token_phrase = torch.full((len(al.input_ids),), -1, dtype=torch.int64)
         for slot, pos in enumerate(positions):
             token_phrase[pos] = slot
         layer_masks = {}
+        grids = layer_grids(st.layer_sizes, st.resolution, target) if bucket else {}
         for size in st.layer_sizes:
-            size = (int(size[0]), int(size[1]))
+            size = grids.get(size, (int(size[0]), int(size[1])))  # a bucket's grid of the layer
             if phrase_masks.shape[0]:
                 layer_masks[size] = st.mask_rule.apply(layer_source, size)
             else:
@@ -192,10 +197,13 @@ class SampleProcessor:
             "layer_masks": layer_masks,
             # SDXL micro-conditioning (diffusers' SDXL script): the original (h, w) and the crop's top-left corner
             # in the shorter-side-resized image (our crop-then-resize window, scaled by resolution / window side)
+            "target_size": tuple(phrase_masks.shape[-2:]),  # the crop's (h, w) after resizing, in pixels
             "original_size": (h, w),
-            "crop_top_left": (round(params.top * st.resolution / params.size),
-                              round(params.left * st.resolution / params.size)),
+            "crop_top_left": (round(params.top * target[0] / params.window[0]),
+                              round(params.left * target[1] / params.window[1])),
         }  # fmt: skip
+        if bucket is not None:
+            sample["bucket"] = bucket
         if st.keeps_full_masks:
             sample["phrase_masks"] = phrase_masks
         if st.latents == "cached":  # the cached posterior of this very crop (and flip) instead of its pixels
@@ -240,6 +248,8 @@ def collate(samples: list[dict]) -> dict:
             "keys": [s["key"] for s in samples],
         }
     )
+    if "target_size" in samples[0]:  # (B, 2) int64: each sample's (h, w) in pixels (SDXL's target size)
+        batch["target_sizes"] = torch.tensor([s["target_size"] for s in samples], dtype=torch.int64)
     if "original_size" in samples[0]:  # (B, 2) int64 each: SDXL's micro-conditioning time ids
         batch["original_sizes"] = torch.tensor([s["original_size"] for s in samples], dtype=torch.int64)
         batch["crop_top_lefts"] = torch.tensor([s["crop_top_left"] for s in samples], dtype=torch.int64)

@@ -87,6 +87,7 @@ class LDMObjective(Objective):
             )
             batch["latent_mean"] = torch.randn(shape, generator=g)
             batch["latent_logvar"] = torch.full(shape, -2.0)
+            batch["target_sizes"] = torch.tensor([[side, side]] * B)
         else:
             batch["pixel_values"] = torch.rand((B, 3, side, side), generator=g) * 2 - 1
         if self.plan is not None:
