@@ -22,11 +22,21 @@ HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
 from tests.helpers.paths import TINY_CONFIG  # noqa: E402
+from tests.helpers.shm import remove_orphan_buffers  # noqa: E402
+
+_SESSION_START = time.time()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Ranks the tests SIGKILL cannot unlink their DeepSpeed /dev/shm buffer (67 MB of RAM each); remove those this
+    session made that no live process maps, so a long suite does not fill the machine's memory with tmpfs."""
+    remove_orphan_buffers(_SESSION_START)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -15,7 +15,7 @@ import torch
 from tcscale.config import load_config
 from tcscale.memory.official import OFFICIAL_OVERRIDES
 from tcscale.memory.planner import MiB, plan_memory
-from tcscale.memory.static import zero_static_bytes
+from tcscale.memory.static import OptimizerSpec, ZeroSettings, engine_phase_bytes, zero_static_bytes
 from tests.helpers import launch
 from tests.helpers.paths import REPO, TINY_CONFIG
 
@@ -193,7 +193,8 @@ def test_zero_partition_rules():
 @pytest.mark.parametrize("stage", [2, 3])
 def test_zero_optimizer_bytes_match_a_real_engine(stage):
     """Per-rank AdamW state bytes of a real 2-rank CPU DeepSpeed engine (gloo) equal the planner's ZeRO figure (the
-    1-rank figures are the unpartitioned totals, test_zero_partition_rules)."""
+    1-rank figures are the unpartitioned totals, test_zero_partition_rules), and so does the fp32 EMA each rank keeps
+    (ShardedEMA's shares, the planner's "ema" part)."""
     cfg = load_config(TINY_CONFIG)
     from tcscale.memory.planner import build_models
 
@@ -207,9 +208,14 @@ def test_zero_optimizer_bytes_match_a_real_engine(stage):
         records = [json.loads(m) for m in re.findall(r"ZERO_STATE (\{[^{}]*\})", proc.stdout)]
         assert len(records) == world
         want = zero_static_bytes(trainable, 0, dtype=torch.float32, stage=stage, world_size=world).optimizer
+        phases = engine_phase_bytes(trainable, 0, dtype=torch.float32, world_size=world, largest_param=0, ema=True,
+                                    zero=ZeroSettings(stage=stage), optimizer=OptimizerSpec())  # fmt: skip
         for rec in records:
             assert rec["trainable"] == trainable
             assert abs(rec["optimizer_bytes"] - want) <= 64, (rec, want)  # DeepSpeed's alignment padding at most
+            assert abs(rec["ema_bytes"] - phases["step"].parts["ema"]) <= 64, (rec, phases["step"].parts)
+        # the two ranks' shares are the whole average: nothing missing, nothing kept twice
+        assert abs(sum(rec["ema_bytes"] for rec in records) - 4 * trainable) <= 64
 
 
 def test_peak_and_max_micro_batch_agree():
@@ -282,7 +288,6 @@ def test_preflight_modes_and_honest_reasons(monkeypatch):
 
 
 def test_optimizer_and_zero_settings_from_the_config():
-    from tcscale.memory.static import OptimizerSpec, ZeroSettings
 
     torch_adam = {"optimizer": {"type": "AdamW", "params": {"torch_adam": True}}}
     assert OptimizerSpec.from_config(torch_adam, "cuda").impl == "foreach"  # torch's default on CUDA

@@ -214,6 +214,7 @@ def engine_phase_bytes(
     optimizer: OptimizerSpec,
     largest_param: int,
     initial_param_bytes: int | None = None,
+    ema: bool = False,
 ) -> dict[str, PhaseBytes]:
     """Per-rank peak of each phase (`PHASES`: the engine build, the first micro-step's backward, the first optimizer
     step, a later micro-step's backward) from the engine's own state; the caller adds activations and the backward's
@@ -221,7 +222,10 @@ def engine_phase_bytes(
 
     `largest_param`: the element count of the largest trained tensor (single-tensor AdamW steps tensor by tensor,
     DeepSpeed casts and reduces parameter by parameter). `initial_param_bytes`: what the trained module's
-    parameters occupy when handed to ``deepspeed.initialize`` (default: fp32, as a pretrained U-Net is loaded)."""
+    parameters occupy when handed to ``deepspeed.initialize`` (default: fp32, as a pretrained U-Net is loaded). `ema`:
+    the run keeps tcscale.train.ema.ShardedEMA, an fp32 average of this rank's share of the master weights, made
+    once the engine is built and held from then on: 4 bytes x trained / world size (ZeRO 1-3 and bf16, whose
+    optimizer partitions the master weights even at stage 0), 4 bytes x trained at stage 0 otherwise."""
     if zero.stage not in (0, 1, 2, 3):
         raise ValueError(f"ZeRO stage must be 0..3, got {zero.stage}")
     if world_size < 1:
@@ -240,10 +244,12 @@ def engine_phase_bytes(
         phases = _stage12(psi, p, s, zero, optimizer, largest_param, n)
     else:
         phases = _stage3(psi, p, s, zero, optimizer, largest_param, n)
+    partitioned = zero.stage > 0 or dtype == torch.bfloat16
+    ema_bytes = 4 * (p if partitioned else psi) if ema else 0
     out = {}
     for name, phase in phases.items():
         phase = PhaseBytes({**build_common, **phase.parts})
-        out[name] = _worst(phase, cast) if name == "build" else phase
+        out[name] = _worst(phase, cast) if name == "build" else phase.add(ema=ema_bytes)
     return out
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import socket
@@ -56,6 +57,7 @@ def init_distributed(device: str = "cuda") -> DistEnv:
     backend = "nccl" if use_cuda else "gloo"
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    remove_shm_buffer_at_exit()
     rank, world = dist.get_rank(), dist.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")))
     if use_cuda:
@@ -64,6 +66,37 @@ def init_distributed(device: str = "cuda") -> DistEnv:
     else:
         device = torch.device("cpu")
     return DistEnv(rank, local_rank, world, device)
+
+
+_SHM_BUFFERS_REGISTERED: set[str] = set()
+
+
+def shm_buffer_path() -> str | None:
+    """The /dev/shm file DeepSpeed's CPU all-reduce creates for this rank when it joins a group (its C++ op names it
+    deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>), or None outside a
+    group. DeepSpeed never unlinks it: 67 MB of tmpfs, i.e. of RAM, per rank per process."""
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if not (addr and port and dist.is_initialized()):
+        return None
+    return f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{dist.get_rank()}"
+
+
+def remove_shm_buffer_at_exit() -> None:
+    """Unlink this rank's DeepSpeed shared-memory all-reduce buffer when the process exits (normally, by an exception
+    or by sys.exit from a signal handler). The peers have mapped it by then, so unlinking the name frees nothing they
+    still use; a SIGKILLed process cannot clean up (tests/conftest.py removes what a test session leaves)."""
+    path = shm_buffer_path()
+    if path is None or path in _SHM_BUFFERS_REGISTERED:
+        return
+    _SHM_BUFFERS_REGISTERED.add(path)
+
+    def _unlink(path: str = path) -> None:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+    atexit.register(_unlink)
 
 
 def print0(*args, level: int = logging.INFO, sep: str = " ") -> None:

@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from tcscale.train.distributed import remove_shm_buffer_at_exit
+
 # top-level scalars the trainer reads itself: (type, lower bound)
 SCALARS: dict[str, tuple[type | tuple[type, ...], float]] = {
     "train_micro_batch_size_per_gpu": (int, 1),
@@ -62,4 +64,5 @@ def build_engine(model: torch.nn.Module, params: list[torch.nn.Parameter], ds_co
     if not params:
         raise ValueError("no trainable parameters")
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=copy.deepcopy(ds_config))
+    remove_shm_buffer_at_exit()  # deepspeed.initialize may have joined the group itself (benchmarks, tools)
     return engine

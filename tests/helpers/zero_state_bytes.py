@@ -4,8 +4,8 @@
 
 Builds the engine as the trainer does (tcscale.train.engine.build_engine), runs one optimizer step (AdamW creates
 its states on the first step) and prints one line per rank: ``ZERO_STATE {"rank", "world_size", "trainable",
-"optimizer_bytes", "master_bytes"}``: the bytes of the inner optimizer's fp32 m, v states and of the fp32 parameters
-it updates (the master partition).
+"optimizer_bytes", "ema_bytes"}``: the bytes of the inner optimizer's fp32 m, v states and of the fp32 EMA
+(tcscale.train.ema.ShardedEMA) this rank keeps of them.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ def main() -> None:
     from tcscale.config import load_config
     from tcscale.memory.planner import build_models
     from tcscale.train.distributed import init_distributed
+    from tcscale.train.ema import ShardedEMA
     from tcscale.train.engine import build_engine
 
     cfg = load_config(args.config, args.overrides)
@@ -38,6 +39,7 @@ def main() -> None:
     loss = engine(x, torch.tensor([10]), text).sample.float().pow(2).mean()
     engine.backward(loss)
     engine.step()
+    ema = ShardedEMA(engine, decay=0.9999)
     inner = engine.optimizer.optimizer  # the torch AdamW over this rank's fp32 partition
     states = [t for s in inner.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0]
     record = {
@@ -45,6 +47,7 @@ def main() -> None:
         "world_size": env.world_size,
         "trainable": sum(p.numel() for p in params),
         "optimizer_bytes": sum(t.numel() * t.element_size() for t in states),
+        "ema_bytes": sum(share.shadow.numel() * share.shadow.element_size() for share in ema.shares),
     }
     print("ZERO_STATE " + json.dumps(record), flush=True)
 
