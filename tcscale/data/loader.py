@@ -24,6 +24,12 @@ Batches (B = micro_batch_size, P = max phrases in the batch, at least 1):
   captions list[str], keys list[str]
   phrase_masks (B, P, R, R) float32 in {0, 1}: only when asked for (`full_masks`), or when no layer grid is given —
   a run with a grounding plan gets every grounded layer's masks ready and no full-resolution ones.
+  target_sizes (B, 2) int64: each sample's (h, w) in pixels; original_sizes, crop_top_lefts (B, 2): SDXL's time ids.
+  data.latents=cached: latent_mean, latent_logvar (B, C, R/f, R/f) float32 replace pixel_values
+  (tcscale/data/latent_cache.py).
+  data.buckets: R x R becomes the micro-batch's bucket (h, w), and each layer grid (s, s) becomes (h s / R, w s / R);
+  every micro-batch holds one bucket (tcscale/data/buckets.py: how the synthetic sequence stays a pure function of
+  the micro-step).
 """
 
 from __future__ import annotations
