@@ -178,3 +178,18 @@ def test_config_refuses_uncacheable_choices(tiny_config, tmp_path):
         tiny_config(tmp_path, "data.latents=cached", "data.source=webdataset", "data.center_crop=false")
     with pytest.raises(ConfigError, match="validation.every_steps"):
         tiny_config(tmp_path, "data.latents=cached", "data.source=webdataset", "validation.every_steps=5")
+
+
+def test_stage_array_tasks_and_an_interrupted_shard(shards, tmp_path):
+    """A SLURM array task takes its shard range; a shard whose encoding fails leaves neither it nor a temp file."""
+    assert stage.shard_indices(None, 5, 2, env={"SLURM_ARRAY_TASK_ID": "2"}) == [4]
+    assert stage.shard_indices(None, 5, 2, env={"SLURM_ARRAY_TASK_ID": "0"}) == [0, 1]
+    assert stage.shard_indices("1,3", 5, 1, env={}) == [1, 3]
+
+    def failing(image):
+        raise RuntimeError("killed")
+
+    dst = tmp_path / "synthetic-000000.tar"
+    with pytest.raises(RuntimeError, match="killed"):
+        stage.cache_shard(str(shards / "images" / "synthetic-000000.tar"), dst, failing)
+    assert list(tmp_path.iterdir()) == []
