@@ -9,7 +9,7 @@ random offset) and resizes image and masks together to the bucket's size (tcscal
 stage encodes that same crop. The grounded layers' mask grids follow: a layer of side s at the square resolution R
 sees (h·s/R, w·s/R) cells at bucket (h, w) (`layer_grids`).
 
-Batching (DESIGN: every rank's micro-batch has `micro_batch_size` samples, all of one bucket, so shapes agree within
+Batching (every rank's micro-batch has `micro_batch_size` samples, all of one bucket, so shapes agree within
 a batch and the engine sees equal batch sizes on every rank):
 * synthetic source: the batch sequence is a pure function of (seed, epoch) — `BucketedEpochs`: an epoch's sample
   permutation, split stably by bucket, cut into full micro-batches (a bucket's remainder waits for the next epoch's
