@@ -220,11 +220,15 @@ def main() -> None:
         "command": "python benchmarks/bench_latent_cache.py " + " ".join(sys.argv[1:]),
         "flops": [flop_plan(a, r) for a in ("sd14", "sdxl") for r in (args.resolution, {"sd14": 512, "sdxl": 1024}[a])],
     }
+    out = Path(args.out)
     with tempfile.TemporaryDirectory(prefix="bench_latent_cache-") as tmp:
         if not args.skip_trainer:
             row["trainer_sd14"] = trainer_run(args, Path(tmp))
-    row["objective"] = [objective_run("sd14", args)] + ([objective_run("sdxl", args)] if args.sdxl else [])
-    Path(args.out).write_text(json.dumps(row, indent=1) + "\n")
+            out.write_text(json.dumps(row, indent=1) + "\n")  # written after each part (SDXL may run out of memory)
+    row["objective"] = []
+    for arch in ["sd14"] + (["sdxl"] if args.sdxl else []):
+        row["objective"].append(objective_run(arch, args))
+        out.write_text(json.dumps(row, indent=1) + "\n")
     print(json.dumps({k: v for k, v in row.items() if k != "flops"}, indent=1))
     for f in row["flops"]:
         print(f"planned {f['arch']} {f['resolution']} px: cached/images step = {f['planned_step_ratio_lora']:.3f} "
