@@ -138,6 +138,12 @@ def test_planner_leaves_the_vae_out(tiny_config, tmp_path, cached):
     latents = build_models(run_cfg(tiny_config, tmp_path, cached, "data.latents=cached"), "tiny")
     assert images.frozen_fp32 == sum(p.numel() for p in images.comps.vae.parameters()) > 0
     assert latents.frozen_fp32 == 0 and latents.frozen_compute == images.frozen_compute
+    # the planner's meta-device micro-step runs on the cached posterior (no VAE forward) and plans less memory
+    from tcscale.memory.planner import plan_memory
+
+    with_vae = plan_memory(run_cfg(tiny_config, tmp_path, cached), target="cpu")
+    without = plan_memory(run_cfg(tiny_config, tmp_path, cached, "data.latents=cached"), target="cpu")
+    assert without.peak() < with_vae.peak()
 
 
 def test_loader_refuses_a_cache_of_another_resolution(cached, tiny_config, tmp_path):
