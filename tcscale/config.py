@@ -23,7 +23,7 @@ from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from tcscale.attention.config import AttentionConfig
-from tcscale.data.config import DataConfig
+from tcscale.data.config import DataConfig, DataConfigError, check_cacheable
 from tcscale.eval.grounding_maps import GroundingEvalConfig
 from tcscale.models.config import LoRAConfig, ModelConfig, PredictionType, TinyModelConfig  # noqa: F401
 
@@ -229,6 +229,15 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if cfg.data.resolution % factor:
         raise ConfigError(
             f"data.resolution must be a multiple of {factor} (the VAE downsamples {factor}x), got {cfg.data.resolution}"
+        )
+    try:
+        check_cacheable(cfg.data)
+    except DataConfigError as exc:
+        raise ConfigError(str(exc)) from None
+    if cfg.data.latents == "cached" and cfg.validation.every_steps:
+        raise ConfigError(
+            "validation.every_steps: validation decodes images with the VAE, which data.latents=cached does not keep; "
+            "set validation.every_steps=0 (evaluate exported checkpoints with launchers/eval.py)"
         )
     if not 0.0 < cfg.ema.decay < 1.0:
         raise ConfigError(f"ema.decay must be in (0, 1), got {cfg.ema.decay}")

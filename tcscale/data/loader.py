@@ -24,6 +24,12 @@ Batches (B = micro_batch_size, P = max phrases in the batch, at least 1):
   captions list[str], keys list[str]
   phrase_masks (B, P, R, R) float32 in {0, 1}: only when asked for (`full_masks`), or when no layer grid is given —
   a run with a grounding plan gets every grounded layer's masks ready and no full-resolution ones.
+  target_sizes (B, 2) int64: each sample's (h, w) in pixels; original_sizes, crop_top_lefts (B, 2): SDXL's time ids.
+  data.latents=cached: latent_mean, latent_logvar (B, C, R/f, R/f) float32 replace pixel_values
+  (tcscale/data/latent_cache.py).
+  data.buckets: R x R becomes the micro-batch's bucket (h, w), and each layer grid (s, s) becomes (h s / R, w s / R);
+  every micro-batch holds one bucket (tcscale/data/buckets.py: how the synthetic sequence stays a pure function of
+  the micro-step).
 """
 
 from __future__ import annotations
@@ -43,7 +49,9 @@ import webdataset as wds
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from tcscale.attention.masks import MaskRule
+from tcscale.data.buckets import BucketedEpochs, bucket_sizes, layer_grids, nearest_bucket
 from tcscale.data.config import DataConfig, DataConfigError
+from tcscale.data.latent_cache import CacheKey, check_cacheable
 from tcscale.data.samples import (
     Counters,
     ProcessSettings,
@@ -104,6 +112,9 @@ def resolve_shards(cfg: DataConfig) -> list[str]:
 
 def _settings(cfg: DataConfig, layer_sizes, mask_rule: MaskRule | None, full_masks: bool | None) -> ProcessSettings:
     sizes = tuple((int(s), int(s)) if isinstance(s, int) else (int(s[0]), int(s[1])) for s in layer_sizes)
+    buckets = tuple(bucket_sizes(cfg)) if cfg.buckets.enabled else ()
+    for bucket in buckets:  # every grounded layer's grid is whole at every bucket (else: the key to change)
+        layer_grids(sizes, cfg.resolution, bucket)
     return ProcessSettings(
         resolution=cfg.resolution,
         center_crop=cfg.center_crop,
@@ -113,6 +124,8 @@ def _settings(cfg: DataConfig, layer_sizes, mask_rule: MaskRule | None, full_mas
         layer_sizes=sizes,
         mask_rule=mask_rule or MaskRule(),
         full_masks=full_masks,
+        latents=cfg.latents,
+        buckets=buckets,
     )
 
 
@@ -138,9 +151,15 @@ class SyntheticSteps(Dataset):
         self.processor = processor
         self.resolution = cfg.resolution
         self.rank, self.world_size, self.batch, self.seed = rank, world_size, batch, seed
-        per_sample = cfg.resolution * cfg.resolution * (3 + s.max_objects)
+        self.sizes = [(int(hw[0]), int(hw[1])) for hw in s.sizes] or [(cfg.resolution, cfg.resolution)]
+        per_sample = max(h * w for h, w in self.sizes) * (3 + s.max_objects)
         self._cache: dict[int, RawSample] | None = {} if per_sample * s.num_samples <= _RENDER_CACHE_BYTES else None
         self._perms: dict[int, np.ndarray] = {}
+        self.epochs = None  # aspect-ratio buckets: the bucketed batch sequence (tcscale.data.buckets)
+        buckets = getattr(processor, "settings", None) and processor.settings.buckets
+        if buckets:
+            bucket_of = [buckets.index(nearest_bucket(*self._size(i), list(buckets))) for i in range(len(self.world))]
+            self.epochs = BucketedEpochs(bucket_of, batch, seed, self._perm)
 
     def __len__(self) -> int:  # effectively infinite
         return 2**62
@@ -154,10 +173,14 @@ class SyntheticSteps(Dataset):
             self._perms[epoch] = perm
         return perm
 
+    def _size(self, index: int) -> tuple[int, int]:
+        """(h, w) sample `index` is rendered at (data.synthetic.sizes, cycled; default data.resolution²)."""
+        return self.sizes[index % len(self.sizes)]
+
     def _raw(self, index: int) -> RawSample:
         if self._cache is not None and index in self._cache:
             return self._cache[index]
-        s = self.world.render(index, self.resolution)
+        s = self.world.render(index, self._size(index))
         raw = RawSample(s.key, s.image, s.caption, s.phrases, s.masks, num_null=0)
         if self._cache is not None:
             self._cache[index] = raw
@@ -171,9 +194,13 @@ class SyntheticSteps(Dataset):
         counters = Counters()
         samples = []
         n = len(self.world)
-        for g in self.global_slots(step):
-            epoch, pos = divmod(g, n)
-            raw = self._raw(int(self._perm(epoch)[pos]))
+        slots = self.global_slots(step)
+        if self.epochs is not None:  # one bucket per micro-batch: batch number slots[0] // B of the bucketed sequence
+            indices = self.epochs.batch_indices(slots[0] // self.batch)
+        else:
+            indices = [int(self._perm(g // n)[g % n]) for g in slots]
+        for g, index in zip(slots, indices):
+            raw = self._raw(index)
             rng = np.random.default_rng(derive_seed(self.seed, _TAG_SYNTH_AUG, g))
             samples.append(self.processor(raw, rng, counters))
         batch = self.collate_fn(samples)
@@ -270,24 +297,27 @@ class ShardStream(IterableDataset):
             rng = random.Random(derive_seed(self.seed, _TAG_SHUFFLE, self.rank, worker, self.start_step))
             raw = wds.filters.shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=rng)(raw)
         aug = np.random.default_rng(derive_seed(self.seed, _TAG_AUG, self.rank, worker, self.start_step))
-        pending: list[dict] = []
+        pending: dict[tuple[int, int] | None, list[dict]] = {}  # one list per aspect-ratio bucket (None: no buckets)
         for sample in raw:
             try:
                 decoded = decode_shard_sample(sample)
-                pending.append(self.processor(decoded, aug, counters))
+                item = self.processor(decoded, aug, counters)
             except SkipSample as skip:
                 counters[f"skipped/{skip.reason}"] += 1
                 _warn(f"data: sample skipped ({sample.get('__url__', '?')}): {skip}")
                 continue
-            if len(pending) == self.batch:
-                batch = self.collate_fn(pending)
+            group = pending.setdefault(item.get("bucket"), [])
+            group.append(item)
+            if len(group) == self.batch:
+                batch = self.collate_fn(group)
                 batch["_counters"] = counters.take()
-                pending = []
+                group.clear()
                 yield batch
-        if pending:
-            batch = self.collate_fn(pending)
-            batch["_counters"] = counters.take()
-            yield batch
+        for group in pending.values():
+            if group:
+                batch = self.collate_fn(group)
+                batch["_counters"] = counters.take()
+                yield batch
 
 
 _warned = itertools.count(1)
@@ -346,6 +376,7 @@ class TrainLoader:
             raise DataConfigError(f"data.steps_per_epoch must be > 0, got {cfg.steps_per_epoch}")
         if cfg.max_phrases <= 0:
             raise DataConfigError(f"data.max_phrases must be > 0, got {cfg.max_phrases}")
+        check_cacheable(cfg)
         self.cfg = cfg
         self.rank, self.world_size, self.micro_batch_size, self.seed = rank, world_size, micro_batch_size, seed
         self.start_step = start_step
@@ -369,6 +400,11 @@ class TrainLoader:
                 cfg, self.processor, rank=rank, world_size=world_size, batch=micro_batch_size, seed=seed,
                 collate_fn=self.collate_fn, anchor=self.anchor,
             )  # fmt: skip
+
+    def expect_latent_cache(self, key: CacheKey) -> None:
+        """data.latents=cached: every sample's cached latents must carry `key` (the run's VAE, resolution and crop
+        policy), else the stream stops with a `LatentCacheMismatch` naming both. Call before iterating."""
+        self.settings.latent_key = key
 
     # -- iteration -------------------------------------------------------------------------------
     def __len__(self) -> int:

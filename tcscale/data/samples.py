@@ -21,6 +21,8 @@ from PIL import Image
 
 from tcscale.attention.masks import MaskRule
 from tcscale.data.align import PhraseAligner
+from tcscale.data.buckets import layer_grids, nearest_bucket
+from tcscale.data.latent_cache import LATENTS_PART, CacheKey, check_key, decode_member
 from tcscale.data.transforms import crop_params, transform_image_and_masks, transform_with_soft_masks
 
 if TYPE_CHECKING:
@@ -78,6 +80,7 @@ class RawSample:
     phrases: list[str]  # phrases that have a mask, in json order
     masks: np.ndarray  # len(phrases) x H x W uint8, row p grounds phrases[p]
     num_null: int  # phrases of the json without a mask
+    latents: bytes | None = None  # the sample's cached latents (KEY.latents.npz, tcscale.data.latent_cache), if any
 
 
 def decode_shard_sample(sample: dict) -> RawSample:
@@ -111,7 +114,8 @@ def decode_shard_sample(sample: dict) -> RawSample:
         raise SkipSample("mask_size", f"sample {key}: masks are {all_masks.shape[1:]}, image is {image.shape[:2]}")
     texts = [t for t, m in entries if m is not None]
     masks = all_masks if indices == list(range(len(indices))) else all_masks[indices]  # rows in phrase order
-    return RawSample(key, image, caption, texts, masks, num_null=len(entries) - len(indices))
+    latents = sample.get(LATENTS_PART)
+    return RawSample(key, image, caption, texts, masks, num_null=len(entries) - len(indices), latents=latents)
 
 
 @dataclass
@@ -124,6 +128,9 @@ class ProcessSettings:
     layer_sizes: tuple[tuple[int, int], ...] = ()  # (h, w) grids to make layer masks for (the grounding plan's)
     mask_rule: MaskRule = field(default_factory=MaskRule)  # full-resolution mask (binary | soft) -> layer mask
     full_masks: bool | None = None  # keep the (P, R, R) masks in the batch; None: only when there are no layer sizes
+    latents: str = "images"  # data.latents: "cached" puts the sample's cached latent distribution in its place
+    latent_key: CacheKey | None = None  # the cache key a cached sample must carry (None: any; the trainer sets it)
+    buckets: tuple[tuple[int, int], ...] = ()  # aspect-ratio buckets (h, w) (tcscale.data.buckets); (): square
 
     @property
     def keeps_full_masks(self) -> bool:
@@ -155,22 +162,25 @@ class SampleProcessor:
         if len(keep) < st.min_phrases:
             raise SkipSample("too_few_phrases", f"sample {raw.key}: {len(keep)} aligned phrases < {st.min_phrases}")
         h, w = raw.image.shape[:2]
-        params = crop_params(h, w, center_crop=st.center_crop, random_flip=st.random_flip, rng=rng)
+        bucket = nearest_bucket(h, w, list(st.buckets)) if st.buckets else None  # aspect-ratio bucket (h, w)
+        target = bucket or (st.resolution, st.resolution)
+        params = crop_params(h, w, center_crop=st.center_crop, random_flip=st.random_flip, rng=rng, target=bucket)
         # phrase_masks (P, R, R) are binary whatever the rule (evaluation IoU reads them); with mask_rule.full_res
         # "soft" the layer masks are made from the soft resampled masks instead (official TokenCompose loader)
         if st.mask_rule.full_res == "soft" and st.layer_sizes:
             pixel_values, phrase_masks, layer_source = transform_with_soft_masks(
-                raw.image, raw.masks[keep], st.resolution, params
+                raw.image, raw.masks[keep], target, params
             )
         else:
-            pixel_values, phrase_masks = transform_image_and_masks(raw.image, raw.masks[keep], st.resolution, params)
+            pixel_values, phrase_masks = transform_image_and_masks(raw.image, raw.masks[keep], target, params)
             layer_source = phrase_masks
         token_phrase = torch.full((len(al.input_ids),), -1, dtype=torch.int64)
         for slot, pos in enumerate(positions):
             token_phrase[pos] = slot
         layer_masks = {}
+        grids = layer_grids(st.layer_sizes, st.resolution, target) if bucket else {}
         for size in st.layer_sizes:
-            size = (int(size[0]), int(size[1]))
+            size = grids.get(size, (int(size[0]), int(size[1])))  # a bucket's grid of the layer
             if phrase_masks.shape[0]:
                 layer_masks[size] = st.mask_rule.apply(layer_source, size)
             else:
@@ -187,12 +197,22 @@ class SampleProcessor:
             "layer_masks": layer_masks,
             # SDXL micro-conditioning (diffusers' SDXL script): the original (h, w) and the crop's top-left corner
             # in the shorter-side-resized image (our crop-then-resize window, scaled by resolution / window side)
+            "target_size": tuple(phrase_masks.shape[-2:]),  # the crop's (h, w) after resizing, in pixels
             "original_size": (h, w),
-            "crop_top_left": (round(params.top * st.resolution / params.size),
-                              round(params.left * st.resolution / params.size)),
+            "crop_top_left": (round(params.top * target[0] / params.window[0]),
+                              round(params.left * target[1] / params.window[1])),
         }  # fmt: skip
+        if bucket is not None:
+            sample["bucket"] = bucket
         if st.keeps_full_masks:
             sample["phrase_masks"] = phrase_masks
+        if st.latents == "cached":  # the cached posterior of this very crop (and flip) instead of its pixels
+            if raw.latents is None:
+                raise SkipSample("missing_part", f"sample {raw.key} has no {LATENTS_PART} (data.latents=cached)")
+            cached = decode_member(raw.latents)
+            check_key(cached.key, st.latent_key, f"sample {raw.key}")
+            sample["latent_mean"], sample["latent_logvar"] = cached.variant(params.flip, raw.key)
+            del sample["pixel_values"]
         return sample
 
 
@@ -203,8 +223,7 @@ def collate(samples: list[dict]) -> dict:
     p_max = max(1, max(s["num_phrases"] for s in samples))
     batch = {}
     if "phrase_masks" in samples[0]:
-        r = samples[0]["pixel_values"].shape[-1]
-        phrase_masks = torch.zeros(b, p_max, r, r)
+        phrase_masks = torch.zeros(b, p_max, *samples[0]["phrase_masks"].shape[-2:])
         for i, s in enumerate(samples):
             phrase_masks[i, : s["phrase_masks"].shape[0]] = s["phrase_masks"]
         batch["phrase_masks"] = phrase_masks
@@ -215,9 +234,13 @@ def collate(samples: list[dict]) -> dict:
             m = s["layer_masks"][size]
             lm[i, : m.shape[0]] = m
         layer_masks[size] = lm
+    if "latent_mean" in samples[0]:  # data.latents=cached: (B, C, h, w) float32 each, no pixels
+        batch["latent_mean"] = torch.stack([s["latent_mean"] for s in samples])
+        batch["latent_logvar"] = torch.stack([s["latent_logvar"] for s in samples])
+    else:
+        batch["pixel_values"] = torch.stack([s["pixel_values"] for s in samples])
     batch.update(
         {
-            "pixel_values": torch.stack([s["pixel_values"] for s in samples]),
             "input_ids": torch.stack([s["input_ids"] for s in samples]),
             "token_phrase": torch.stack([s["token_phrase"] for s in samples]),
             "layer_masks": layer_masks,
@@ -225,6 +248,8 @@ def collate(samples: list[dict]) -> dict:
             "keys": [s["key"] for s in samples],
         }
     )
+    if "target_size" in samples[0]:  # (B, 2) int64: each sample's (h, w) in pixels (SDXL's target size)
+        batch["target_sizes"] = torch.tensor([s["target_size"] for s in samples], dtype=torch.int64)
     if "original_size" in samples[0]:  # (B, 2) int64 each: SDXL's micro-conditioning time ids
         batch["original_sizes"] = torch.tensor([s["original_size"] for s in samples], dtype=torch.int64)
         batch["crop_top_lefts"] = torch.tensor([s["crop_top_left"] for s in samples], dtype=torch.int64)

@@ -135,8 +135,13 @@ class Family:
         return "scheduler" if component == "noise_scheduler" else component
 
     def latents(self, vae, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """(B, C, h, w) float32 latents the denoiser is trained on: a VAE posterior sample x scaling factor."""
-        return (vae.encode(pixels).latent_dist.sample(generator) * vae.config.scaling_factor).float()
+        """(B, C, h, w) float32 latents the denoiser is trained on: a VAE posterior sample, scaled."""
+        return self.scale_latents(vae, vae.encode(pixels).latent_dist.sample(generator))
+
+    def scale_latents(self, vae, sample: torch.Tensor) -> torch.Tensor:
+        """A VAE posterior sample (encoded now, or drawn from a cached posterior: tcscale.data.latent_cache) as the
+        denoiser's float32 latents: x the VAE's scaling factor (only the VAE's config is read)."""
+        return (sample * vae.config.scaling_factor).float()
 
     def noise_latents(self, scheduler, latents: torch.Tensor, noise: torch.Tensor, generator: torch.Generator, ldm_cfg):
         """(timesteps, noisy latents, target, per-sample loss weights or None) of one micro-step: t ~ U{0..T-1},

@@ -311,9 +311,8 @@ class SD3Family(Family):
 
         install_joint_grounding_processors(denoiser, plan, attention)
 
-    def latents(self, vae, pixels, generator):
-        latent = vae.encode(pixels).latent_dist.sample(generator)
-        return ((latent - vae.config.shift_factor) * vae.config.scaling_factor).float()
+    def scale_latents(self, vae, sample):
+        return ((sample - vae.config.shift_factor) * vae.config.scaling_factor).float()
 
     def noise_latents(self, scheduler, latents, noise, generator, ldm_cfg):
         from tcscale.losses.flow_matching import flow_matching_noise

@@ -127,7 +127,7 @@ def build_models(cfg: TrainConfig, arch: str, device: str | torch.device = "meta
         )  # fmt: skip
     return Models(
         comps=comps,
-        frozen_fp32=_numel(comps.vae),
+        frozen_fp32=0 if cfg.data.latents == "cached" else _numel(comps.vae),  # cached latents: no VAE kept
         frozen_compute=sum(_numel(tower) for tower in comps.text_towers),
     )
 

@@ -41,9 +41,13 @@ def encode_text(
 def batch_conditioning(
     comps, batch: dict, *, dtype: torch.dtype, device: torch.device | str, family: str | None = None
 ) -> Conditioning:
-    """`encode_text` of a loader batch: its `input_ids`, the target size of its `pixel_values` and the recorded
-    `original_sizes` / `crop_top_lefts` when the loader wrote them (the families that use them read them)."""
-    size = tuple(batch["pixel_values"].shape[-2:]) if "pixel_values" in batch else None
+    """`encode_text` of a loader batch: its `input_ids`, the target size of its `pixel_values` (cached latents: the
+    loader's `target_sizes`, one per sample, equal within a batch) and the recorded `original_sizes` /
+    `crop_top_lefts` when the loader wrote them (the families that use them read them)."""
+    if "pixel_values" in batch:
+        size = tuple(batch["pixel_values"].shape[-2:])
+    else:
+        size = tuple(int(v) for v in batch["target_sizes"][0]) if "target_sizes" in batch else None
     return encode_text(
         comps, batch["input_ids"], dtype=dtype, device=device, target_size=size,
         original_sizes=batch.get("original_sizes"), crop_top_lefts=batch.get("crop_top_lefts"), family=family,

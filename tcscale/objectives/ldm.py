@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tcscale.attention.plan import vae_scale_factor
+from tcscale.data.latent_cache import sample_latents
 from tcscale.losses.diffusion import ldm_loss, sample_noise
 from tcscale.losses.flow_matching import FlowMatchingConfig, flow_matching_loss
 from tcscale.models.conditioning import Conditioning, batch_conditioning
@@ -53,6 +55,7 @@ class LDMObjective(Objective):
         self.dtype = ctx.dtype
         self.device = ctx.device
         self.resolution = ctx.cfg.data.resolution
+        self.cached_latents = ctx.cfg.data.latents == "cached"  # the VAE is config only (weights on "meta")
         self.install_attention(ctx)
 
     def install_attention(self, ctx: BuildContext) -> None:
@@ -76,11 +79,25 @@ class LDMObjective(Objective):
         for p in range(phrases):
             token_phrase[:, 1 + 2 * p : 3 + 2 * p] = p
         batch = {
-            "pixel_values": torch.rand((B, 3, side, side), generator=g) * 2 - 1,
             "input_ids": input_ids,
             "token_phrase": token_phrase,
             "keys": [f"synthetic{b}" for b in range(B)],
         }
+        if (
+            self.cached_latents
+        ):  # data.latents=cached: the posterior's mean and log-variance (tcscale.data.latent_cache)
+            vae = self.comps.vae.config
+            shape = (
+                B,
+                vae.latent_channels,
+                side // vae_scale_factor(self.comps.vae),
+                side // vae_scale_factor(self.comps.vae),
+            )
+            batch["latent_mean"] = torch.randn(shape, generator=g)
+            batch["latent_logvar"] = torch.full(shape, -2.0)
+            batch["target_sizes"] = torch.tensor([[side, side]] * B)
+        else:
+            batch["pixel_values"] = torch.rand((B, 3, side, side), generator=g) * 2 - 1
         if self.plan is not None:
             batch["layer_masks"] = {
                 size: torch.bernoulli(torch.full((B, phrases, size[0] * size[1]), 0.5), generator=g)
@@ -90,11 +107,16 @@ class LDMObjective(Objective):
 
     @torch.no_grad()
     def noised(self, batch: dict, generator: torch.Generator) -> NoisedBatch:
-        """Encode the batch (frozen VAE and text encoder), draw noise and timesteps from `generator`."""
+        """Encode the batch (frozen VAE, or its cached posterior: `data.latents`, and the frozen text encoder), draw
+        noise and timesteps from `generator`."""
         vae, scheduler = self.comps.vae, self.comps.noise_scheduler
         device = self.device
-        pixels = batch["pixel_values"].to(device, vae.dtype)
-        latents = self.family.latents(vae, pixels, generator)
+        if "latent_mean" in batch:  # the same draw as vae.encode(x).latent_dist.sample(generator) (latent_cache)
+            mean = batch["latent_mean"].to(device, torch.float32)
+            logvar = batch["latent_logvar"].to(device, torch.float32)
+            latents = self.family.scale_latents(vae, sample_latents(mean, logvar, generator))
+        else:
+            latents = self.family.latents(vae, batch["pixel_values"].to(device, vae.dtype), generator)
         cond = batch_conditioning(self.comps, batch, dtype=self.dtype, device=device)
         noise = sample_noise(latents, generator, self.ldm.noise_offset)
         timesteps, noisy, target, weights = self.family.noise_latents(scheduler, latents, noise, generator, self.ldm)

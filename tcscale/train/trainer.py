@@ -170,7 +170,15 @@ class Trainer:
         self.comps = comps = load_components(cfg.model, cfg.data.resolution)
         if cfg.model.pretrained is None and env.is_rank0:
             save_pipeline_dir(comps, self.out_dir / "base_model")  # the tiny base, so export has a full pipeline
-        comps.vae.requires_grad_(False).to(env.device, torch.float32).eval()
+        self.latent_key = None
+        if cfg.data.latents == "cached":  # the loader reads cached latents: identify the VAE, then drop its weights
+            from tcscale.data.latent_cache import cache_key, check_shards
+
+            self.latent_key = cache_key(cfg.data, comps.vae)
+            checked_on_rank0(lambda: check_shards(cfg.data, self.latent_key))
+            comps.vae.to("meta")  # config only (scaling factor, downsampling): no VAE weights on any device
+        else:
+            comps.vae.requires_grad_(False).to(env.device, torch.float32).eval()
         for tower in comps.text_towers:
             tower.requires_grad_(False).to(env.device, self.dtype).eval()
         spec = OBJECTIVES[cfg.objective.name]
@@ -291,6 +299,8 @@ class Trainer:
             start_step=self.micro_step,
             anchor=self.anchor.position,
         )
+        if self.latent_key is not None:
+            loader.expect_latent_cache(self.latent_key)
         # one loader state per rank (the client state holds the list), continued at this run's micro-step (its count
         # changes with gradient_accumulation_steps); on another world size, rank 0 carries the summed counters on
         if isinstance(data_state, list) and len(data_state) == env.world_size:
