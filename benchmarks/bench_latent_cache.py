@@ -205,7 +205,8 @@ def main() -> None:
     ap.add_argument("--skip-trainer", action="store_true")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
-    import deepspeed
+    from importlib.metadata import version
+
     import diffusers
 
     row: dict = {
@@ -215,7 +216,7 @@ def main() -> None:
         "versions": {
             "torch": torch.__version__,
             "diffusers": diffusers.__version__,
-            "deepspeed": deepspeed.__version__,
+            "deepspeed": version("deepspeed"),
         },
         "command": "python benchmarks/bench_latent_cache.py " + " ".join(sys.argv[1:]),
         "flops": [flop_plan(a, r) for a in ("sd14", "sdxl") for r in (args.resolution, {"sd14": 512, "sdxl": 1024}[a])],

@@ -275,8 +275,12 @@ def parse_args(argv: list[str] | None = None):
         parser.error(f"--methods {args.methods!r}: each must be one of {', '.join(MODELS)}")
     args.methods = methods
     out = args.out.resolve()
-    if out.exists() and any(out.iterdir()) and not (out / "base_model").exists():  # the demo empties --out first
-        parser.error(f"--out {args.out}: exists and is not an earlier demo's output (no base_model/); not emptying it")
+    earlier_demo = (out / "base_model").exists() or (out / "results.json").exists()  # this demo's or the old one's
+    if out.exists() and any(out.iterdir()) and not earlier_demo:  # the demo empties --out first
+        parser.error(
+            f"--out {args.out}: exists and is not an earlier demo's output (no base_model/ or results.json); "
+            "not emptying it"
+        )
     for o in args.overrides:
         if "=" not in o or (":" in o.split("=", 1)[0] and o.split(":", 1)[0] not in MODELS):
             parser.error(f"--set {o!r}: expected [METHOD:]KEY=VALUE, METHOD one of {', '.join(MODELS)}")

@@ -112,21 +112,22 @@ def test_run_jobs_stops_at_a_failed_job_with_its_log(tmp_path, monkeypatch):
         demo.run_jobs({"broken": (bad, tmp_path / "b.log"), "fine": (ok, tmp_path / "c.log")}, total=2, slots=1)
 
 
-def test_tuning_overrides_reach_only_their_method_and_bad_ones_are_refused(capsys):
+def test_tuning_overrides_reach_only_their_method_and_bad_ones_are_refused(capsys, tmp_path):
     sys.path.insert(0, str(REPO))
     from launchers import demo
 
     lr, tc = "deepspeed.optimizer.params.lr=5e-4", "objective.tokencompose.token_loss_weight=1"
     shards = "data.shards=a::b"
-    args = demo.parse_args(["--methods", "ldm,tokencompose", "--set", lr, "--set", f"tokencompose:{tc}",
+    out = ["--out", str(tmp_path / "demo")]  # not the checkout's runs/demo, whatever an earlier demo left there
+    args = demo.parse_args([*out, "--methods", "ldm,tokencompose", "--set", lr, "--set", f"tokencompose:{tc}",
                             "--set", shards])  # fmt: skip
     assert args.methods == ("ldm", "tokencompose")
     assert demo.overrides_for("ldm", args.overrides) == [lr, shards]
     assert demo.overrides_for("tokencompose", args.overrides) == [lr, tc, shards]
     bad_methods = "--methods 'ldm,dalle': each must be one of ldm, tokencompose, sepen"
     bad_set = "--set 'sdxl:max_steps=3': expected [METHOD:]KEY=VALUE"
-    not_demo = f"--out {REPO / 'configs'}: exists and is not an earlier demo's output (no base_model/); not emptying it"
-    for argv, line in ((["--methods", "ldm,dalle"], bad_methods), (["--set", "sdxl:max_steps=3"], bad_set),
+    not_demo = f"--out {REPO / 'configs'}: exists and is not an earlier demo's output (no base_model/ or results.json)"
+    for argv, line in (([*out, "--methods", "ldm,dalle"], bad_methods), ([*out, "--set", "sdxl:max_steps=3"], bad_set),
                        (["--out", str(REPO / "configs")], not_demo)):  # fmt: skip
         with pytest.raises(SystemExit) as exc:
             demo.parse_args(argv)
