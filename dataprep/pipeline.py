@@ -186,12 +186,20 @@ def load_input(path: str | os.PathLike) -> list[Item]:
 
 def shards_for_run(cfg: DataprepConfig, num_shards: int, env: dict[str, str] | None = None) -> list[int]:
     """Shard indices of this run: `shards` if set; else the SLURM array task's range; else all."""
+    return shard_indices(cfg.shards, num_shards, cfg.shards_per_task, env, name="config key 'shards'")
+
+
+def shard_indices(
+    spec: str | None, num_shards: int, shards_per_task: int, env: dict[str, str] | None = None, name: str = "--shards"
+) -> list[int]:
+    """Shard indices of a stage's run: `spec` ("0-3,7") if given; else the SLURM array task's range of
+    `shards_per_task` shards; else all. An index out of range raises DataprepConfigError naming `name`."""
     env = dict(os.environ) if env is None else env
-    if cfg.shards is not None:
-        wanted = parse_shard_spec(cfg.shards)
+    if spec is not None:
+        wanted = parse_shard_spec(spec)
     elif "SLURM_ARRAY_TASK_ID" in env:
         task = int(env["SLURM_ARRAY_TASK_ID"])
-        wanted = list(range(task * cfg.shards_per_task, (task + 1) * cfg.shards_per_task))
+        wanted = list(range(task * shards_per_task, (task + 1) * shards_per_task))
         wanted = [s for s in wanted if s < num_shards]  # the last task may be short or empty
         if not wanted:
             log.warning("SLURM array task %d has no shard (only %d shards)", task, num_shards)
@@ -199,7 +207,7 @@ def shards_for_run(cfg: DataprepConfig, num_shards: int, env: dict[str, str] | N
         wanted = list(range(num_shards))
     bad = [s for s in wanted if not 0 <= s < num_shards]
     if bad:
-        raise DataprepConfigError(f"config key 'shards': {bad[:5]} out of range 0..{num_shards - 1}")
+        raise DataprepConfigError(f"{name}: {bad[:5]} out of range 0..{num_shards - 1}")
     return wanted
 
 

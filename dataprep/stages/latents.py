@@ -36,28 +36,12 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from dataprep.pipeline import DataprepConfigError, parse_shard_spec
+from dataprep.pipeline import DataprepConfigError, shard_indices
 from tcscale.data.buckets import bucket_sizes, nearest_bucket
 from tcscale.data.config import DataConfig, DataConfigError
 from tcscale.data.latent_cache import LATENTS_PART, CacheKey, cache_key, encode_member
 from tcscale.data.samples import SkipSample, decode_shard_sample
 from tcscale.data.transforms import crop_params, transform_image_and_masks
-
-
-def shard_indices(spec: str | None, num_shards: int, shards_per_task: int, env: dict[str, str] | None = None):
-    """Shard indices of this run: `spec` if given; else the SLURM array task's range; else all."""
-    env = dict(os.environ) if env is None else env
-    if spec is not None:
-        wanted = parse_shard_spec(spec)
-    elif "SLURM_ARRAY_TASK_ID" in env:
-        task = int(env["SLURM_ARRAY_TASK_ID"])
-        wanted = [s for s in range(task * shards_per_task, (task + 1) * shards_per_task) if s < num_shards]
-    else:
-        wanted = list(range(num_shards))
-    bad = [s for s in wanted if not 0 <= s < num_shards]
-    if bad:
-        raise DataprepConfigError(f"--shards: {bad[:5]} out of range 0..{num_shards - 1}")
-    return wanted
 
 
 class LatentEncoder:
