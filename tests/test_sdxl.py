@@ -4,8 +4,6 @@ configs/tiny_sdxl_cpu.yaml on 2 ranks (ZeRO-2): grounding losses in MLflow, exac
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 
@@ -111,26 +109,8 @@ def test_tiny_sdxl_two_ranks_zero2_logs_grounding_resumes_exactly_and_exports(tm
 
     from tcscale.train.export import export_pipeline
 
-    common = ["max_steps=4", "checkpoint.every_steps=2", "data.synthetic.num_samples=16"]
+    launch.two_rank_grounded_run_resumes_exactly(tmp_path, CONFIG, "tcscale-tiny-sdxl")
     ref = tmp_path / "uninterrupted"
-    launch.run_deepspeed(2, CONFIG, [f"output_dir={ref}", *common])
-    client, runs = launch.mlflow_runs(ref, "tcscale-tiny-sdxl")
-    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-    for term in ("loss/ldm", "loss/token", "loss/pixel"):
-        hist = client.get_metric_history(runs[0].info.run_id, term)
-        assert sorted(m.step for m in hist) == [1, 2, 3, 4] and all(m.value > 0 for m in hist)
-
-    run = tmp_path / "resumed"  # the same run, as if killed after its step-2 checkpoint
-    shutil.copytree(ref, run)
-    shutil.rmtree(run / "checkpoints" / "step4")
-    (run / "checkpoints" / "latest").write_text("step2")
-    proc = launch.run_deepspeed(2, CONFIG, [f"output_dir={run}", *common, "resume=latest"])
-    assert "resumed from" in proc.stdout
-    a, b = launch.final_weights(ref), launch.final_weights(run)
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
-
     out = export_pipeline(ref, tmp_path / "export")
     pipe = StableDiffusionXLPipeline.from_pretrained(out)
     image = pipe("a photo of a red circle", num_inference_steps=2, height=64, width=64,

@@ -183,3 +183,31 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
     ckpt = run_dir / "checkpoints"
     return consolidated_state_dict(ckpt, latest_tag(ckpt))
+
+
+def two_rank_grounded_run_resumes_exactly(tmp_path: Path, config: str, experiment: str) -> dict[str, torch.Tensor]:
+    """A family's tiny config: 4 steps on 2 ranks (ZeRO-2) with checkpoints at 2 and 4 log loss/ldm, loss/token and
+    loss/pixel at every step; a copy of the run cut back to its step-2 checkpoint resumes to step 4 with the same
+    weights. Returns the uninterrupted run's final weights (the run is `tmp_path / "uninterrupted"`)."""
+    import shutil
+
+    common = ["max_steps=4", "checkpoint.every_steps=2", "data.synthetic.num_samples=16"]
+    ref = tmp_path / "uninterrupted"
+    run_deepspeed(2, config, [f"output_dir={ref}", *common])
+    client, runs = mlflow_runs(ref, experiment)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    for term in ("loss/ldm", "loss/token", "loss/pixel"):
+        hist = client.get_metric_history(runs[0].info.run_id, term)
+        assert sorted(m.step for m in hist) == [1, 2, 3, 4] and all(m.value > 0 for m in hist)
+
+    run = tmp_path / "resumed"  # the same run, as if killed after its step-2 checkpoint
+    shutil.copytree(ref, run)
+    shutil.rmtree(run / "checkpoints" / "step4")
+    (run / "checkpoints" / "latest").write_text("step2")
+    proc = run_deepspeed(2, config, [f"output_dir={run}", *common, "resume=latest"])
+    assert "resumed from" in proc.stdout
+    a, b = final_weights(ref), final_weights(run)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
+    return a
