@@ -1,10 +1,10 @@
 """Aspect-ratio buckets (tcscale/data/buckets.py): bucket lists, crop windows, one bucket per micro-batch, masks that
-line up with the latent of a bucketed sample, SDXL's crop time ids, and a bucketed 2-rank SDXL run that resumes."""
+line up with the latent of a bucketed sample, SDXL's crop time ids (the bucketed 2-rank SDXL
+run that resumes is tests/test_sdxl.py's family run)."""
 
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 
 from tcscale.config import load_config
@@ -13,10 +13,8 @@ from tcscale.data.buckets import generate_buckets, nearest_bucket
 from tcscale.data.synthetic import COLOURS, SyntheticWorld
 from tcscale.data.transforms import crop_params, window_for
 from tcscale.models.tokenizer import sd_clip_tokenizer
+from tests.helpers.buckets import BUCKETED
 from tests.helpers.paths import TINY_CONFIG
-
-SIZES = "[[60,100],[100,60],[64,64],[40,120]]"  # synthetic images: 3 aspect ratios and a square
-BUCKETED = ["data.buckets.enabled=true", "data.buckets.step=16", f"data.synthetic.sizes={SIZES}"]
 
 
 def test_generated_bucket_lists():
@@ -120,26 +118,3 @@ def test_bucketed_masks_line_up_with_the_cached_latent(tmp_path):
             assert abs(got[0] - want[0]) < 0.5 and abs(got[1] - want[1]) < 0.5, (key, obj, got, want)
             checked += 1
     assert checked >= 4
-
-
-@pytest.mark.distributed
-@pytest.mark.slow
-def test_bucketed_sdxl_two_ranks_resumes_exactly(tmp_path):
-    """Tiny SDXL on 2 ranks, images of 3 aspect ratios in 3 buckets (each rank's micro-batch one bucket, the ranks'
-    buckets differing): killed after step 4, resumed from step 3, the final weights are the uninterrupted run's."""
-    from tests.helpers.launch import final_weights, run_and_kill_at, run_deepspeed
-
-    config = "configs/tiny_sdxl_cpu.yaml"
-    common = ["max_steps=6", "checkpoint.every_steps=3", "checkpoint.keep_last=5", "data.synthetic.num_samples=16",
-              "tracking.enabled=false", *BUCKETED]  # fmt: skip
-    ref = tmp_path / "uninterrupted"
-    run_deepspeed(2, config, [f"output_dir={ref}", *common])
-    run = tmp_path / "killed"
-    run_and_kill_at(2, config, [f"output_dir={run}", *common], marker="step 4/6")
-    assert not (run / "checkpoints" / "step6").exists() and (run / "checkpoints" / "step3").is_dir()
-    proc = run_deepspeed(2, config, [f"output_dir={run}", *common, "resume=latest"])
-    assert "resumed from" in proc.stdout
-    a, b = final_weights(ref), final_weights(run)
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")

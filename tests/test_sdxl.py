@@ -13,6 +13,7 @@ from tcscale.models.architectures import build_random_components, build_tiny_com
 from tcscale.models.conditioning import encode_text
 from tcscale.models.tokenizer import sd_clip_tokenizer, sdxl_second_tokenizer
 from tests.helpers import launch
+from tests.helpers.buckets import BUCKETED
 
 CONFIG = "configs/tiny_sdxl_cpu.yaml"
 CAPTIONS = [
@@ -102,14 +103,16 @@ def test_sdxl_family_mismatch_with_a_pipeline_dir_is_named(tmp_path):
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_tiny_sdxl_two_ranks_zero2_logs_grounding_resumes_exactly_and_exports(tmp_path):
-    """4 steps on 2 ranks (ZeRO-2) with checkpoints at 2 and 4; a copy of the run cut back to its step-2 checkpoint
-    resumes to step 4 with the same weights; the export is a StableDiffusionXLPipeline that generates."""
+def test_tiny_sdxl_two_ranks_zero2_bucketed_logs_grounding_resumes_exactly_and_exports(tmp_path):
+    """4 steps on 2 ranks (ZeRO-2), images of 3 aspect ratios in aspect-ratio buckets (each rank's micro-batch one
+    bucket), with checkpoints at 2 and 4; a copy of the run cut back to its step-2 checkpoint resumes to step 4 with
+    the same weights (the bucketed sampler resumes where it stopped); the export is a StableDiffusionXLPipeline that
+    generates."""
     from diffusers import StableDiffusionXLPipeline
 
     from tcscale.train.export import export_pipeline
 
-    launch.two_rank_grounded_run_resumes_exactly(tmp_path, CONFIG, "tcscale-tiny-sdxl")
+    launch.two_rank_grounded_run_resumes_exactly(tmp_path, CONFIG, "tcscale-tiny-sdxl", extra=BUCKETED)
     ref = tmp_path / "uninterrupted"
     out = export_pipeline(ref, tmp_path / "export")
     pipe = StableDiffusionXLPipeline.from_pretrained(out)

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -185,13 +186,16 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return consolidated_state_dict(ckpt, latest_tag(ckpt))
 
 
-def two_rank_grounded_run_resumes_exactly(tmp_path: Path, config: str, experiment: str) -> dict[str, torch.Tensor]:
-    """A family's tiny config: 4 steps on 2 ranks (ZeRO-2) with checkpoints at 2 and 4 log loss/ldm, loss/token and
-    loss/pixel at every step; a copy of the run cut back to its step-2 checkpoint resumes to step 4 with the same
-    weights. Returns the uninterrupted run's final weights (the run is `tmp_path / "uninterrupted"`)."""
+def two_rank_grounded_run_resumes_exactly(
+    tmp_path: Path, config: str, experiment: str, extra: Sequence[str] = ()
+) -> dict[str, torch.Tensor]:
+    """A family's tiny config (plus the `extra` overrides): 4 steps on 2 ranks (ZeRO-2) with checkpoints at 2 and 4
+    log loss/ldm, loss/token and loss/pixel at every step; a copy of the run cut back to its step-2 checkpoint resumes
+    to step 4 with the same weights. Returns the uninterrupted run's final weights (the run is
+    `tmp_path / "uninterrupted"`)."""
     import shutil
 
-    common = ["max_steps=4", "checkpoint.every_steps=2", "data.synthetic.num_samples=16"]
+    common = ["max_steps=4", "checkpoint.every_steps=2", "data.synthetic.num_samples=16", *extra]
     ref = tmp_path / "uninterrupted"
     run_deepspeed(2, config, [f"output_dir={ref}", *common])
     client, runs = mlflow_runs(ref, experiment)
