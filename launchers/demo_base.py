@@ -85,6 +85,33 @@ def _val_job(run: Path, name: str, model: list[str]) -> tuple[list[str], Path]:
     return cmd, run / f"val_{name}.log"
 
 
+def validation_figure(run: Path, names: list[str], path: Path, per_row: int = 10) -> None:
+    """The first `per_row` one-object validation prompts (round 0: the same prompt and initial noise in every row),
+    one row per evaluation in `names` (read from run/val/<name>); a green frame where the scorer found the object
+    with its colour and shape, red where it did not."""
+    from PIL import Image, ImageDraw
+
+    tile, pad, head, left = 96, 6, 40, 150
+    items = [json.loads(line) for line in (run / "val" / names[0] / "synthetic_k1" / "items.jsonl").open()]
+    items = [it for it in items if it["round"] == 0][:per_row]
+    canvas = Image.new("RGB", (left + len(items) * (tile + pad), head + len(names) * (tile + pad)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for j, it in enumerate(items):
+        draw.text((left + j * (tile + pad), 6), "\n".join(it["objects"][0].split()), fill="black")
+    for i, name in enumerate(names):
+        y, folder = head + i * (tile + pad), run / "val" / name / "synthetic_k1"
+        draw.text((6, y + tile // 2 - 6), name.replace("_raw", " (trained)") + ("" if "_raw" in name else " (EMA)"),
+                  fill="black")  # fmt: skip
+        for j, it in enumerate(items):
+            found = json.loads((folder / "detections" / f"{it['key']}.json").read_text())["labels"]
+            x = left + j * (tile + pad)
+            ok = all(o in found for o in it["objects"])
+            draw.rectangle([x - 3, y - 3, x + tile + 2, y + tile + 2], fill=(40, 170, 60) if ok else (220, 40, 40))
+            image = Image.open(folder / "images" / f"{it['key']}.png").convert("RGB")
+            canvas.paste(image.resize((tile, tile), Image.NEAREST), (x, y))
+    canvas.save(path)
+
+
 def pretrain(run: Path, env: dict[str, str], steps: int | None) -> None:
     from launchers.demo import free_port
 
@@ -141,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     summary = {"chosen": best, "weights": "ema", "validation": scores, "wall_s": round(time.perf_counter() - t0, 1),
                "single": SINGLE, "multi": MULTI}  # fmt: skip
     (OUT / "validation.json").write_text(json.dumps(summary, indent=1))
+    shown = [tags[0], tags[len(tags) // 2], tags[-1], f"{tags[-1]}_raw"]
+    validation_figure(run, list(dict.fromkeys(shown)), OUT / "validation.png")
+    say(f"validation images: {OUT / 'validation.png'}")
     say(f"shipping the last checkpoint's EMA weights, {best} (validation scores above, in validation.json)")
     if not args.no_ship:
         from tcscale.models.demo_base import SHIPPED, ship_demo_base
