@@ -135,13 +135,13 @@ def test_tuning_overrides_reach_only_their_method_and_bad_ones_are_refused(capsy
 
 
 def test_base_pretraining_decays_the_lr_to_near_zero_at_its_last_step_and_keeps_an_ema():
-    """configs/demo_base.yaml's DeepSpeed schedule, run on a real optimizer: warm-up to the peak, then a decay that
-    ends at max_steps (not before, not after), and the EMA the shipped weights come from."""
+    """configs/demo_base_cosine_ema.yaml's DeepSpeed schedule, run on a real optimizer: warm-up to the peak, then a
+    decay that ends at max_steps (not before, not after), and the EMA whose weights that recipe validates."""
     from deepspeed.runtime.lr_schedules import WarmupCosineLR
 
     from tcscale.config import load_config
 
-    cfg = load_config(REPO / "configs/demo_base.yaml")
+    cfg = load_config(REPO / "configs/demo_base_cosine_ema.yaml")
     assert cfg.ema.enabled
     sched_cfg = cfg.deepspeed["scheduler"]
     peak = cfg.deepspeed["optimizer"]["params"]["lr"]
