@@ -7,12 +7,14 @@
    per caption (seed 2001, `SINGLE` samples), few captions of two or three objects (seed 2002, `MULTI` samples),
    and the world's six held-out colour/shape combinations never shown;
 2. trains with the LDM loss alone through the real launcher
-   (`deepspeed --num_gpus 1 launchers/train.py --config configs/demo_base.yaml`), a checkpoint every 1,000 steps;
+   (`deepspeed --num_gpus 1 launchers/train.py --config configs/demo_base.yaml`, or `--config`'s recipe), a
+   checkpoint every 500 steps;
 3. evaluates every checkpoint on the **validation split** (`configs/eval/demo_base_val.yaml`: prompts of training
-   combinations only, eval seed 7; one- and two-object prompts) and records the scores; the last checkpoint is
-   shipped (the scorer's ranking of noisy early checkpoints is not a quality ranking: see the model card). The
-   held-out prompts `make demo` scores are never looked at here;
-4. ships that checkpoint into tcscale/demo_base/ (fp16 safetensors, no tokenizer: `tcscale.models.demo_base`
+   combinations only, eval seed 7; one- and two-object prompts; a recipe with an EMA: each checkpoint's EMA weights
+   and the last one's trained weights) and records the scores; the last checkpoint (its EMA, if any) is shipped (the scorer's ranking of noisy early
+   checkpoints is not a quality ranking: see the model card). The held-out prompts `make demo` scores are never
+   looked at here;
+4. ships those weights into tcscale/demo_base/ (fp16 safetensors, no tokenizer: `tcscale.models.demo_base`
    rebuilds the full fp32 pipeline from it) with a model card holding the validation numbers.
 """
 
@@ -51,29 +53,80 @@ def write_world(out: Path) -> str:
     return "::".join(parts)
 
 
-def validate(run: Path, tags: list[str]) -> dict[str, dict[str, float]]:
-    """Every checkpoint in `tags` scored on the validation split, two evaluations at a time (one core each)."""
+def export_ema(run: Path, tag: str) -> Path:
+    """Checkpoint `tag`'s EMA weights as an fp32 pipeline directory (what `make demo` would load after shipping)."""
+    from tcscale.models.sd import save_pipeline_dir
+    from tcscale.train.export import load_trained_components
+
+    out = run / "ema_export" / tag
+    if not (out / "model_index.json").is_file():
+        save_pipeline_dir(load_trained_components(run, tag, ema=True), out)
+    return out
+
+
+def validate(run: Path, tags: list[str], raw: list[str], ema: bool) -> dict[str, dict[str, float]]:
+    """Every checkpoint in `tags` scored on the validation split with its EMA weights (key `<tag>`), and those in
+    `raw` with the trained weights too (key `<tag>_raw`); two evaluations at a time (one core each)."""
     from launchers.demo import run_jobs
 
     jobs = {}
     for tag in tags:
-        cmd = [sys.executable, "launchers/eval.py", "--config", "configs/eval/demo_base_val.yaml", f"name=val_{tag}",
-               f"model.run_dir={run}", f"model.tag={tag}", f"output_dir={run / 'val' / tag}"]  # fmt: skip
-        jobs[tag] = (cmd, run / f"val_{tag}.log")
+        if ema:
+            model = [f"model.pretrained={export_ema(run, tag)}", "model.run_dir=null"]
+        else:
+            model = [f"model.run_dir={run}", f"model.tag={tag}"]
+        jobs[tag] = _val_job(run, tag, model)
+    for tag in raw if ema else []:
+        jobs[f"{tag}_raw"] = _val_job(run, f"{tag}_raw", [f"model.run_dir={run}", f"model.tag={tag}"])
     run_jobs(jobs, None)
-    return {tag: json.loads((run / "val" / tag / "results.json").read_text())["metrics"] for tag in tags}
+    return {name: json.loads((run / "val" / name / "results.json").read_text())["metrics"] for name in jobs}
 
 
-def pretrain(run: Path, env: dict[str, str], steps: int | None) -> None:
+def _val_job(run: Path, name: str, model: list[str]) -> tuple[list[str], Path]:
+    cmd = [sys.executable, "launchers/eval.py", "--config", "configs/eval/demo_base_val.yaml", f"name=val_{name}",
+           *model, f"output_dir={run / 'val' / name}"]  # fmt: skip
+    return cmd, run / f"val_{name}.log"
+
+
+def validation_figure(run: Path, names: list[str], path: Path, per_row: int = 10, ema: bool = True) -> None:
+    """The first `per_row` one-object validation prompts (round 0: the same prompt and initial noise in every row),
+    one row per evaluation in `names` (read from run/val/<name>); a green frame where the scorer found the object
+    with its colour and shape, red where it did not."""
+    from PIL import Image, ImageDraw
+
+    tile, pad, head, left = 96, 6, 40, 150
+    items = [json.loads(line) for line in (run / "val" / names[0] / "synthetic_k1" / "items.jsonl").open()]
+    items = [it for it in items if it["round"] == 0][:per_row]
+    canvas = Image.new("RGB", (left + len(items) * (tile + pad), head + len(names) * (tile + pad)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for j, it in enumerate(items):
+        draw.text((left + j * (tile + pad), 6), "\n".join(it["objects"][0].split()), fill="black")
+    for i, name in enumerate(names):
+        y, folder = head + i * (tile + pad), run / "val" / name / "synthetic_k1"
+        label = name.replace("_raw", " (trained)") + (" (EMA)" if ema and "_raw" not in name else "")
+        draw.text((6, y + tile // 2 - 6), label, fill="black")
+        for j, it in enumerate(items):
+            found = json.loads((folder / "detections" / f"{it['key']}.json").read_text())["labels"]
+            x = left + j * (tile + pad)
+            ok = all(o in found for o in it["objects"])
+            draw.rectangle([x - 3, y - 3, x + tile + 2, y + tile + 2], fill=(40, 170, 60) if ok else (220, 40, 40))
+            image = Image.open(folder / "images" / f"{it['key']}.png").convert("RGB")
+            canvas.paste(image.resize((tile, tile), Image.NEAREST), (x, y))
+    canvas.save(path)
+
+
+def pretrain(run: Path, env: dict[str, str], steps: int | None, config: str, cosine: bool) -> None:
     from launchers.demo import free_port
 
     say("writing the pretraining world (mostly single objects) ...")
     shards = write_world(OUT / "shards")
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "1", "--master_port", str(free_port()),
-           "launchers/train.py", "--config", "configs/demo_base.yaml", f"output_dir={run}", f"data.shards={shards}",
+           "launchers/train.py", "--config", config, f"output_dir={run}", f"data.shards={shards}",
            f"tracking.uri=sqlite:///{OUT / 'mlflow.db'}"]  # fmt: skip
     if steps is not None:
         cmd += [f"max_steps={steps}"]
+        if cosine:  # the cosine schedule decays over exactly the steps trained
+            cmd += [f"deepspeed.scheduler.params.total_num_steps={steps}"]
     say(f"pretraining with the LDM loss (log: {run / 'train.log'}) ...")
     run.mkdir(parents=True, exist_ok=True)
     with open(run / "train.log", "w") as log:
@@ -86,7 +139,13 @@ def pretrain(run: Path, env: dict[str, str], steps: int | None) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--no-ship", action="store_true", help="train and validate only; leave tcscale/demo_base alone")
-    ap.add_argument("--steps", type=int, default=None, help="override max_steps (default: configs/demo_base.yaml)")
+    ap.add_argument(
+        "--config",
+        default="configs/demo_base.yaml",
+        help="the pretraining recipe (default: the one that made the shipped weights; "
+        "configs/demo_base_cosine_ema.yaml adds a cosine lr and an EMA, whose EMA weights are validated and shipped)",
+    )
+    ap.add_argument("--steps", type=int, default=None, help="override max_steps (default: the config's)")
     ap.add_argument(
         "--validate-only",
         action="store_true",
@@ -99,30 +158,40 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     env = child_env() | {"OMP_NUM_THREADS": str(args.threads)}
     build_deepspeed_op()
+    from tcscale.config import load_config
+
+    recipe = load_config(REPO / args.config)
+    ema, cosine = recipe.ema.enabled, recipe.deepspeed["scheduler"]["type"] == "WarmupCosineLR"
     run = OUT / "run"
     if not args.validate_only:
-        pretrain(run, env, args.steps)
+        pretrain(run, env, args.steps, args.config, cosine)
     tags = [p.name for p in (run / "checkpoints").glob("step*") if p.name[4:].isdigit()]
     tags.sort(key=lambda t: int(t[4:]))
     if not tags:
         raise SystemExit(f"demo-base: {run / 'checkpoints'} holds no checkpoint to validate")
     say(f"validating {len(tags)} checkpoints on the validation split ...")
-    scores = validate(run, tags)
-    for tag in tags:
-        say(f"validation {tag}: one object drawn {scores[tag]['synthetic/k1/all_objects']:.3f}, "
-            f"two objects {scores[tag]['synthetic/k2/all_objects']:.3f}")  # fmt: skip
+    scores = validate(run, tags, raw=tags[-1:], ema=ema)
+    for name, metrics in scores.items():
+        say(
+            f"validation {name}{' (EMA)' if ema and not name.endswith('_raw') else ''}: one object drawn "
+            f"{metrics['synthetic/k1/all_objects']:.3f}, two objects {metrics['synthetic/k2/all_objects']:.3f}"
+        )
     # The last checkpoint is shipped; the validation scores are reported, not used to choose: the synthetic scorer
     # accepts noise as objects (step 500's noisy images scored 0.27 against 0.10 for step 2,500's clean ones;
     # tcscale/demo_base/README.md), so its ranking of under-trained checkpoints is not a quality ranking.
     best = tags[-1]
-    summary = {"chosen": best, "validation": scores, "wall_s": round(time.perf_counter() - t0, 1),
-               "single": SINGLE, "multi": MULTI}  # fmt: skip
+    summary = {"chosen": best, "weights": "ema" if ema else "trained", "config": args.config, "validation": scores,
+               "wall_s": round(time.perf_counter() - t0, 1), "single": SINGLE, "multi": MULTI}  # fmt: skip
     (OUT / "validation.json").write_text(json.dumps(summary, indent=1))
-    say(f"shipping the last checkpoint, {best} (validation scores above, in validation.json)")
+    shown = [tags[0], tags[len(tags) // 2], tags[-1], *([f"{tags[-1]}_raw"] if ema else [])]
+    validation_figure(run, list(dict.fromkeys(shown)), OUT / "validation.png", ema=ema)
+    say(f"validation images: {OUT / 'validation.png'}")
+    say(f"shipping the last checkpoint's {'EMA' if ema else 'trained'} weights, {best} (validation scores above, in "
+        "validation.json)")  # fmt: skip
     if not args.no_ship:
         from tcscale.models.demo_base import SHIPPED, ship_demo_base
 
-        ship_demo_base(run, best, summary)
+        ship_demo_base(run, best, summary, ema=ema)
         say(f"shipped {best} into {SHIPPED}")
     return 0
 

@@ -132,3 +132,29 @@ def test_tuning_overrides_reach_only_their_method_and_bad_ones_are_refused(capsy
         with pytest.raises(SystemExit) as exc:
             demo.parse_args(argv)
         assert exc.value.code == 2 and line in capsys.readouterr().err
+
+
+def test_base_pretraining_decays_the_lr_to_near_zero_at_its_last_step_and_keeps_an_ema():
+    """configs/demo_base_cosine_ema.yaml's DeepSpeed schedule, run on a real optimizer: warm-up to the peak, then a
+    decay that ends at max_steps (not before, not after), and the EMA whose weights that recipe validates."""
+    from deepspeed.runtime.lr_schedules import WarmupCosineLR
+
+    from tcscale.config import load_config
+
+    cfg = load_config(REPO / "configs/demo_base_cosine_ema.yaml")
+    assert cfg.ema.enabled
+    sched_cfg = cfg.deepspeed["scheduler"]
+    peak = cfg.deepspeed["optimizer"]["params"]["lr"]
+    assert sched_cfg["type"] == "WarmupCosineLR"
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=peak)
+    sched = WarmupCosineLR(opt, **sched_cfg["params"])
+    lrs = []
+    for _ in range(cfg.max_steps):
+        opt.step()
+        sched.step()
+        lrs.append(opt.param_groups[0]["lr"])
+    warm = sched_cfg["params"]["warmup_num_steps"]
+    assert max(lrs) == pytest.approx(peak, rel=0.02)
+    assert lrs[warm + 10] > 0.9 * peak
+    assert lrs[cfg.max_steps // 2] == pytest.approx(0.5 * peak, rel=0.1)  # a cosine: half the peak at mid-run
+    assert lrs[-1] < 0.02 * peak  # decayed by the last step: max_steps and total_num_steps agree

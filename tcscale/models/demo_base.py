@@ -64,11 +64,13 @@ def materialise_demo_base(out_dir: str | os.PathLike, src: Path = SHIPPED) -> Pa
     return out
 
 
-def ship_demo_base(run_dir: str | os.PathLike, tag: str, summary: dict, dest: Path = SHIPPED) -> Path:
-    """Write checkpoint `tag` of the pretraining run into `dest` (see `write_shipped`)."""
+def ship_demo_base(
+    run_dir: str | os.PathLike, tag: str, summary: dict, dest: Path = SHIPPED, ema: bool = False
+) -> Path:
+    """Write checkpoint `tag` of the pretraining run into `dest` (see `write_shipped`); `ema`: its EMA weights."""
     from tcscale.train.export import load_trained_components
 
-    return write_shipped(load_trained_components(run_dir, tag), summary, dest)
+    return write_shipped(load_trained_components(run_dir, tag, ema=ema), summary, dest)
 
 
 def write_shipped(comps, summary: dict, dest: Path = SHIPPED) -> Path:
