@@ -11,9 +11,9 @@
    checkpoint every 500 steps;
 3. evaluates every checkpoint on the **validation split** (`configs/eval/demo_base_val.yaml`: prompts of training
    combinations only, eval seed 7; one- and two-object prompts; a recipe with an EMA: each checkpoint's EMA weights
-   and the last one's trained weights) and records the scores; the last checkpoint (its EMA, if any) is shipped (the scorer's ranking of noisy early
-   checkpoints is not a quality ranking: see the model card). The held-out prompts `make demo` scores are never
-   looked at here;
+   and the last one's trained weights) and records the scores; the last checkpoint (its EMA, if any) is shipped
+   (the scorer's ranking of noisy early checkpoints is not a quality ranking: see the model card). The held-out
+   prompts `make demo` scores are never looked at here;
 4. ships those weights into tcscale/demo_base/ (fp16 safetensors, no tokenizer: `tcscale.models.demo_base`
    rebuilds the full fp32 pipeline from it) with a model card holding the validation numbers.
 """
