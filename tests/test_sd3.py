@@ -388,3 +388,25 @@ def test_tiny_sd3_two_ranks_zero2_logs_grounding_resumes_exactly_and_exports(tmp
     assert image.size == (64, 64)
     trained = {k: v for k, v in pipe.transformer.state_dict().items() if k in a}
     assert trained and all(torch.equal(trained[k], a[k].to(trained[k].dtype)) for k in trained)
+
+
+@pytest.mark.slow
+def test_sd3_grounding_benchmark_smoke(tmp_path):
+    """benchmarks/sd3_grounding.py end to end on a tiny budget: a TokenCompose run through the real launcher, its
+    held-out evaluation through launchers/eval.py, the results file's numbers those of the evaluation's results."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    results = tmp_path / "results.json"
+    cmd = [sys.executable, "benchmarks/sd3_grounding.py", "--smoke", "--seeds", "0", "--methods", "tokencompose",
+           "--out", str(tmp_path / "runs"), "--results", str(results)]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    out = json.loads(results.read_text())
+    run_eval = tmp_path / "runs" / "sd3_grounding_held_out" / "tokencompose_s0" / "eval" / "results.json"
+    metrics = json.loads(run_eval.read_text())["metrics"]
+    assert out["steps"] == 4 and out["models"]["tokencompose"]["grounding_miou"] == [metrics["grounding/miou"]]
+    assert set(out["models"]["tokencompose"]["per_layer"]) == {"transformer_blocks.1.attn", "transformer_blocks.2.attn"}
