@@ -107,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--samples", type=int, default=128, help="evaluation images per seed (default 128)")
     ap.add_argument("--set", dest="overrides", nargs="*", default=[], help="training config overrides (key=value)")
     ap.add_argument("--eval-set", nargs="*", default=[], help="evaluation config overrides (key=value)")
+    ap.add_argument("--eval-dir", default="eval", help="evaluation folder in each run (default eval)")
     ap.add_argument("--tag", default="", help="suffix of the results file and run folder")
     ap.add_argument("--jobs", type=int, default=1, help="trainings at a time, one thread each (default 1)")
     ap.add_argument("--out", default="runs/sd3_grounding", help="run folders (default runs/sd3_grounding)")
@@ -135,21 +136,22 @@ def main(argv: list[str] | None = None) -> int:
     def eval_cmd(s: int, run: Path) -> list[str]:
         world = GROUNDING_SEED + s if args.split == "held_out" else VALIDATION_SEED + GROUNDING_SEED + s
         cmd = [sys.executable, "launchers/eval.py", "--config", "configs/eval/tiny_sd3_grounding.yaml",
-               f"model.run_dir={run}", f"output_dir={run / 'eval'}", f"grounding.synthetic_seed={world}",
+               f"model.run_dir={run}", f"output_dir={run / args.eval_dir}", f"grounding.synthetic_seed={world}",
                f"grounding.num_samples={samples}", f"tracking.uri={uri}"]  # fmt: skip
         cmd.append(f"seed={s}" if args.split == "held_out" else f"seed={VALIDATION_SEED + s}")
         if args.split == "validation":
             cmd.append("grounding.synthetic_split=train")
         return cmd + list(args.eval_set)
 
-    evals = {f"eval {m} s{s}": (eval_cmd(s, run), run / "eval.log") for (m, s), run in runs.items()}
-    run_jobs({k: v for k, v in evals.items() if not (v[1].parent / "eval" / "results.json").is_file()}, args.jobs)
+    evals = {f"eval {m} s{s}": (eval_cmd(s, run), run / f"{args.eval_dir}.log") for (m, s), run in runs.items()}
+    done = {k for k, v in evals.items() if (v[1].parent / args.eval_dir / "results.json").is_file()}
+    run_jobs({k: v for k, v in evals.items() if k not in done}, args.jobs)
 
     models: dict[str, dict] = {}
     for m in args.methods:
         per_seed, layers = [], {}
         for s in args.seeds:
-            metrics = json.loads((runs[(m, s)] / "eval" / "results.json").read_text())["metrics"]
+            metrics = json.loads((runs[(m, s)] / args.eval_dir / "results.json").read_text())["metrics"]
             per_seed.append(metrics["grounding/miou"])
             for key, value in metrics.items():
                 if key.startswith("grounding/layer/"):
@@ -166,14 +168,17 @@ def main(argv: list[str] | None = None) -> int:
         "train_overrides": TRAIN + list(args.overrides),
         "eval_overrides": list(args.eval_set),
         "models": models,
-        "commands": {"train": " ".join(train[next(iter(train))][0][5:]), "eval": " ".join(evals[next(iter(evals))][0])},
+        "commands": {
+            "train": "deepspeed --num_gpus 1 " + " ".join(train[next(iter(train))][0][5:]),
+            "eval": "python " + " ".join(evals[next(iter(evals))][0][1:]),
+        },
         "wall_s": round(time.perf_counter() - t0, 1),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "host": {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor()},
     }
     results_path.parent.mkdir(parents=True, exist_ok=True)
     results_path.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"| model | held-out grounding mIoU ({args.split}), seeds {args.seeds} | per seed |")
+    print(f"| model | grounding mIoU ({args.split} split), seeds {args.seeds} | per seed |")
     print("|---|---|---|")
     for m, r in models.items():
         print(f"| {m} | {r['mean']:.3f} ± {r['std']:.3f} | {' / '.join(f'{v:.3f}' for v in r['grounding_miou'])} |")
