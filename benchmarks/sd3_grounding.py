@@ -94,6 +94,24 @@ def run_jobs(jobs: dict[str, tuple[list[str], Path]], slots: int) -> None:
                 raise SystemExit(f"{name} failed (exit {proc.returncode}); {jobs[name][1]}:\n{tail}")
 
 
+def run_settings(run: Path, eval_dir: str) -> dict:
+    """What a run trained and was scored with, read back from its merged config and its evaluation's results."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(run / "config.yaml")
+    tc = cfg.objective.tokencompose
+    scored = json.loads((run / eval_dir / "results.json").read_text())["details"]["grounding"]["layers"]
+    return {
+        "objective": cfg.objective.name,
+        "grounded_blocks": list(cfg.attention.blocks) if cfg.objective.name == "tokencompose" else [],
+        "token_loss_weight": tc.token_loss_weight if cfg.objective.name == "tokencompose" else None,
+        "pixel_loss_weight": tc.pixel_loss_weight if cfg.objective.name == "tokencompose" else None,
+        "lr": cfg.deepspeed.optimizer.params.lr,
+        "max_steps": cfg.max_steps,
+        "scored_layers": scored,
+    }
+
+
 def summarize(values: list[float]) -> dict[str, float]:
     return {"mean": statistics.fmean(values), "std": statistics.pstdev(values) if len(values) > 1 else 0.0}
 
@@ -156,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
             for key, value in metrics.items():
                 if key.startswith("grounding/layer/"):
                     layers.setdefault(key.removeprefix("grounding/layer/"), []).append(value)
-        models[m] = {"grounding_miou": per_seed, **summarize(per_seed), "per_layer": layers}
+        settings = run_settings(runs[(m, args.seeds[0])], args.eval_dir)
+        models[m] = {"grounding_miou": per_seed, **summarize(per_seed), "per_layer": layers, "settings": settings}
     import torch
 
     result = {
