@@ -149,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         for (m, s), run in runs.items()
     }  # fmt: skip
     # a stage already on disk is not run again (a killed benchmark resumes; one method's runs can come first)
-    run_jobs({k: v for k, v in train.items() if not (v[1].parent / "checkpoints" / f"step{steps}").is_dir()}, args.jobs)
+    train_todo = {k: v for k, v in train.items() if not (v[1].parent / "checkpoints" / f"step{steps}").is_dir()}
+    run_jobs(train_todo, args.jobs)
 
     def eval_cmd(s: int, run: Path) -> list[str]:
         world = GROUNDING_SEED + s if args.split == "held_out" else VALIDATION_SEED + GROUNDING_SEED + s
@@ -163,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
 
     evals = {f"eval {m} s{s}": (eval_cmd(s, run), run / f"{args.eval_dir}.log") for (m, s), run in runs.items()}
     done = {k for k, v in evals.items() if (v[1].parent / args.eval_dir / "results.json").is_file()}
-    run_jobs({k: v for k, v in evals.items() if k not in done}, args.jobs)
+    evals_todo = {k: v for k, v in evals.items() if k not in done}
+    run_jobs(evals_todo, args.jobs)
 
     models: dict[str, dict] = {}
     for m in args.methods:
@@ -191,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
             "train": "deepspeed --num_gpus 1 " + " ".join(train[next(iter(train))][0][5:]),
             "eval": "python " + " ".join(evals[next(iter(evals))][0][1:]),
         },
-        "wall_s": round(time.perf_counter() - t0, 1),
+        "wall_s": round(time.perf_counter() - t0, 1),  # of this invocation: the stages it ran, below
+        "ran": {"trainings": len(train_todo), "evaluations": len(evals_todo), "jobs": args.jobs},
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "host": {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor()},
     }
