@@ -213,13 +213,105 @@ def test_flow_matching_noise_and_loss_follow_the_sd3_script(scheme):
                                atol=0)  # fmt: skip
 
 
+def test_sd3_held_out_grounding_records_against_an_independent_computation():
+    """The evaluation's grounding mIoU on an MMDiT: the latent noised to σ = t / T, the joint layers' maps read as
+    image queries x text keys (renormalised), a phrase's map the sum of its CLIP and T5 keys, recomputed here from
+    the layers' inputs (float64 joint softmax) and scored with the same IoU."""
+    from tcscale.attention.config import AttentionConfig
+    from tcscale.attention.plan import GroundingPlan, vae_scale_factor
+    from tcscale.eval.grounding_iou import grounding_iou
+    from tcscale.eval.grounding_maps import grounding_batches, grounding_records, noise_seed
+
+    _, comps = tiny()
+    family, model = FAMILIES["sd3"], comps.unet.eval()
+    plan = GroundingPlan.build(
+        model, blocks=["middle", "late"], resolutions=None, image_resolution=64,
+        scale_factor=vae_scale_factor(comps.vae), layout=MMDIT_LAYOUT,
+    )  # fmt: skip
+    batch = next(grounding_batches("synthetic", comps.tokenizer, resolution=64, num_samples=2, batch_size=2))
+    seen: dict[str, dict] = {}
+    hooks = [model.register_forward_pre_hook(lambda m, a, kw: seen.update(model=kw), with_kwargs=True)]
+    hooks += [
+        model.get_submodule(name).register_forward_pre_hook(
+            lambda m, a, kw, name=name: seen.update({name: kw}), with_kwargs=True
+        )
+        for name in plan.layers
+    ]
+    with torch.no_grad():
+        records = grounding_records(
+            model, comps.vae, comps, comps.noise_scheduler, plan, [batch], timesteps=[300], family="sd3", seed=5,
+            threshold=0.5,
+        )  # fmt: skip
+    for hook in hooks:
+        hook.remove()
+    # the input: SD3's latent of the image (VAE mode, shift and scale), noised to sigma = 0.3 with the record's seed
+    with torch.no_grad():
+        mode = comps.vae.encode(batch["pixel_values"]).latent_dist.mode()
+    x0 = (mode - comps.vae.config.shift_factor) * comps.vae.config.scaling_factor
+    noise = torch.stack([torch.randn(x0.shape[1:], generator=torch.Generator().manual_seed(noise_seed(5, k, 300)))
+                         for k in batch["keys"]])  # fmt: skip
+    torch.testing.assert_close(seen["model"]["hidden_states"], 0.7 * x0 + 0.3 * noise)
+    assert seen["model"]["timestep"].tolist() == [300.0, 300.0]
+    # the maps: text reading, head mean, phrase sums over the family's keys (77 CLIP + 256 T5 positions)
+    keys = family.key_token_phrase(comps, batch["input_ids"], batch["token_phrase"], AttentionConfig())
+    assert (keys[:, 77:] >= 0).any()  # T5 keys take part
+    want = []
+    for b, key in enumerate(batch["keys"]):
+        slots = sorted(int(p) for p in keys[b].unique() if p >= 0)
+        layers = {}
+        for name in plan.layers:
+            kw = seen[name]
+            probs, n_image = independent_joint_probs(
+                model.get_submodule(name), kw["hidden_states"], kw["encoder_hidden_states"]
+            )
+            block = probs[b, :, :n_image, n_image:]
+            text_map = (block / block.sum(-1, keepdim=True)).mean(0)  # (N, 333)
+            layers[name] = torch.stack([text_map[:, keys[b] == p].sum(1).reshape(8, 8) for p in slots]).float()
+        out = grounding_iou(layers, batch["phrase_masks"][b, slots], threshold=0.5)
+        want += [(key, p, float(out["iou"][j])) for j, p in enumerate(slots)]
+    got = [(r["key"], r["phrase"], r["iou"]) for r in records]
+    assert [g[:2] for g in got] == [w[:2] for w in want] and len(got) >= 4
+    assert [g[2] for g in got] == pytest.approx([w[2] for w in want], abs=1e-6)
+    assert all(set(r["layers"]) == set(plan.layers) for r in records)
+
+
+def test_sd3_trainer_validation_logs_images_heatmaps_and_grounding(tmp_path):
+    """`validation.every_steps > 0` on sd3: the validation pipeline (flow-matching sampler), per-phrase heatmaps of
+    the joint layers and the live grounding mIoU, through the family hooks."""
+    from types import SimpleNamespace
+
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from tcscale.train.validation import run_validation, validation_pipeline
+
+    _, comps = tiny()
+    overrides = ["validation.every_steps=1", "validation.num_inference_steps=2", "validation.grounding.enabled=true",
+                 "validation.grounding.source=synthetic", "validation.grounding.num_samples=2",
+                 "validation.grounding.timesteps=[100]"]  # fmt: skip
+    cfg = load_config(CONFIG, overrides)
+    assert isinstance(validation_pipeline(comps.unet, comps).scheduler, FlowMatchEulerDiscreteScheduler)
+    logged: dict[str, list] = {"images": [], "metrics": []}
+    tracker = SimpleNamespace(
+        log_image=lambda image, key, step: logged["images"].append((key, image.size)),
+        log_dict=lambda d, path: None,
+        log_metrics=lambda m, step: logged["metrics"].append(m),
+    )
+    env = SimpleNamespace(device=torch.device("cpu"), is_rank0=True)
+    metrics = run_validation(comps.unet, comps, cfg, None, tracker, 1, env)
+    assert [k for k, _ in logged["images"]] == ["validation/prompt0", "validation/prompt0_attention"]
+    assert logged["images"][0][1] == (64, 64)
+    assert 0.0 <= metrics["grounding/miou"] <= 1.0 and metrics["grounding/phrases"] >= 4
+    assert {k for k in metrics if k.startswith("grounding/layer/")} == {
+        f"grounding/layer/transformer_blocks.{n}.attn" for n in range(3)
+    }  # the config's grounded blocks: early, middle, late
+    assert comps.unet.training  # restored
+
+
 def test_sd3_config_errors_name_the_key(tmp_path):
     from tcscale.objectives import OBJECTIVES, BuildContext
 
     with pytest.raises(ValueError, match="objective.ldm.snr_gamma: min-SNR weighting is for DDPM"):
         load_config(CONFIG, ["objective.ldm.snr_gamma=5.0"])
-    with pytest.raises(ValueError, match="validation.every_steps=5: the trainer's validation reads U-Net"):
-        load_config(CONFIG, ["validation.every_steps=5"])
     cfg, comps = tiny()
     cfg.attention.backend = "fused"
     ctx = BuildContext(cfg, comps, torch.float32, torch.device("cpu"), 2)
@@ -298,3 +390,25 @@ def test_tiny_sd3_two_ranks_zero2_logs_grounding_resumes_exactly_and_exports(tmp
     assert image.size == (64, 64)
     trained = {k: v for k, v in pipe.transformer.state_dict().items() if k in a}
     assert trained and all(torch.equal(trained[k], a[k].to(trained[k].dtype)) for k in trained)
+
+
+@pytest.mark.slow
+def test_sd3_grounding_benchmark_smoke(tmp_path):
+    """benchmarks/sd3_grounding.py end to end on a tiny budget: a TokenCompose run through the real launcher, its
+    held-out evaluation through launchers/eval.py, the results file's numbers those of the evaluation's results."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    results = tmp_path / "results.json"
+    cmd = [sys.executable, "benchmarks/sd3_grounding.py", "--smoke", "--seeds", "0", "--methods", "tokencompose",
+           "--out", str(tmp_path / "runs"), "--results", str(results)]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    out = json.loads(results.read_text())
+    run_eval = tmp_path / "runs" / "sd3_grounding_held_out" / "tokencompose_s0" / "eval" / "results.json"
+    metrics = json.loads(run_eval.read_text())["metrics"]
+    assert out["steps"] == 4 and out["models"]["tokencompose"]["grounding_miou"] == [metrics["grounding/miou"]]
+    assert set(out["models"]["tokencompose"]["per_layer"]) == {f"transformer_blocks.{n}.attn" for n in range(3)}

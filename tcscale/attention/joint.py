@@ -130,3 +130,18 @@ def install_joint_grounding_processors(denoiser: torch.nn.Module, plan, attentio
                 mod.set_processor(JointGroundingAttnProcessor(name, attention.joint_reading))
             else:
                 mod.set_processor(PlainJointAttnProcessor())
+
+
+def observe_joint(denoiser: torch.nn.Module, plan, reading: str = "text") -> None:
+    """Make the plan's joint layers hand their grounding maps to a recorder (validation and evaluation maps): a
+    `JointGroundingAttnProcessor` of `reading` where a layer has none yet (without a recorder it computes diffusers'
+    SDPA, so the outputs do not change); a layer grounded already keeps its processor (and its run's reading); every
+    other attention module gets `PlainJointAttnProcessor`, which accepts the recorder keyword."""
+    for name, mod in denoiser.named_modules():
+        if not isinstance(mod, Attention):
+            continue
+        if name in plan.layers:
+            if not isinstance(mod.processor, JointGroundingAttnProcessor):
+                mod.set_processor(JointGroundingAttnProcessor(name, reading))
+        elif not isinstance(mod.processor, (PlainJointAttnProcessor, JointGroundingAttnProcessor)):
+            mod.set_processor(PlainJointAttnProcessor())

@@ -23,7 +23,6 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 from tcscale.attention.plan import GroundingPlan
-from tcscale.attention.processors import observe
 from tcscale.attention.recorders import MapCapture
 
 STOPWORDS = {"a", "an", "the", "of", "and", "with", "photo", "picture", "image", "in", "on", "at", "to", "is", "its"}
@@ -54,6 +53,23 @@ def phrase_tokens(tokenizer, prompt: str) -> list[tuple[str, list[int]]]:
     phrases = prompt_phrases(prompt)
     alignment = PhraseAligner(tokenizer).align(prompt, phrases)
     return [(p, pos) for p, pos in zip(phrases, alignment.positions) if pos]
+
+
+def phrase_key_tokens(towers, family, prompt: str) -> list[tuple[str, list[int]]]:
+    """(phrase, positions among the denoiser's text keys) for the prompt's phrases: `phrase_tokens` in the first
+    tokenizer, then the family's keys of each phrase (`Family.key_token_phrase`: SD3 adds the phrase's T5 tokens,
+    after the 77 CLIP keys). `towers`: a pipeline or components of `family`."""
+    from tcscale.attention.config import AttentionConfig
+
+    phrases = phrase_tokens(towers.tokenizer, prompt)
+    ids = towers.tokenizer(
+        prompt, padding="max_length", max_length=towers.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids  # fmt: skip
+    token_phrase = torch.full(ids.shape, -1, dtype=torch.long)
+    for p, (_, pos) in enumerate(phrases):
+        token_phrase[0, pos] = p
+    keys = family.key_token_phrase(towers, ids, token_phrase, AttentionConfig())[0]
+    return [(text, torch.nonzero(keys == p).flatten().tolist()) for p, (text, _) in enumerate(phrases)]
 
 
 def phrase_heat(maps: dict[str, torch.Tensor], positions: list[int], size: tuple[int, int]) -> torch.Tensor:
@@ -120,7 +136,10 @@ def generate_with_maps(
     generator: torch.Generator,
 ) -> tuple[Image.Image, dict[str, torch.Tensor]]:
     """One image (PIL) and the plan's layers' maps {layer: (Lq, Lk)} summed over steps (conditional half)."""
-    observe(pipe.unet, plan)
+    from tcscale.families import family_of_pipeline
+
+    family = family_of_pipeline(pipe)
+    family.observe(family.denoiser(pipe), plan)
     side = resolution // pipe.vae_scale_factor
     with MapCapture((side, side)) as capture:
         latents = pipe(
@@ -130,18 +149,22 @@ def generate_with_maps(
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale,
             generator=generator,
-            cross_attention_kwargs=capture.kwargs,
             output_type="latent",
+            **family.attention_call_kwargs(capture.kwargs),
         ).images
     vae = pipe.vae  # decoded in the VAE's own dtype (training keeps it fp32 beside a bf16 U-Net)
-    decoded = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+    decoded = vae.decode(family.unscale_latents(vae, latents.to(vae.dtype))).sample
     image = pipe.image_processor.postprocess(decoded.float(), output_type="pil")[0]
     return image, {k: v[-1].float().cpu() for k, v in capture.maps.items()}  # last row: the conditional half
 
 
-def attention_figure(image: Image.Image, maps: dict[str, torch.Tensor], tokenizer, prompt: str) -> Image.Image | None:
-    """`render_attention` of the prompt's phrases; None when no phrase aligns to tokens."""
-    phrases = phrase_tokens(tokenizer, prompt)
+def attention_figure(
+    image: Image.Image, maps: dict[str, torch.Tensor], tokenizer, prompt: str, *, towers=None, family=None
+) -> Image.Image | None:
+    """`render_attention` of the prompt's phrases; None when no phrase aligns to tokens. With `towers` and `family`
+    a phrase's heat reads all its text keys (`phrase_key_tokens`), otherwise its first tokenizer's tokens."""
+    phrases = phrase_tokens(tokenizer, prompt) if family is None else phrase_key_tokens(towers, family, prompt)
+    phrases = [(text, pos) for text, pos in phrases if pos]
     if not phrases:
         return None
     size = (image.height, image.width)

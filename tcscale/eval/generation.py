@@ -148,6 +148,11 @@ def load_pipeline(
         "dpm": DPMSolverMultistepScheduler,
         "euler": EulerDiscreteScheduler,
     }
+    if sampler.scheduler != "model" and family.flow_matching:
+        raise EvalInputError(
+            f"sampler.scheduler={sampler.scheduler!r}: a {family.pipeline_class} is a flow-matching model, which the "
+            "listed DDPM samplers do not sample; set sampler.scheduler=model"
+        )
     if sampler.scheduler != "model":
         pipe.scheduler = schedulers[sampler.scheduler].from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
@@ -155,8 +160,10 @@ def load_pipeline(
 
 
 def native_resolution(pipe) -> int:
-    """The U-Net's training resolution in px (sample_size x the VAE factor)."""
-    return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+    """The denoiser's training resolution in px (its sample_size, a latent side, x the VAE factor)."""
+    from tcscale.families import family_of_pipeline
+
+    return int(family_of_pipeline(pipe).denoiser(pipe).config.sample_size) * int(pipe.vae_scale_factor)
 
 
 def generate_missing(

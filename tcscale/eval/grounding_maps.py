@@ -1,11 +1,13 @@
-"""Grounding mIoU of a U-Net on held-out grounded data: noise real latents, one forward, read the maps.
+"""Grounding mIoU of a denoiser on held-out grounded data: noise real latents, one forward, read the maps.
 
 For each held-out sample and each chosen timestep t: the image's VAE latent (the distribution's mode), noised to t
-with a seed of (eval seed, sample key, t); one U-Net forward with the caption under a `MapCapture` on the layers of
-a `GroundingPlan`; per phrase, the sum of its tokens' head-averaged maps per layer (as TokenCompose's pixel loss
-forms S_p); then `tcscale.eval.grounding_iou` (upsampled, averaged over layers, normalised, thresholded) against
-the sample's full-resolution masks. Reported: the mean over every (sample, phrase, timestep), per layer and per
-timestep. The same function serves the evaluation launcher and the trainer's live grounding curve.
+with a seed of (eval seed, sample key, t) by the model's family (DDPM: the scheduler's forward process; flow matching,
+SD3: σ = t / T); one denoiser forward with the caption under a `MapCapture` on the layers of a `GroundingPlan` (a
+U-Net's attn2, an MMDiT's joint attention read as image queries x text keys, docs/MMDIT.md); per phrase, the sum of
+its tokens' head-averaged maps per layer (as TokenCompose's pixel loss forms S_p; SD3: its CLIP and T5 tokens);
+then `tcscale.eval.grounding_iou` (upsampled, averaged over layers, normalised, thresholded) against the sample's
+full-resolution masks. Reported: the mean over every (sample, phrase, timestep), per layer and per timestep. The same
+function serves the evaluation launcher and the trainer's live grounding curve.
 
 Data: held-out WebDataset shards through the loader's own sample processing (crop, alignment), one pass, no
 shuffling; or the synthetic world's held-out split (images that each show one colour/shape combination never
@@ -25,7 +27,6 @@ import numpy as np
 import torch
 
 from tcscale.attention.plan import GroundingPlan, layer_size
-from tcscale.attention.processors import observe
 from tcscale.attention.recorders import MapCapture
 from tcscale.eval.grounding_iou import grounding_iou
 
@@ -96,11 +97,20 @@ def grounding_records(
     threshold: float = 0.4,
     seed: int = 0,
     device: torch.device | str = "cpu",
+    attention=None,
 ) -> list[dict]:
     """One record per (sample, phrase, timestep): {"key", "phrase", "timestep", "iou", "layers": {layer: iou}}.
-    `batches` are the loader's batches with full-resolution `phrase_masks` (full_masks=True); `text` the text
-    side (`text_conditioning`: the components / pipeline, or a text encoder) encoded by `family`."""
-    observe(unet, plan)
+    `unet` is the family's denoiser (an SD3 transformer included); `batches` are the loader's batches with
+    full-resolution `phrase_masks` (full_masks=True); `text` the text side (`text_conditioning`: the components /
+    pipeline, or a text encoder) encoded by `family` (tcscale.families: it noises, runs the denoiser and says which
+    text keys a phrase owns); `attention`: the run's `attention` section where the family reads it (SD3's
+    `joint_tokens`), default its defaults."""
+    from tcscale.attention.config import AttentionConfig
+    from tcscale.families import family_named
+
+    fam = family_named(family)
+    attention = attention if attention is not None else AttentionConfig()
+    fam.observe(unet, plan)
     was_training = unet.training
     unet.eval()
     dtype = next(unet.parameters()).dtype
@@ -108,9 +118,9 @@ def grounding_records(
     try:
         for batch in batches:
             pixels = batch["pixel_values"].to(device, vae.dtype)
-            latents = vae.encode(pixels).latent_dist.mode().float() * vae.config.scaling_factor
+            latents = fam.scale_latents(vae, vae.encode(pixels).latent_dist.mode())
             cond = text_conditioning(text, batch, family=family, dtype=dtype, device=device)
-            token_phrase = batch["token_phrase"].to(device)
+            token_phrase = fam.key_token_phrase(text, batch["input_ids"], batch["token_phrase"], attention).cpu()
             masks = batch["phrase_masks"]
             hw = tuple(latents.shape[-2:])
             for t in timesteps:
@@ -122,13 +132,11 @@ def grounding_records(
                         for key in batch["keys"]
                     ]
                 ).to(device)
-                tt = torch.full((latents.shape[0],), int(t), device=device, dtype=torch.long)
-                noisy = scheduler.add_noise(latents, noise, tt).to(dtype)
+                tt, noisy = fam.noise_at(scheduler, latents, noise, t)
                 with MapCapture(hw) as capture:
-                    unet(noisy, tt, cond.text, added_cond_kwargs=cond.added_cond_kwargs,
-                         cross_attention_kwargs=capture.kwargs)  # fmt: skip
+                    fam.denoise(unet, noisy.to(dtype), tt, cond, capture.kwargs)
                 maps = {k: v.float().cpu() for k, v in capture.maps.items()}
-                for b, (slots, layers) in enumerate(phrase_layer_maps(maps, token_phrase.cpu(), hw)):
+                for b, (slots, layers) in enumerate(phrase_layer_maps(maps, token_phrase, hw)):
                     if not slots:
                         continue
                     out = grounding_iou(layers, masks[b, slots], threshold=threshold)

@@ -508,8 +508,9 @@ class Evaluation:
         g, ctx, pipe = self.cfg.grounding, self.ctx, self.pipe
         family = family_of_pipeline(pipe)
         resolution = g.resolution or self.cfg.sampler.resolution or native_resolution(pipe)
+        denoiser = family.denoiser(pipe)
         plan = GroundingPlan.build(
-            pipe.unet, blocks=list(g.blocks), resolutions=g.resolutions, image_resolution=resolution,
+            denoiser, blocks=list(g.blocks), resolutions=g.resolutions, image_resolution=resolution,
             scale_factor=vae_scale_factor(pipe.vae), layout=family.layout,
         )  # fmt: skip
         root = self.out / "grounding"
@@ -524,7 +525,7 @@ class Evaluation:
                 min_objects=g.synthetic_min_objects,
             )  # fmt: skip
             records = grounding_records(
-                pipe.unet, pipe.vae, pipe, pipe.scheduler, plan, batches, timesteps=list(g.timesteps),
+                denoiser, pipe.vae, pipe, pipe.scheduler, plan, batches, timesteps=list(g.timesteps),
                 threshold=g.threshold, seed=self.cfg.seed, device=ctx.device, family=family.name,
             )  # fmt: skip
             root.mkdir(parents=True, exist_ok=True)

@@ -170,6 +170,38 @@ class Family:
 
         install_grounding_processors(denoiser, plan, attention.backend, attention.ungrounded)
 
+    # -- reading maps (validation, evaluation: tcscale.eval) ------------------------------------------------------
+    def denoiser(self, pipe) -> torch.nn.Module:
+        """The denoiser of a loaded pipeline (`pipe.unet`, SD3's `pipe.transformer`)."""
+        return getattr(pipe, self.denoiser_component)
+
+    def observe(self, denoiser: torch.nn.Module, plan) -> None:
+        """Make the plan's layers hand their maps to a recorder (`MapCapture`) without changing the model's outputs;
+        a layer that is grounded already keeps its processor."""
+        from tcscale.attention.processors import observe
+
+        observe(denoiser, plan)
+
+    def noise_at(self, scheduler, latents: torch.Tensor, noise: torch.Tensor, timestep: int):
+        """(timesteps (B,), noisy latents) of `latents` noised to the fixed training timestep `timestep` (an
+        evaluation's one forward): the scheduler's forward process at t."""
+        timesteps = torch.full((latents.shape[0],), int(timestep), device=latents.device, dtype=torch.long)
+        return timesteps, scheduler.add_noise(latents, noise, timesteps)
+
+    def unscale_latents(self, vae, latents: torch.Tensor) -> torch.Tensor:
+        """The inverse of `scale_latents`: what the VAE decodes."""
+        return latents / vae.config.scaling_factor
+
+    def sampling_scheduler(self, noise_scheduler):
+        """The sampler of validation images, from the training scheduler's config (DDIM)."""
+        from diffusers import DDIMScheduler
+
+        return DDIMScheduler.from_config(noise_scheduler.config)
+
+    def attention_call_kwargs(self, attention_kwargs: dict) -> dict:
+        """The pipeline-call / denoiser-call keyword that carries `attention_kwargs` to every attention processor."""
+        return {"cross_attention_kwargs": attention_kwargs}
+
 
 FAMILIES: dict[str, Family] = {}
 

@@ -225,13 +225,6 @@ class SD3Family(Family):
             "noise_scheduler": (FlowMatchEulerDiscreteScheduler, {}),
         }
 
-    def check_config(self, cfg) -> None:
-        if cfg.validation.every_steps:
-            raise ValueError(
-                f"validation.every_steps={cfg.validation.every_steps}: the trainer's validation reads U-Net "
-                "cross-attention maps, not yet an MMDiT's joint attention (docs/MMDIT.md); set validation.every_steps=0"
-            )
-
     # -- building ----------------------------------------------------------------------------------------------
     def build_tiny(self, cfg, resolution: int) -> SDComponents:
         if cfg.latent != "vae":
@@ -311,6 +304,29 @@ class SD3Family(Family):
 
         install_joint_grounding_processors(denoiser, plan, attention)
 
+    def observe(self, denoiser, plan) -> None:
+        from tcscale.attention.joint import observe_joint
+
+        observe_joint(denoiser, plan)  # a layer not grounded yet: the `text` reading (a U-Net attn2's map)
+
+    def noise_at(self, scheduler, latents, noise, timestep):
+        # the model's own timestep convention t = σ·T: σ = t / T, x_σ = (1 − σ)·x₀ + σ·ε (as in training)
+        T = scheduler.config.num_train_timesteps
+        if not 0 <= timestep <= T:
+            raise ValueError(f"timestep {timestep} outside 0..{T} (flow matching: σ = t / {T})")
+        sigma = float(timestep) / T
+        timesteps = torch.full((latents.shape[0],), float(timestep), device=latents.device)
+        return timesteps, (1.0 - sigma) * latents + sigma * noise
+
+    def unscale_latents(self, vae, latents):
+        return latents / vae.config.scaling_factor + vae.config.shift_factor
+
+    def sampling_scheduler(self, noise_scheduler):
+        return FlowMatchEulerDiscreteScheduler.from_config(noise_scheduler.config)
+
+    def attention_call_kwargs(self, attention_kwargs):
+        return {"joint_attention_kwargs": attention_kwargs}
+
     def scale_latents(self, vae, sample):
         return ((sample - vae.config.shift_factor) * vae.config.scaling_factor).float()
 
@@ -323,7 +339,7 @@ class SD3Family(Family):
         return model(
             hidden_states=noisy, encoder_hidden_states=cond.text,
             pooled_projections=cond.added_cond_kwargs["pooled_projections"], timestep=timesteps,
-            joint_attention_kwargs=attention_kwargs,
+            **self.attention_call_kwargs(attention_kwargs),
         ).sample  # fmt: skip
 
     def training_target(self, scheduler, latents, noise, timesteps):

@@ -28,12 +28,10 @@ def validation_plan(unet, comps, cfg: TrainConfig, plan: GroundingPlan | None) -
 
 
 def validation_pipeline(unet, comps):
-    """The family's pipeline (StableDiffusionPipeline, StableDiffusionXLPipeline, ...) around the trained U-Net,
-    DDIM."""
-    from diffusers import DDIMScheduler
-
-    scheduler = DDIMScheduler.from_config(comps.noise_scheduler.config)
-    pipe = family_named(comps.family).pipeline(comps, unet, scheduler)
+    """The family's pipeline (StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusion3Pipeline, ...)
+    around the trained denoiser, with the family's sampler (DDIM; SD3: flow-matching Euler)."""
+    family = family_named(comps.family)
+    pipe = family.pipeline(comps, unet, family.sampling_scheduler(comps.noise_scheduler))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -52,7 +50,7 @@ def grounding_metrics(unet, comps, cfg: TrainConfig, plan: GroundingPlan, env) -
     )  # fmt: skip
     records = grounding_records(
         unet, comps.vae, comps, comps.noise_scheduler, plan, batches, timesteps=list(g.timesteps),
-        threshold=g.threshold, seed=cfg.seed, device=env.device, family=comps.family,
+        threshold=g.threshold, seed=cfg.seed, device=env.device, family=comps.family, attention=cfg.attention,
     )  # fmt: skip
     return summarize_grounding(records)
 
@@ -77,7 +75,9 @@ def run_validation(unet, comps, cfg: TrainConfig, plan: GroundingPlan | None, tr
                 continue
             # image series keyed by prompt, one image per step (MLflow's step slider)
             tracker.log_image(image, key=f"validation/prompt{i}", step=step)
-            figure = attention_figure(image, maps, comps.tokenizer, prompt)
+            figure = attention_figure(
+                image, maps, comps.tokenizer, prompt, towers=comps, family=family_named(comps.family)
+            )  # fmt: skip
             if figure is not None:
                 tracker.log_image(figure, key=f"validation/prompt{i}_attention", step=step)
                 tracker.log_dict(
