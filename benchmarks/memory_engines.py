@@ -236,7 +236,7 @@ def plan_phases(record: dict, acts: tuple[int, int]) -> dict[str, int]:
         dtype=torch.bfloat16 if record["dtype"] == "bf16" else torch.float32,
         world_size=record["world_size"], zero=ZeroSettings.from_config(cfg),
         optimizer=OptimizerSpec.from_config(cfg, device_type="cpu"), largest_param=record["largest_param"],
-        initial_param_bytes=record["model_bytes"],
+        initial_param_bytes=record["model_bytes"], backend="gloo",
     )  # fmt: skip
     kept, transient = acts
     out = {name: phase.total for name, phase in phases.items()}

@@ -311,9 +311,9 @@ def test_engine_phases_follow_deepspeed_code():
     psi, big = 10**6, 10**5
     zero2 = ZeroSettings(stage=2, reduce_bucket_size=5 * 10**8, overlap_comm=True)
 
-    def phases(zero, dtype, impl, world=1):
+    def phases(zero, dtype, impl, world=1, backend="nccl"):
         out = engine_phase_bytes(psi, 0, dtype=dtype, world_size=world, zero=zero,
-                                 optimizer=OptimizerSpec(impl), largest_param=big)  # fmt: skip
+                                 optimizer=OptimizerSpec(impl), largest_param=big, backend=backend)  # fmt: skip
         return {name: p.total for name, p in out.items()}
 
     # ZeRO-2, bf16, one rank, torch AdamW on a CPU: params 2, master 4, fp32 gradient 4, states 8 and the
@@ -329,6 +329,15 @@ def test_engine_phases_follow_deepspeed_code():
     # two ranks: the flat bf16 parameters stay whole, the rest is halved
     two = phases(zero2, torch.bfloat16, "deepspeed", world=2)
     assert two["step"] == 2 * psi + (4 + 4 + 8) * psi // 2
+    # fp32 on two CPU ranks: after the update gloo gathers the partitions through a temporary the size of the whole
+    # flat model (4 bytes per parameter), beside the flat parameters, the master partition and the Adam states;
+    # NCCL gathers in place, so its step stays the update's (the fp32 gradient partition instead of the temporary)
+    assert (
+        phases(zero2, torch.float32, "deepspeed", world=2, backend="gloo")["step"]
+        == 4 * psi + 4 * psi + (4 + 8) * psi // 2
+    )
+    assert phases(zero2, torch.float32, "deepspeed", world=2)["step"] == 4 * psi + (4 + 4 + 8) * psi // 2
+    assert phases(zero2, torch.float32, "deepspeed", backend="gloo")["step"] == (4 + 4 + 4 + 8) * psi  # one rank: none
     # no ZeRO, fp32: the gradients all-reduced through one flat bucket, the states made at the first step
     zero0 = ZeroSettings(stage=0)
     fp32 = phases(zero0, torch.float32, "single_tensor")

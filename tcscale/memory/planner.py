@@ -378,7 +378,8 @@ def plan_memory(
     static: StaticBytes = zero_static_bytes(trainable, frozen_unet, dtype=dtype, stage=stage, world_size=world_size)
     largest = max((p.numel() for p in unet.parameters() if p.requires_grad), default=0)
     engine = engine_phase_bytes(trainable, frozen_unet, dtype=dtype, world_size=world_size, zero=zero,
-                                optimizer=optimizer, largest_param=largest, ema=cfg.ema.enabled)  # fmt: skip
+                                optimizer=optimizer, largest_param=largest, ema=cfg.ema.enabled,
+                                backend="gloo" if target == "cpu" else "nccl")  # fmt: skip
     item = torch.empty((), dtype=dtype).element_size()
     frozen_bytes = 4 * models.frozen_fp32 + item * models.frozen_compute
     for module in runner.objective.extra_modules():  # e.g. SepEn's frozen U-Net copy for L_norm

@@ -215,6 +215,7 @@ def engine_phase_bytes(
     largest_param: int,
     initial_param_bytes: int | None = None,
     ema: bool = False,
+    backend: str = "nccl",
 ) -> dict[str, PhaseBytes]:
     """Per-rank peak of each phase (`PHASES`: the engine build, the first micro-step's backward, the first optimizer
     step, a later micro-step's backward) from the engine's own state; the caller adds activations and the backward's
@@ -225,7 +226,11 @@ def engine_phase_bytes(
     parameters occupy when handed to ``deepspeed.initialize`` (default: fp32, as a pretrained U-Net is loaded). `ema`:
     the run keeps tcscale.train.ema.ShardedEMA, an fp32 average of this rank's share of the master weights, made
     once the engine is built and held from then on: 4 bytes x trained / world size (ZeRO 1-3 and bf16, whose
-    optimizer partitions the master weights even at stage 0), 4 bytes x trained at stage 0 otherwise."""
+    optimizer partitions the master weights even at stage 0), 4 bytes x trained at stage 0 otherwise. `backend`: the
+    process group's backend, ``"nccl"`` (GPU ranks) or ``"gloo"`` (CPU ranks): gloo's all-gather goes through a
+    temporary the size of its whole output, NCCL's writes in place."""
+    if backend not in ("nccl", "gloo"):
+        raise ValueError(f"backend must be 'nccl' or 'gloo', got {backend!r}")
     if zero.stage not in (0, 1, 2, 3):
         raise ValueError(f"ZeRO stage must be 0..3, got {zero.stage}")
     if world_size < 1:
@@ -241,7 +246,7 @@ def engine_phase_bytes(
     if zero.stage == 0:
         phases = _stage0(psi, s, optimizer, largest_param, n)
     elif zero.stage in (1, 2):
-        phases = _stage12(psi, p, s, zero, optimizer, largest_param, n)
+        phases = _stage12(psi, p, s, zero, optimizer, largest_param, n, backend)
     else:
         phases = _stage3(psi, p, s, zero, optimizer, largest_param, n)
     partitioned = zero.stage > 0 or dtype == torch.bfloat16
@@ -283,7 +288,7 @@ def _stage0(psi: int, s: int, opt: OptimizerSpec, largest: int, n: int) -> dict[
     return {"build": build, "backward": backward, "step": step, "backward2": backward}
 
 
-def _stage12(psi: int, p: int, s: int, zero: ZeroSettings, opt: OptimizerSpec, largest: int, n: int):
+def _stage12(psi: int, p: int, s: int, zero: ZeroSettings, opt: OptimizerSpec, largest: int, n: int, backend: str):
     """ZeRO-1/2: DeepSpeedZeroOptimizer (runtime/zero/stage_1_and_2.py)."""
     flat = psi * s  # bit16_groups_flat: the trained parameters, one flat buffer, on every rank
     master = 4 * p  # single_partition_of_fp32_groups: ``partition.clone().to(fp32)`` (a copy even for fp32)
@@ -308,7 +313,10 @@ def _stage12(psi: int, p: int, s: int, zero: ZeroSettings, opt: OptimizerSpec, l
     states = opt.states * 4 * p
     convert = held.add(grads=grads, flat_grads=p * s, fp32_grads=fp32_grads if s != 4 else 0)
     update = held.add(fp32_grads=fp32_grads, optimizer_states=states, optimizer_temporaries=opt.temporary([p]))
-    return {"build": build, "backward": backward, "step": _worst(convert, update),
+    # then all_gather_dp_groups gathers every rank's updated partition into the flat parameters (the fp32 gradient
+    # freed): in place with NCCL, through a whole-output temporary with gloo (measured on CPU ranks, docs/MEMORY.md)
+    gather = held.add(optimizer_states=states, allgather_copy=psi * s) if n > 1 and backend == "gloo" else held
+    return {"build": build, "backward": backward, "step": _worst(convert, update, gather),
             "backward2": backward.add(optimizer_states=states)}  # fmt: skip
 
 
