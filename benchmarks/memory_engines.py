@@ -2,22 +2,23 @@
 
 A U-Net built from a ``UNet2DConditionModel`` config (SD1.x's layout at 160..640 channels, 215 M trained parameters)
 is trained for one step by ``deepspeed.initialize`` on 1 and 2 ranks (torchrun, gloo), ZeRO 0/1/2/3, fp32 and bf16,
-torch AdamW and DeepSpeed's Adam. Each rank measures three phases: the engine build (``deepspeed.initialize``, the
-model already built), the first micro-step's forward + backward, and the first optimizer step (``engine.step``). The
-planner's figure for each phase (``tcscale.memory.static.engine_phase_bytes`` + the counted activations) is written
-beside it.
+torch AdamW and DeepSpeed's Adam. Each rank measures four phases: the engine build (``deepspeed.initialize``, the
+model already built), the first micro-step's forward + backward, the first optimizer step (``engine.step``) and the
+next micro-step's forward + backward. The planner's figure for each phase (``tcscale.memory.static.engine_phase_bytes``
++ the counted activations) is written beside it.
 
     python benchmarks/memory_engines.py                          # the full matrix (heavy: run under flock)
     python benchmarks/memory_engines.py --ranks 1 --stage 2 --dtype bf16 --optimizer torch_adamw
 
 How it measures (docs/MEMORY.md "Checked against real engines"): torch's CPU allocator reports every allocation and
 free to the profiler when ``profile_memory=True``, each event carrying the running total of bytes allocated since the
-profiler started ("Total Allocated"). The profiler starts before the model is built, so the total is every tensor
-byte this process holds; a phase's peak is the largest total among the events inside it. This is the quantity a
-GPU's allocator must find room for, which is what the plan predicts. The resident-set peak (``VmHWM``, reset per
-phase through ``/proc/self/clear_refs``) is written beside it for reference: it differs by pages never written (an
-``torch.empty`` bucket larger than the model is allocated on a GPU but only partly resident on a CPU) and by the
-libraries' own memory.
+profiler started ("Total Allocated"). The profiler starts before the model is built, and every thread's allocations
+and frees are counted in that total (``_count_every_thread``; torch's default counts the profiled thread's only and
+drifts up whenever another thread frees a tensor), so the total is every tensor byte this process holds; a phase's
+peak is the largest total among the events inside it. This is the quantity a GPU's allocator must find room for,
+which is what the plan predicts. The resident-set peak (``VmHWM``, reset per phase through ``/proc/self/clear_refs``)
+is written beside it for reference: it differs by pages never written (an ``torch.empty`` bucket larger than the
+model is allocated on a GPU but only partly resident on a CPU) and by the libraries' own memory.
 """
 
 from __future__ import annotations
@@ -101,6 +102,22 @@ def _reset_hwm() -> None:
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set (Linux >= 4.0)
 
 
+def _count_every_thread() -> None:
+    """Make torch's CPU allocator count the allocations and frees of every thread in its running total.
+
+    By default it counts only on the profiled thread, so a tensor made there and freed on another (a gloo worker's
+    completed collective drops its last reference to its tensors there) stays in "Total Allocated" for the rest of
+    the run: the total drifts up by every such tensor. With c10's ``caffe2_report_cpu_memory_usage`` flag set the
+    total is the process's, whichever thread allocates or frees; the events still come from the profiled thread
+    only. c10 exports the flag as a plain ``bool`` symbol, which is what is set here (there is no Python setter)."""
+    import ctypes
+
+    import torch
+
+    lib = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libc10.so"))
+    ctypes.c_bool.in_dll(lib, "FLAGS_caffe2_report_cpu_memory_usage").value = True
+
+
 def _phase_peaks(trace: dict, names: tuple[str, ...]) -> dict[str, dict[str, int]]:
     """For each marked phase: the running allocated total when it starts, its largest value inside the phase, and
     its value at the phase's end (from the profiler's [memory] events)."""
@@ -129,6 +146,8 @@ def worker(args) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     hwm = {}
+    if args.every_thread:
+        _count_every_thread()
     prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
     prof.start()
     with record_function("phase:model"):
@@ -182,18 +201,21 @@ def worker(args) -> None:
         "largest_param": largest,
         "allocated": {p: peaks[f"phase:{p}"] for p in PHASES},
         "vm_hwm": hwm,
+        "every_thread": args.every_thread,  # how the allocator total was counted (_count_every_thread)
     }
     Path(args.out, f"rank{rank}.json").write_text(json.dumps(record))
 
 
 # -- the matrix (this process) ---------------------------------------------------------------------------------------
-def measure(ranks: int, stage: int, dtype: str, optimizer: str, timeout: float = 900) -> list[dict]:
+def measure(
+    ranks: int, stage: int, dtype: str, optimizer: str, every_thread: bool = True, timeout: float = 900
+) -> list[dict]:
     """Launch one engine on `ranks` CPU processes (torchrun, gloo); each rank's record."""
     with tempfile.TemporaryDirectory() as out:
         cmd = [
             sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
             str(Path(__file__).resolve()), "--worker", "--out", out, "--stage", str(stage), "--dtype", dtype,
-            "--optimizer", optimizer,
+            "--optimizer", optimizer, *([] if every_thread else ["--profiled-thread-only"]),
         ]  # fmt: skip
         env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
@@ -294,6 +316,10 @@ def main(argv: list[str] | None = None) -> int:
         default=str(REPO / "benchmarks" / "results" / "memory_engines_raw.json"),
         help="the engines' records (kept as measured; a rerun measures only what is missing)",
     )
+    parser.add_argument(
+        "--profiled-thread-only", dest="every_thread", action="store_false",
+        help="count only the profiled thread's allocations and frees (torch's default; drifts up under ZeRO-3/gloo)",
+    )  # fmt: skip
     parser.add_argument("--remeasure", action="store_true", help="measure again what --raw holds")
     parser.add_argument("--measure-only", action="store_true", help="keep the records, plan nothing")
     parser.add_argument("--plan-only", action="store_true", help="plan the records --raw holds, measure nothing")
@@ -317,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         if (key in raw and not args.remeasure) or args.plan_only:
             continue
         t0 = time.perf_counter()
-        raw[key] = measure(ranks, stage, dtype, opt)
+        raw[key] = measure(ranks, stage, dtype, opt, args.every_thread)
         raw_path.with_suffix(".tmp").write_text(json.dumps(raw, indent=1) + "\n")
         raw_path.with_suffix(".tmp").replace(raw_path)
         print(f"measured {key} in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
@@ -330,6 +356,7 @@ def main(argv: list[str] | None = None) -> int:
 
     meta = {
         "kind": "real DeepSpeed engines on this CPU: torch CPU allocator peaks per phase against the planner",
+        "counting": sorted({"every thread" if r.get("every_thread") else "the profiled thread only" for r in records}),
         "unet": UNET_CONFIG,
         "latent": LATENT,
         "tolerance": TOLERANCE,
