@@ -64,9 +64,12 @@ def export_ema(run: Path, tag: str) -> Path:
     return out
 
 
-def validate(run: Path, tags: list[str], raw: list[str], ema: bool) -> dict[str, dict[str, float]]:
+def validate(
+    run: Path, tags: list[str], raw: list[str], ema: bool, guidance: tuple[float, ...] = (1.0,)
+) -> dict[str, dict[str, float]]:
     """Every checkpoint in `tags` scored on the validation split with its EMA weights (key `<tag>`), and those in
-    `raw` with the trained weights too (key `<tag>_raw`); two evaluations at a time (one core each)."""
+    `raw` with the trained weights too (key `<tag>_raw`), sampled at each classifier-free guidance scale of
+    `guidance` (keys of scales other than the first get `_g<scale>`); two evaluations at a time (one core each)."""
     from launchers.demo import run_jobs
 
     jobs = {}
@@ -75,16 +78,25 @@ def validate(run: Path, tags: list[str], raw: list[str], ema: bool) -> dict[str,
             model = [f"model.pretrained={export_ema(run, tag)}", "model.run_dir=null"]
         else:
             model = [f"model.run_dir={run}", f"model.tag={tag}"]
-        jobs[tag] = _val_job(run, tag, model)
+        for scale in guidance:
+            name = tag + guidance_suffix(scale, guidance)
+            jobs[name] = _val_job(run, name, model, scale)
     for tag in raw if ema else []:
-        jobs[f"{tag}_raw"] = _val_job(run, f"{tag}_raw", [f"model.run_dir={run}", f"model.tag={tag}"])
+        for scale in guidance:
+            name = f"{tag}_raw" + guidance_suffix(scale, guidance)
+            jobs[name] = _val_job(run, name, [f"model.run_dir={run}", f"model.tag={tag}"], scale)
     run_jobs(jobs, None)
     return {name: json.loads((run / "val" / name / "results.json").read_text())["metrics"] for name in jobs}
 
 
-def _val_job(run: Path, name: str, model: list[str]) -> tuple[list[str], Path]:
+def guidance_suffix(scale: float, guidance: tuple[float, ...]) -> str:
+    """'' for the first (default) guidance scale, else '_g<scale>' (e.g. '_g3', '_g2.5')."""
+    return "" if scale == guidance[0] else f"_g{scale:g}"
+
+
+def _val_job(run: Path, name: str, model: list[str], guidance: float = 1.0) -> tuple[list[str], Path]:
     cmd = [sys.executable, "launchers/eval.py", "--config", "configs/eval/demo_base_val.yaml", f"name=val_{name}",
-           *model, f"output_dir={run / 'val' / name}"]  # fmt: skip
+           *model, f"output_dir={run / 'val' / name}", f"sampler.guidance_scale={guidance}"]  # fmt: skip
     return cmd, run / f"val_{name}.log"
 
 
@@ -115,14 +127,14 @@ def validation_figure(run: Path, names: list[str], path: Path, per_row: int = 10
     canvas.save(path)
 
 
-def pretrain(run: Path, env: dict[str, str], steps: int | None, config: str, cosine: bool) -> None:
+def pretrain(out: Path, run: Path, env: dict[str, str], steps: int | None, config: str, cosine: bool) -> None:
     from launchers.demo import free_port
 
     say("writing the pretraining world (mostly single objects) ...")
-    shards = write_world(OUT / "shards")
+    shards = write_world(out / "shards")
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "1", "--master_port", str(free_port()),
            "launchers/train.py", "--config", config, f"output_dir={run}", f"data.shards={shards}",
-           f"tracking.uri=sqlite:///{OUT / 'mlflow.db'}"]  # fmt: skip
+           f"tracking.uri=sqlite:///{out / 'mlflow.db'}"]  # fmt: skip
     if steps is not None:
         cmd += [f"max_steps={steps}"]
         if cosine:  # the cosine schedule decays over exactly the steps trained
@@ -152,6 +164,15 @@ def main(argv: list[str] | None = None) -> int:
         help="skip pretraining: validate (and ship) the checkpoints runs/demo_base/run already holds",
     )
     ap.add_argument("--threads", type=int, default=1, help="CPU threads of the pretraining process (default 1)")
+    ap.add_argument(
+        "--out", default=str(OUT), help="folder of the shards, the run and its validation (default runs/demo_base)"
+    )
+    ap.add_argument(
+        "--guidance",
+        default=None,
+        help="comma-separated classifier-free guidance scales to validate at (default: 1, and 1,3,5 for a recipe "
+        "with data.caption_dropout > 0); the first one is also the figure's",
+    )
     args = ap.parse_args(argv)
     from launchers.demo import build_deepspeed_op, child_env
 
@@ -162,15 +183,20 @@ def main(argv: list[str] | None = None) -> int:
 
     recipe = load_config(REPO / args.config)
     ema, cosine = recipe.ema.enabled, recipe.deepspeed["scheduler"]["type"] == "WarmupCosineLR"
-    run = OUT / "run"
+    if args.guidance is not None:
+        guidance = tuple(float(v) for v in args.guidance.split(","))
+    else:
+        guidance = (1.0, 3.0, 5.0) if recipe.data.caption_dropout > 0 else (1.0,)
+    out = Path(args.out).resolve()
+    run = out / "run"
     if not args.validate_only:
-        pretrain(run, env, args.steps, args.config, cosine)
+        pretrain(out, run, env, args.steps, args.config, cosine)
     tags = [p.name for p in (run / "checkpoints").glob("step*") if p.name[4:].isdigit()]
     tags.sort(key=lambda t: int(t[4:]))
     if not tags:
         raise SystemExit(f"demo-base: {run / 'checkpoints'} holds no checkpoint to validate")
     say(f"validating {len(tags)} checkpoints on the validation split ...")
-    scores = validate(run, tags, raw=tags[-1:], ema=ema)
+    scores = validate(run, tags, raw=tags[-1:], ema=ema, guidance=guidance)
     for name, metrics in scores.items():
         say(
             f"validation {name}{' (EMA)' if ema and not name.endswith('_raw') else ''}: one object drawn "
@@ -182,10 +208,10 @@ def main(argv: list[str] | None = None) -> int:
     best = tags[-1]
     summary = {"chosen": best, "weights": "ema" if ema else "trained", "config": args.config, "validation": scores,
                "wall_s": round(time.perf_counter() - t0, 1), "single": SINGLE, "multi": MULTI}  # fmt: skip
-    (OUT / "validation.json").write_text(json.dumps(summary, indent=1))
+    (out / "validation.json").write_text(json.dumps(summary, indent=1))
     shown = [tags[0], tags[len(tags) // 2], tags[-1], *([f"{tags[-1]}_raw"] if ema else [])]
-    validation_figure(run, list(dict.fromkeys(shown)), OUT / "validation.png", ema=ema)
-    say(f"validation images: {OUT / 'validation.png'}")
+    validation_figure(run, list(dict.fromkeys(shown)), out / "validation.png", ema=ema)
+    say(f"validation images: {out / 'validation.png'}")
     say(f"shipping the last checkpoint's {'EMA' if ema else 'trained'} weights, {best} (validation scores above, in "
         "validation.json)")  # fmt: skip
     if not args.no_ship:
