@@ -100,7 +100,20 @@ def _val_job(run: Path, name: str, model: list[str], guidance: float = 1.0) -> t
     return cmd, run / f"val_{name}.log"
 
 
-def validation_figure(run: Path, names: list[str], path: Path, per_row: int = 10, ema: bool = True) -> None:
+def choose_guidance(scores: dict[str, dict[str, float]], tag: str, guidance: tuple[float, ...]) -> float:
+    """The guidance scale at which checkpoint `tag` scores best on the validation split: the most one-object prompts
+    drawn (colour and shape), then the most two-object prompts with both drawn; ties go to the smaller scale."""
+
+    def score(scale: float) -> tuple[float, float, float]:
+        metrics = scores[tag + guidance_suffix(scale, guidance)]
+        return metrics["synthetic/k1/all_objects"], metrics["synthetic/k2/all_objects"], -scale
+
+    return max(guidance, key=score)
+
+
+def validation_figure(
+    run: Path, names: list[str], path: Path, per_row: int = 10, ema: bool = True, guidance: tuple[float, ...] = (1.0,)
+) -> None:
     """The first `per_row` one-object validation prompts (round 0: the same prompt and initial noise in every row),
     one row per evaluation in `names` (read from run/val/<name>); a green frame where the scorer found the object
     with its colour and shape, red where it did not."""
@@ -115,7 +128,9 @@ def validation_figure(run: Path, names: list[str], path: Path, per_row: int = 10
         draw.text((left + j * (tile + pad), 6), "\n".join(it["objects"][0].split()), fill="black")
     for i, name in enumerate(names):
         y, folder = head + i * (tile + pad), run / "val" / name / "synthetic_k1"
-        label = name.replace("_raw", " (trained)") + (" (EMA)" if ema and "_raw" not in name else "")
+        tag, _, scale = name.partition("_g")
+        label = tag.replace("_raw", " (trained)") + (" (EMA)" if ema and "_raw" not in tag else "")
+        label += f"\nguidance {scale or f'{guidance[0]:g}'}" if len(guidance) > 1 else ""
         draw.text((6, y + tile // 2 - 6), label, fill="black")
         for j, it in enumerate(items):
             found = json.loads((folder / "detections" / f"{it['key']}.json").read_text())["labels"]
@@ -199,21 +214,28 @@ def main(argv: list[str] | None = None) -> int:
     scores = validate(run, tags, raw=tags[-1:], ema=ema, guidance=guidance)
     for name, metrics in scores.items():
         say(
-            f"validation {name}{' (EMA)' if ema and not name.endswith('_raw') else ''}: one object drawn "
+            f"validation {name}{' (EMA)' if ema and '_raw' not in name else ''}: one object drawn "
             f"{metrics['synthetic/k1/all_objects']:.3f}, two objects {metrics['synthetic/k2/all_objects']:.3f}"
         )
     # The last checkpoint is shipped; the validation scores are reported, not used to choose: the synthetic scorer
     # accepts noise as objects (step 500's noisy images scored 0.27 against 0.10 for step 2,500's clean ones;
     # tcscale/demo_base/README.md), so its ranking of under-trained checkpoints is not a quality ranking.
+    # The sampler's guidance scale is chosen on the validation split (the last checkpoint's scores); the demo's
+    # evaluation (configs/eval/demo_cpu.yaml sampler.guidance_scale) must use the same value.
     best = tags[-1]
+    scale = choose_guidance(scores, best, guidance)
     summary = {"chosen": best, "weights": "ema" if ema else "trained", "config": args.config, "validation": scores,
+               "guidance_scale": scale, "guidance_scales_validated": list(guidance),
                "wall_s": round(time.perf_counter() - t0, 1), "single": SINGLE, "multi": MULTI}  # fmt: skip
     (out / "validation.json").write_text(json.dumps(summary, indent=1))
+    suffix = guidance_suffix(scale, guidance)  # rows at the chosen scale, then the last checkpoint at the others
     shown = [tags[0], tags[len(tags) // 2], tags[-1], *([f"{tags[-1]}_raw"] if ema else [])]
-    validation_figure(run, list(dict.fromkeys(shown)), out / "validation.png", ema=ema)
-    say(f"validation images: {out / 'validation.png'}")
-    say(f"shipping the last checkpoint's {'EMA' if ema else 'trained'} weights, {best} (validation scores above, in "
-        "validation.json)")  # fmt: skip
+    shown = [name + suffix for name in dict.fromkeys(shown)]
+    shown += [tags[-1] + guidance_suffix(g, guidance) for g in guidance if g != scale]
+    validation_figure(run, shown, out / "validation.png", ema=ema, guidance=guidance)
+    say(f"validation images: {out / 'validation.png'} (guidance {scale:g}, the last rows: the other scales)")
+    say(f"shipping the last checkpoint's {'EMA' if ema else 'trained'} weights, {best}, to sample at guidance "
+        f"{scale:g} (validation scores above, in validation.json)")  # fmt: skip
     if not args.no_ship:
         from tcscale.models.demo_base import SHIPPED, ship_demo_base
 
