@@ -240,6 +240,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             "set validation.every_steps=0 (evaluate exported checkpoints with launchers/eval.py)"
         )
     check_caption_dropout(cfg)
+    std = cfg.model.tiny.text_token_embedding_std
+    if std is not None and not std > 0:
+        raise ConfigError(f"model.tiny.text_token_embedding_std must be > 0 (or null: CLIP's 0.02), got {std}")
     if not 0.0 < cfg.ema.decay < 1.0:
         raise ConfigError(f"ema.decay must be in (0, 1), got {cfg.ema.decay}")
     ds = cfg.deepspeed
