@@ -180,6 +180,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--threads", type=int, default=1, help="CPU threads of the pretraining process (default 1)")
     ap.add_argument(
+        "--last-only",
+        action="store_true",
+        help="validate only the last checkpoint (what is shipped; every checkpoint is validated by default)",
+    )
+    ap.add_argument(
         "--out", default=str(OUT), help="folder of the shards, the run and its validation (default runs/demo_base)"
     )
     ap.add_argument(
@@ -210,7 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     tags.sort(key=lambda t: int(t[4:]))
     if not tags:
         raise SystemExit(f"demo-base: {run / 'checkpoints'} holds no checkpoint to validate")
-    say(f"validating {len(tags)} checkpoints on the validation split ...")
+    if args.last_only:
+        tags = tags[-1:]
+    say(f"validating {len(tags)} checkpoint(s) on the validation split at guidance {', '.join(map(str, guidance))} ...")
     scores = validate(run, tags, raw=tags[-1:], ema=ema, guidance=guidance)
     for name, metrics in scores.items():
         say(
