@@ -191,6 +191,14 @@ def _stack(rows):
     return canvas
 
 
+def eval_guidance() -> float:
+    """The classifier-free guidance scale of the demo's evaluation (configs/eval/demo_cpu.yaml, chosen for the shipped
+    base on its validation split: tcscale/demo_base/provenance.json); the figures sample with it too."""
+    import yaml
+
+    return float(yaml.safe_load((REPO / "configs/eval/demo_cpu.yaml").read_text())["sampler"]["guidance_scale"])
+
+
 def figure(pipelines: dict[str, Path], path: Path) -> None:
     """One held-out prompt: the image and per-phrase attention of each model, one row per model."""
     import torch
@@ -200,16 +208,18 @@ def figure(pipelines: dict[str, Path], path: Path) -> None:
     from tcscale.eval.attention_maps import generate_with_maps, phrase_heat, phrase_tokens, render_attention
 
     prompt = synthetic_eval_prompts(2, "held_out", 1, seed=0)[0]["prompt"]
+    guidance = eval_guidance()
     rows = []
     for name, export in pipelines.items():
         pipe = figure_pipeline(str(export))
         plan = GroundingPlan.build(pipe.unet, blocks=["up"], resolutions=[16], image_resolution=32,
                                    scale_factor=vae_scale_factor(pipe.vae))  # fmt: skip
-        image, maps = generate_with_maps(pipe, prompt, plan, resolution=32, num_inference_steps=20, guidance_scale=1.0,
+        image, maps = generate_with_maps(pipe, prompt, plan, resolution=32, num_inference_steps=20,
+                                         guidance_scale=guidance,
                                          generator=torch.Generator().manual_seed(0))  # fmt: skip
         heats = [(text, phrase_heat(maps, pos, (32, 32))) for text, pos in phrase_tokens(pipe.tokenizer, prompt)]
         tile = render_attention(image, heats, tile=192)
-        rows += [_label(f"{name}: generated for {prompt!r} (20 DDIM steps)", tile.width), tile]
+        rows += [_label(f"{name}: generated for {prompt!r} (20 DDIM steps, guidance {guidance:g})", tile.width), tile]
     _stack(rows).save(path)
 
 
@@ -224,6 +234,7 @@ def generated_grid(pipelines: dict[str, Path], path: Path, per_k: int = 4, seed:
     from tcscale.eval.synthetic_scorer import all_objects_present
 
     prompts = [p for k in (2, 3) for p in synthetic_eval_prompts(k, "held_out", per_k, seed=seed)]
+    guidance = eval_guidance()
     tile, pad, head, left = 128, 6, 64, 120
     canvas = Image.new("RGB", (left + len(prompts) * (tile + pad), head + len(pipelines) * (tile + pad)), "white")
     draw = ImageDraw.Draw(canvas)
@@ -235,7 +246,7 @@ def generated_grid(pipelines: dict[str, Path], path: Path, per_k: int = 4, seed:
         y = head + i * (tile + pad)
         draw.text((6, y + tile // 2 - 6), name, fill="black")
         for j, p in enumerate(prompts):
-            image = pipe(p["prompt"], height=32, width=32, num_inference_steps=20, guidance_scale=1.0,
+            image = pipe(p["prompt"], height=32, width=32, num_inference_steps=20, guidance_scale=guidance,
                          generator=torch.Generator().manual_seed(1000 + j)).images[0]  # fmt: skip
             ok = all_objects_present(image, p["objects"])
             x = left + j * (tile + pad)

@@ -1,13 +1,13 @@
 """Pretrain the demo's shipped base model (make demo-base): a tiny text-to-image model that draws the shapes world.
 
-    python launchers/demo_base.py                 # pretrain (configs/demo_base.yaml), validate, ship tcscale/demo_base
+    python launchers/demo_base.py                 # pretrain (configs/demo_base_cfg_text.yaml), validate, ship
     python launchers/demo_base.py --no-ship       # train and validate only (runs/demo_base/)
 
 1. writes the pretraining world as WebDataset shards, built the way web data fails composition: mostly one object
    per caption (seed 2001, `SINGLE` samples), few captions of two or three objects (seed 2002, `MULTI` samples),
    and the world's six held-out colour/shape combinations never shown;
 2. trains with the LDM loss alone through the real launcher
-   (`deepspeed --num_gpus 1 launchers/train.py --config configs/demo_base.yaml`, or `--config`'s recipe), a
+   (`deepspeed --num_gpus 1 launchers/train.py --config configs/demo_base_cfg_text.yaml`, or `--config`'s), a
    checkpoint every 500 steps;
 3. evaluates every checkpoint on the **validation split** (`configs/eval/demo_base_val.yaml`: prompts of training
    combinations only, eval seed 7; one- and two-object prompts; a recipe with an EMA: each checkpoint's EMA weights
@@ -64,9 +64,12 @@ def export_ema(run: Path, tag: str) -> Path:
     return out
 
 
-def validate(run: Path, tags: list[str], raw: list[str], ema: bool) -> dict[str, dict[str, float]]:
+def validate(
+    run: Path, tags: list[str], raw: list[str], ema: bool, guidance: tuple[float, ...] = (1.0,)
+) -> dict[str, dict[str, float]]:
     """Every checkpoint in `tags` scored on the validation split with its EMA weights (key `<tag>`), and those in
-    `raw` with the trained weights too (key `<tag>_raw`); two evaluations at a time (one core each)."""
+    `raw` with the trained weights too (key `<tag>_raw`), sampled at each classifier-free guidance scale of
+    `guidance` (keys of scales other than the first get `_g<scale>`); two evaluations at a time (one core each)."""
     from launchers.demo import run_jobs
 
     jobs = {}
@@ -75,20 +78,42 @@ def validate(run: Path, tags: list[str], raw: list[str], ema: bool) -> dict[str,
             model = [f"model.pretrained={export_ema(run, tag)}", "model.run_dir=null"]
         else:
             model = [f"model.run_dir={run}", f"model.tag={tag}"]
-        jobs[tag] = _val_job(run, tag, model)
+        for scale in guidance:
+            name = tag + guidance_suffix(scale, guidance)
+            jobs[name] = _val_job(run, name, model, scale)
     for tag in raw if ema else []:
-        jobs[f"{tag}_raw"] = _val_job(run, f"{tag}_raw", [f"model.run_dir={run}", f"model.tag={tag}"])
+        for scale in guidance:
+            name = f"{tag}_raw" + guidance_suffix(scale, guidance)
+            jobs[name] = _val_job(run, name, [f"model.run_dir={run}", f"model.tag={tag}"], scale)
     run_jobs(jobs, None)
     return {name: json.loads((run / "val" / name / "results.json").read_text())["metrics"] for name in jobs}
 
 
-def _val_job(run: Path, name: str, model: list[str]) -> tuple[list[str], Path]:
+def guidance_suffix(scale: float, guidance: tuple[float, ...]) -> str:
+    """'' for the first (default) guidance scale, else '_g<scale>' (e.g. '_g3', '_g2.5')."""
+    return "" if scale == guidance[0] else f"_g{scale:g}"
+
+
+def _val_job(run: Path, name: str, model: list[str], guidance: float = 1.0) -> tuple[list[str], Path]:
     cmd = [sys.executable, "launchers/eval.py", "--config", "configs/eval/demo_base_val.yaml", f"name=val_{name}",
-           *model, f"output_dir={run / 'val' / name}"]  # fmt: skip
+           *model, f"output_dir={run / 'val' / name}", f"sampler.guidance_scale={guidance}"]  # fmt: skip
     return cmd, run / f"val_{name}.log"
 
 
-def validation_figure(run: Path, names: list[str], path: Path, per_row: int = 10, ema: bool = True) -> None:
+def choose_guidance(scores: dict[str, dict[str, float]], tag: str, guidance: tuple[float, ...]) -> float:
+    """The guidance scale at which checkpoint `tag` scores best on the validation split: the most one-object prompts
+    drawn (colour and shape), then the most two-object prompts with both drawn; ties go to the smaller scale."""
+
+    def score(scale: float) -> tuple[float, float, float]:
+        metrics = scores[tag + guidance_suffix(scale, guidance)]
+        return metrics["synthetic/k1/all_objects"], metrics["synthetic/k2/all_objects"], -scale
+
+    return max(guidance, key=score)
+
+
+def validation_figure(
+    run: Path, names: list[str], path: Path, per_row: int = 10, ema: bool = True, guidance: tuple[float, ...] = (1.0,)
+) -> None:
     """The first `per_row` one-object validation prompts (round 0: the same prompt and initial noise in every row),
     one row per evaluation in `names` (read from run/val/<name>); a green frame where the scorer found the object
     with its colour and shape, red where it did not."""
@@ -103,7 +128,9 @@ def validation_figure(run: Path, names: list[str], path: Path, per_row: int = 10
         draw.text((left + j * (tile + pad), 6), "\n".join(it["objects"][0].split()), fill="black")
     for i, name in enumerate(names):
         y, folder = head + i * (tile + pad), run / "val" / name / "synthetic_k1"
-        label = name.replace("_raw", " (trained)") + (" (EMA)" if ema and "_raw" not in name else "")
+        tag, _, scale = name.partition("_g")
+        label = tag.replace("_raw", " (trained)") + (" (EMA)" if ema and "_raw" not in tag else "")
+        label += f"\nguidance {scale or f'{guidance[0]:g}'}" if len(guidance) > 1 else ""
         draw.text((6, y + tile // 2 - 6), label, fill="black")
         for j, it in enumerate(items):
             found = json.loads((folder / "detections" / f"{it['key']}.json").read_text())["labels"]
@@ -115,14 +142,14 @@ def validation_figure(run: Path, names: list[str], path: Path, per_row: int = 10
     canvas.save(path)
 
 
-def pretrain(run: Path, env: dict[str, str], steps: int | None, config: str, cosine: bool) -> None:
+def pretrain(out: Path, run: Path, env: dict[str, str], steps: int | None, config: str, cosine: bool) -> None:
     from launchers.demo import free_port
 
     say("writing the pretraining world (mostly single objects) ...")
-    shards = write_world(OUT / "shards")
+    shards = write_world(out / "shards")
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "1", "--master_port", str(free_port()),
            "launchers/train.py", "--config", config, f"output_dir={run}", f"data.shards={shards}",
-           f"tracking.uri=sqlite:///{OUT / 'mlflow.db'}"]  # fmt: skip
+           f"tracking.uri=sqlite:///{out / 'mlflow.db'}"]  # fmt: skip
     if steps is not None:
         cmd += [f"max_steps={steps}"]
         if cosine:  # the cosine schedule decays over exactly the steps trained
@@ -141,9 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-ship", action="store_true", help="train and validate only; leave tcscale/demo_base alone")
     ap.add_argument(
         "--config",
-        default="configs/demo_base.yaml",
-        help="the pretraining recipe (default: the one that made the shipped weights; "
-        "configs/demo_base_cosine_ema.yaml adds a cosine lr and an EMA, whose EMA weights are validated and shipped)",
+        default="configs/demo_base_cfg_text.yaml",
+        help="the pretraining recipe (default: the one that made the shipped weights, tcscale/demo_base/README.md; "
+        "configs/demo_base.yaml, demo_base_cosine_ema.yaml and demo_base_cfg*.yaml are the recipes tried before it)",
     )
     ap.add_argument("--steps", type=int, default=None, help="override max_steps (default: the config's)")
     ap.add_argument(
@@ -152,6 +179,20 @@ def main(argv: list[str] | None = None) -> int:
         help="skip pretraining: validate (and ship) the checkpoints runs/demo_base/run already holds",
     )
     ap.add_argument("--threads", type=int, default=1, help="CPU threads of the pretraining process (default 1)")
+    ap.add_argument(
+        "--last-only",
+        action="store_true",
+        help="validate only the last checkpoint (what is shipped; every checkpoint is validated by default)",
+    )
+    ap.add_argument(
+        "--out", default=str(OUT), help="folder of the shards, the run and its validation (default runs/demo_base)"
+    )
+    ap.add_argument(
+        "--guidance",
+        default=None,
+        help="comma-separated classifier-free guidance scales to validate at (default: 1, and 1,3,5 for a recipe "
+        "with data.caption_dropout > 0); the first one is also the figure's",
+    )
     args = ap.parse_args(argv)
     from launchers.demo import build_deepspeed_op, child_env
 
@@ -162,32 +203,46 @@ def main(argv: list[str] | None = None) -> int:
 
     recipe = load_config(REPO / args.config)
     ema, cosine = recipe.ema.enabled, recipe.deepspeed["scheduler"]["type"] == "WarmupCosineLR"
-    run = OUT / "run"
+    if args.guidance is not None:
+        guidance = tuple(float(v) for v in args.guidance.split(","))
+    else:
+        guidance = (1.0, 3.0, 5.0) if recipe.data.caption_dropout > 0 else (1.0,)
+    out = Path(args.out).resolve()
+    run = out / "run"
     if not args.validate_only:
-        pretrain(run, env, args.steps, args.config, cosine)
+        pretrain(out, run, env, args.steps, args.config, cosine)
     tags = [p.name for p in (run / "checkpoints").glob("step*") if p.name[4:].isdigit()]
     tags.sort(key=lambda t: int(t[4:]))
     if not tags:
         raise SystemExit(f"demo-base: {run / 'checkpoints'} holds no checkpoint to validate")
-    say(f"validating {len(tags)} checkpoints on the validation split ...")
-    scores = validate(run, tags, raw=tags[-1:], ema=ema)
+    if args.last_only:
+        tags = tags[-1:]
+    say(f"validating {len(tags)} checkpoint(s) on the validation split at guidance {', '.join(map(str, guidance))} ...")
+    scores = validate(run, tags, raw=tags[-1:], ema=ema, guidance=guidance)
     for name, metrics in scores.items():
         say(
-            f"validation {name}{' (EMA)' if ema and not name.endswith('_raw') else ''}: one object drawn "
+            f"validation {name}{' (EMA)' if ema and '_raw' not in name else ''}: one object drawn "
             f"{metrics['synthetic/k1/all_objects']:.3f}, two objects {metrics['synthetic/k2/all_objects']:.3f}"
         )
     # The last checkpoint is shipped; the validation scores are reported, not used to choose: the synthetic scorer
     # accepts noise as objects (step 500's noisy images scored 0.27 against 0.10 for step 2,500's clean ones;
     # tcscale/demo_base/README.md), so its ranking of under-trained checkpoints is not a quality ranking.
+    # The sampler's guidance scale is chosen on the validation split (the last checkpoint's scores); the demo's
+    # evaluation (configs/eval/demo_cpu.yaml sampler.guidance_scale) must use the same value.
     best = tags[-1]
+    scale = choose_guidance(scores, best, guidance)
     summary = {"chosen": best, "weights": "ema" if ema else "trained", "config": args.config, "validation": scores,
+               "guidance_scale": scale, "guidance_scales_validated": list(guidance),
                "wall_s": round(time.perf_counter() - t0, 1), "single": SINGLE, "multi": MULTI}  # fmt: skip
-    (OUT / "validation.json").write_text(json.dumps(summary, indent=1))
+    (out / "validation.json").write_text(json.dumps(summary, indent=1))
+    suffix = guidance_suffix(scale, guidance)  # rows at the chosen scale, then the last checkpoint at the others
     shown = [tags[0], tags[len(tags) // 2], tags[-1], *([f"{tags[-1]}_raw"] if ema else [])]
-    validation_figure(run, list(dict.fromkeys(shown)), OUT / "validation.png", ema=ema)
-    say(f"validation images: {OUT / 'validation.png'}")
-    say(f"shipping the last checkpoint's {'EMA' if ema else 'trained'} weights, {best} (validation scores above, in "
-        "validation.json)")  # fmt: skip
+    shown = [name + suffix for name in dict.fromkeys(shown)]
+    shown += [tags[-1] + guidance_suffix(g, guidance) for g in guidance if g != scale]
+    validation_figure(run, shown, out / "validation.png", ema=ema, guidance=guidance)
+    say(f"validation images: {out / 'validation.png'} (guidance {scale:g}, the last rows: the other scales)")
+    say(f"shipping the last checkpoint's {'EMA' if ema else 'trained'} weights, {best}, to sample at guidance "
+        f"{scale:g} (validation scores above, in validation.json)")  # fmt: skip
     if not args.no_ship:
         from tcscale.models.demo_base import SHIPPED, ship_demo_base
 

@@ -239,6 +239,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             "validation.every_steps: validation decodes images with the VAE, which data.latents=cached does not keep; "
             "set validation.every_steps=0 (evaluate exported checkpoints with launchers/eval.py)"
         )
+    check_caption_dropout(cfg)
+    std = cfg.model.tiny.text_token_embedding_std
+    if std is not None and not std > 0:
+        raise ConfigError(f"model.tiny.text_token_embedding_std must be > 0 (or null: CLIP's 0.02), got {std}")
     if not 0.0 < cfg.ema.decay < 1.0:
         raise ConfigError(f"ema.decay must be in (0, 1), got {cfg.ema.decay}")
     ds = cfg.deepspeed
@@ -290,6 +294,28 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
     return cfg
+
+
+def check_caption_dropout(cfg: TrainConfig) -> None:
+    """`data.caption_dropout`: in [0, 1); above 0 only for an objective that applies it (its class's
+    `caption_dropout`) and the sd family, whose pipelines encode the empty caption for the unconditional branch."""
+    from tcscale.objectives import OBJECTIVES
+
+    p = cfg.data.caption_dropout
+    if not 0.0 <= p < 1.0:
+        raise ConfigError(f"data.caption_dropout must be in [0, 1), got {p}")
+    if p == 0.0:
+        return
+    if not OBJECTIVES[cfg.objective.name].build.caption_dropout:
+        raise ConfigError(
+            f"data.caption_dropout={p}: objective {cfg.objective.name!r} does not drop captions (a grounded "
+            "objective would have no phrases to ground in a dropped one); it applies to objective.name=ldm, or set 0"
+        )
+    if cfg.model.family != "sd":
+        raise ConfigError(
+            f"data.caption_dropout={p}: model.family={cfg.model.family} is not supported (its pipelines' "
+            "unconditional branch is not the empty caption's encoding); it applies to model.family=sd, or set 0"
+        )
 
 
 def check_lora(cfg: TrainConfig) -> None:

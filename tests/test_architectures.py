@@ -50,3 +50,34 @@ def test_benchmark_shapes_are_the_grounded_layers(meta_components):
 def test_unknown_architecture_named():
     with pytest.raises(ValueError, match="sd15x"):
         build_random_components("sd15x", device="meta")
+
+
+def test_text_token_embedding_std_rescales_only_the_token_embeddings_and_separates_words():
+    """model.tiny.text_token_embedding_std: the same seeded draw at another scale, nothing else changed; at std 1 the
+    frozen random encoder's states for "red" and "blue" at their own position differ, at CLIP's 0.02 they barely do."""
+    import torch
+
+    from tcscale.config import ConfigError, load_config
+    from tcscale.models.architectures import tiny_text_encoder
+    from tcscale.models.config import TinyModelConfig
+    from tcscale.models.tokenizer import sd_clip_tokenizer
+
+    tok = sd_clip_tokenizer()
+    ids = torch.tensor(tok(["a photo of a red circle", "a photo of a blue circle"], padding="max_length",
+                           max_length=77).input_ids)  # fmt: skip
+    colour = 5  # <bos> a photo of a [colour]
+    cosines = {}
+    for std in (None, 1.0):
+        torch.manual_seed(0)
+        encoder = tiny_text_encoder(TinyModelConfig(cross_attention_dim=64, text_token_embedding_std=std), len(tok))
+        states = encoder(ids)[0].detach()
+        cosines[std] = torch.nn.functional.cosine_similarity(states[0, colour], states[1, colour], dim=0).item()
+        weights = dict(encoder.state_dict())
+        if std is None:
+            default = weights
+    emb = "text_model.embeddings.token_embedding.weight"
+    torch.testing.assert_close(weights[emb], default[emb] * 50.0)  # CLIP's draw is N(0, 0.02²)
+    assert all(torch.equal(weights[k], default[k]) for k in default if k != emb)
+    assert cosines[None] > 0.9 and cosines[1.0] < 0.5, cosines
+    with pytest.raises(ConfigError, match=r"model\.tiny\.text_token_embedding_std must be > 0"):
+        load_config("configs/tiny_cpu.yaml", ["model.tiny.text_token_embedding_std=0"])

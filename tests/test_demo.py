@@ -158,3 +158,21 @@ def test_base_pretraining_decays_the_lr_to_near_zero_at_its_last_step_and_keeps_
     assert lrs[warm + 10] > 0.9 * peak
     assert lrs[cfg.max_steps // 2] == pytest.approx(0.5 * peak, rel=0.1)  # a cosine: half the peak at mid-run
     assert lrs[-1] < 0.02 * peak  # decayed by the last step: max_steps and total_num_steps agree
+
+
+def test_demo_base_chooses_the_guidance_scale_on_validation_scores():
+    from launchers.demo_base import choose_guidance, guidance_suffix
+
+    scales = (1.0, 3.0, 5.0)
+    assert [guidance_suffix(g, scales) for g in scales] == ["", "_g3", "_g5"]
+
+    def metrics(k1: float, k2: float) -> dict[str, float]:
+        return {"synthetic/k1/all_objects": k1, "synthetic/k2/all_objects": k2}
+
+    scores = {"step9": metrics(0.1, 0.0), "step9_g3": metrics(0.4, 0.1), "step9_g5": metrics(0.4, 0.2),
+              "step1_g3": metrics(0.9, 0.9)}  # fmt: skip
+    assert choose_guidance(scores, "step9", scales) == 5.0  # one object tied: two objects decide
+    scores["step9_g5"] = metrics(0.4, 0.1)
+    assert choose_guidance(scores, "step9", scales) == 3.0  # a full tie: the smaller scale
+    scores["step9"] = metrics(0.5, 0.0)
+    assert choose_guidance(scores, "step9", scales) == 1.0  # one object first

@@ -52,7 +52,9 @@ def tiny_vae(cfg: TinyModelConfig, resolution: int):
 
 
 def tiny_text_encoder(cfg: TinyModelConfig, vocab_size: int) -> CLIPTextModel:
-    return CLIPTextModel(
+    """A tiny CLIP text encoder; `text_token_embedding_std` rescales CLIP's N(0, 0.02²) token-embedding draw to that
+    std (the same draw, so the rest of the seeded init is unchanged)."""
+    model = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=vocab_size,
             hidden_size=cfg.cross_attention_dim,
@@ -66,6 +68,11 @@ def tiny_text_encoder(cfg: TinyModelConfig, vocab_size: int) -> CLIPTextModel:
             pad_token_id=49407,
         )
     )
+    if cfg.text_token_embedding_std is not None:
+        init_std = 0.02 * model.config.initializer_factor  # CLIPPreTrainedModel._init_weights' token-embedding std
+        with torch.no_grad():
+            model.text_model.embeddings.token_embedding.weight.mul_(cfg.text_token_embedding_std / init_std)
+    return model
 
 
 def sd_noise_scheduler(prediction_type: str) -> DDPMScheduler:

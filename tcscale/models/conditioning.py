@@ -52,3 +52,34 @@ def batch_conditioning(
         comps, batch["input_ids"], dtype=dtype, device=device, target_size=size,
         original_sizes=batch.get("original_sizes"), crop_top_lefts=batch.get("crop_top_lefts"), family=family,
     )  # fmt: skip
+
+
+_TAG_CAPTION_DROPOUT = 301  # keeps the dropout draw apart from the step generator's own stream
+
+
+def caption_dropout_mask(generator: torch.Generator, batch_size: int, p: float) -> torch.Tensor:
+    """(B,) bool: which samples of a micro-batch lose their caption, each with probability `p`. Drawn from a
+    generator derived from `generator`'s seed (the trainer's per-micro-step generator, a pure function of the run
+    seed and the sample slot), so a resume replays it and the step's noise and timesteps are the same for any `p`."""
+    from tcscale.data.loader import derive_seed
+
+    if p <= 0.0:
+        return torch.zeros(batch_size, dtype=torch.bool)
+    g = torch.Generator().manual_seed(derive_seed(generator.initial_seed(), _TAG_CAPTION_DROPOUT))
+    return torch.rand(batch_size, generator=g) < p
+
+
+def empty_caption_ids(tokenizer, length: int) -> torch.Tensor:
+    """(length,) int64: the empty caption as the tokenizer pads it, the ids the SD pipelines encode for the
+    unconditional branch of classifier-free guidance (their negative prompt "")."""
+    ids = tokenizer("", max_length=length, padding="max_length", truncation=True).input_ids
+    return torch.tensor(ids, dtype=torch.int64)
+
+
+def drop_captions(input_ids: torch.Tensor, drop: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
+    """`input_ids` (B, L) with the rows where `drop` (B,) is true replaced by the empty caption `empty` (L,)."""
+    if not bool(drop.any()):
+        return input_ids
+    out = input_ids.clone()
+    out[drop.to(out.device)] = empty.to(out.device, out.dtype)
+    return out

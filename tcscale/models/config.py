@@ -22,6 +22,10 @@ class TinyModelConfig:
     cross_attention_dim: int = 32  # text hidden size seen by attn2
     text_layers: int = 2  # CLIP text transformer layers
     text_heads: int = 2  # CLIP text attention heads
+    # std of the CLIP text encoder's token embeddings; null -> CLIP's init (0.02). At 0.02 a random 2-layer encoder's
+    # outputs barely depend on the caption (cosine ~0.97 between "red" and "blue" at their own position): a frozen
+    # random encoder needs ~1 for the U-Net to tell words apart
+    text_token_embedding_std: float | None = None
     vae_block_out_channels: list[int] = field(default_factory=lambda: [8, 16, 16, 16])  # 4 blocks: 8x downsampling
     latent: Literal["vae", "space_to_depth"] = "vae"  # tiny AutoencoderKL | exact parameter-free pixel folding
     space_to_depth_factor: int = 2  # latent="space_to_depth": pixels per latent cell along a side

@@ -15,6 +15,8 @@ Every hook is declared on `Objective` with its default; an objective overrides w
 
 * ``reads_data`` (True): batches come from the training loader, else from ``batch(micro_step)``;
 * ``lora_target_modules`` (None: `model.lora` does not apply): module-name suffixes peft adapts by default;
+* ``caption_dropout`` (False: a config with ``data.caption_dropout > 0`` is refused): the objective replaces that
+  fraction of its batches' captions by the empty caption (classifier-free guidance training);
 * ``build_loader(...)``: the training loader; default the grounded-image loader (`tcscale.data.build_train_loader`)
   over the objective's plan;
 * ``validate(module)``: metrics at ``validation.every_steps`` (every rank, collective under ZeRO-3), or None for the
@@ -78,6 +80,7 @@ class Objective:
     plan: GroundingPlan | None = None  # the grounded layers (loader masks, validation maps); None: nothing grounded
     reads_data: bool = True  # True: batches come from the training loader; False: from `batch(micro_step)`
     lora_target_modules: tuple[str, ...] | None = None  # model.lora's default targets; None: LoRA does not apply
+    caption_dropout: bool = False  # applies data.caption_dropout (empty captions for guidance); False: refused
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         """The parameters the optimizer updates (a subset of `module`'s): those that require grad."""

@@ -13,7 +13,13 @@ from tcscale.attention.plan import vae_scale_factor
 from tcscale.data.latent_cache import sample_latents
 from tcscale.losses.diffusion import ldm_loss, sample_noise
 from tcscale.losses.flow_matching import FlowMatchingConfig, flow_matching_loss
-from tcscale.models.conditioning import Conditioning, batch_conditioning
+from tcscale.models.conditioning import (
+    Conditioning,
+    batch_conditioning,
+    caption_dropout_mask,
+    drop_captions,
+    empty_caption_ids,
+)
 from tcscale.models.lora import ATTENTION_PROJECTIONS
 from tcscale.objectives.base import BuildContext, Objective, StepOutput, register_objective
 
@@ -46,6 +52,8 @@ class LDMObjective(Objective):
 
     # model.lora default: every U-Net attention projection (self- and cross-attention), as diffusers' LoRA scripts
     lora_target_modules = ATTENTION_PROJECTIONS
+    # data.caption_dropout: that fraction of the captions is replaced by the empty one (classifier-free guidance)
+    caption_dropout = True
 
     def __init__(self, cfg: LDMConfig, ctx: BuildContext):
         self.ldm = cfg
@@ -56,6 +64,8 @@ class LDMObjective(Objective):
         self.device = ctx.device
         self.resolution = ctx.cfg.data.resolution
         self.cached_latents = ctx.cfg.data.latents == "cached"  # the VAE is config only (weights on "meta")
+        self.dropout_p = ctx.cfg.data.caption_dropout if type(self).caption_dropout else 0.0
+        self._empty_ids: torch.Tensor | None = None
         self.install_attention(ctx)
 
     def install_attention(self, ctx: BuildContext) -> None:
@@ -117,12 +127,23 @@ class LDMObjective(Objective):
             latents = self.family.scale_latents(vae, sample_latents(mean, logvar, generator))
         else:
             latents = self.family.latents(vae, batch["pixel_values"].to(device, vae.dtype), generator)
-        cond = batch_conditioning(self.comps, batch, dtype=self.dtype, device=device)
+        cond = batch_conditioning(self.comps, self.dropped(batch, generator), dtype=self.dtype, device=device)
         noise = sample_noise(latents, generator, self.ldm.noise_offset)
         timesteps, noisy, target, weights = self.family.noise_latents(scheduler, latents, noise, generator, self.ldm)
         return NoisedBatch(
             latents, timesteps, noisy.to(self.dtype), target, cond.text, cond.added_cond_kwargs, weights
         )  # fmt: skip
+
+    def dropped(self, batch: dict, generator: torch.Generator) -> dict:
+        """The batch with `data.caption_dropout` of its captions replaced by the empty caption (drawn from the
+        micro-step's generator: resumes replay it); the batch itself when nothing is dropped."""
+        ids = batch["input_ids"]
+        drop = caption_dropout_mask(generator, ids.shape[0], self.dropout_p)
+        if not bool(drop.any()):
+            return batch
+        if self._empty_ids is None or self._empty_ids.shape[0] != ids.shape[1]:
+            self._empty_ids = empty_caption_ids(self.comps.tokenizer, ids.shape[1])
+        return {**batch, "input_ids": drop_captions(ids, drop, self._empty_ids)}
 
     def ldm_loss(self, pred: torch.Tensor, nb: NoisedBatch) -> torch.Tensor:
         if nb.weights is not None:

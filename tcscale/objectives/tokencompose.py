@@ -53,6 +53,8 @@ def resolve_tokencompose(cfg: TokenComposeConfig) -> TokenComposeConfig:
 class TokenComposeObjective(LDMObjective):
     """L_LDM plus the token and pixel losses of every grounded layer (or group of layers), summed."""
 
+    caption_dropout = False  # a dropped caption has no phrases to ground: data.caption_dropout is refused
+
     def __init__(self, cfg: TokenComposeConfig, ctx: BuildContext):
         self.tc = resolve_tokencompose(cfg)
         super().__init__(ctx.cfg.objective.ldm, ctx)

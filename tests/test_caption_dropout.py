@@ -1,0 +1,99 @@
+"""data.caption_dropout: empty captions for classifier-free guidance, drawn from the step's seed, resume-exact."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from tcscale.config import ConfigError, load_config
+from tcscale.models.conditioning import caption_dropout_mask, drop_captions, empty_caption_ids
+from tcscale.train import trainer as trainer_mod
+from tests.helpers import launch
+
+TINY = "configs/tiny_cpu.yaml"
+
+
+def generators(n: int) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(1000 + i) for i in range(n)]
+
+
+def test_p_one_drops_every_caption_and_p_zero_none(sd_tokenizer):
+    ids = torch.tensor(
+        sd_tokenizer(["a photo of a red circle", "a blue star"], max_length=77, padding="max_length").input_ids
+    )
+    empty = empty_caption_ids(sd_tokenizer, 77)
+    assert empty[0] == sd_tokenizer.bos_token_id and empty[1] == sd_tokenizer.eos_token_id
+    for g in generators(20):
+        dropped = drop_captions(ids, caption_dropout_mask(g, 2, 1.0), empty)
+        assert torch.equal(dropped, empty.expand(2, 77))
+        assert drop_captions(ids, caption_dropout_mask(g, 2, 0.0), empty) is ids
+    assert not torch.equal(ids[0], empty)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.3])
+def test_fraction_dropped_is_p_and_a_function_of_the_seed(p):
+    masks = torch.stack([caption_dropout_mask(g, 16, p) for g in generators(2000)])
+    assert abs(masks.float().mean().item() - p) < 0.01  # 32,000 draws: the binomial std is <= 0.003
+    again = torch.stack([caption_dropout_mask(g, 16, p) for g in generators(2000)])
+    assert torch.equal(masks, again)
+    assert not torch.equal(masks[:1000], masks[1000:])
+
+
+def test_the_step_generator_stream_is_untouched():
+    """Dropping draws from a derived generator: the step's noise and timesteps are those of p = 0."""
+    a, b = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    caption_dropout_mask(a, 16, 0.5)
+    assert torch.equal(torch.rand(8, generator=a), torch.rand(8, generator=b))
+
+
+def test_empty_caption_is_what_the_pipeline_encodes_for_guidance(tiny_config, tmp_path):
+    """The trained unconditional branch is the one StableDiffusionPipeline subtracts at guidance_scale > 1."""
+    from tcscale.families import family_of
+    from tcscale.models.sd import load_components
+
+    cfg = tiny_config(tmp_path, "objective.name=ldm")
+    comps = load_components(cfg.model, cfg.data.resolution)
+    pipe = family_of(cfg.model).pipeline(comps)
+    _, negative = pipe.encode_prompt("a photo of a red circle", "cpu", 1, True)
+    ours = comps.text_encoder(empty_caption_ids(comps.tokenizer, 77)[None])[0]
+    torch.testing.assert_close(negative, ours, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("value", ["1.0", "-0.1", "1.5"])
+def test_out_of_range_names_the_key_on_one_line(value):
+    with pytest.raises(ConfigError, match=r"data\.caption_dropout must be in \[0, 1\)") as info:
+        load_config(TINY, ["objective.name=ldm", f"data.caption_dropout={value}"])
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("objective", ["tokencompose", "sepen"])
+def test_objectives_that_do_not_drop_captions_refuse_it(objective):
+    with pytest.raises(ConfigError, match=rf"data\.caption_dropout=0\.1: objective '{objective}'") as info:
+        load_config(TINY, [f"objective.name={objective}", "data.caption_dropout=0.1"])
+    assert "\n" not in str(info.value)
+    assert load_config(TINY, [f"objective.name={objective}"]).data.caption_dropout == 0.0
+
+
+def test_ldm_run_with_dropout_trains_differently_and_resumes_exactly(tiny_config, tmp_path):
+    """The real trainer: dropout changes the weights (it is applied), and a run cut at its step-2 checkpoint resumes
+    to the uninterrupted run's step-4 weights."""
+    common = ["objective.name=ldm", "max_steps=4", "checkpoint.every_steps=2", "tracking.enabled=false"]
+    ref = tmp_path / "dropout"
+    trainer_mod.train(tiny_config(ref, *common, "data.caption_dropout=0.5"))
+    plain = tmp_path / "plain"
+    trainer_mod.train(tiny_config(plain, *common))
+    a, b = launch.final_weights(ref), launch.final_weights(plain)
+    assert any(not torch.equal(a[k], b[k]) for k in a), "caption_dropout=0.5 trained the same weights as 0"
+
+    run = tmp_path / "resumed"
+    shutil.copytree(ref, run)
+    shutil.rmtree(run / "checkpoints" / "step4")
+    (run / "checkpoints" / "latest").write_text("step2")
+    result = trainer_mod.train(tiny_config(run, *common, "data.caption_dropout=0.5", "resume=latest"))
+    assert result.step == 4
+    resumed = launch.final_weights(run)
+    assert resumed.keys() == a.keys()
+    for k in a:
+        torch.testing.assert_close(resumed[k], a[k], rtol=0, atol=0, msg=lambda m, k=k: f"{k}: {m}")
