@@ -178,9 +178,28 @@ def test_sd14_tokencompose_lora_trains_exports_and_reloads(sd14_tokencompose_run
     check_lora_export(run_dir, base_pipeline("sd14"), SD14_ATTENTION_PROJECTIONS)
 
 
-def test_sd14_ldm_lora(realshape_root, base_pipeline, shards):
+@pytest.fixture(scope="session")
+def sd14_ldm_run(realshape_root, base_pipeline, shards):
     run_dir = realshape_root / "runs" / "sd14_ldm"
-    train("sd14_ldm", run_dir, [f"model.pretrained={base_pipeline('sd14')}", *shards, *LORA])
+    metrics = train("sd14_ldm", run_dir, [f"model.pretrained={base_pipeline('sd14')}", *shards, *LORA])
+    return run_dir, metrics
+
+
+def test_sd14_ldm_lora(sd14_ldm_run, base_pipeline):
+    run_dir, _ = sd14_ldm_run
+    check_lora_export(run_dir, base_pipeline("sd14"), SD14_ATTENTION_PROJECTIONS)
+
+
+def test_sd14_ldm_lora_with_caption_dropout(sd14_ldm_run, realshape_root, base_pipeline, shards):
+    """data.caption_dropout at SD1.4's shapes: the empty caption (SD1.4's tokenizer, 77 ids) replaces the step's
+    caption, which changes the loss of the same step (noise and timesteps are drawn the same for any p) while the
+    run trains and exports as without it."""
+    _, plain = sd14_ldm_run
+    run_dir = realshape_root / "runs" / "sd14_ldm_caption_dropout"
+    # p 0.999: the step's one sample is dropped (the draw is a pure function of the run seed, so this is fixed)
+    overrides = [f"model.pretrained={base_pipeline('sd14')}", *shards, *LORA, "data.caption_dropout=0.999"]
+    dropped = train("sd14_ldm", run_dir, overrides)
+    assert dropped["loss/ldm"] != plain["loss/ldm"], (dropped["loss/ldm"], plain["loss/ldm"])
     check_lora_export(run_dir, base_pipeline("sd14"), SD14_ATTENTION_PROJECTIONS)
 
 
