@@ -1,13 +1,13 @@
 """Pretrain the demo's shipped base model (make demo-base): a tiny text-to-image model that draws the shapes world.
 
-    python launchers/demo_base.py                 # pretrain (configs/demo_base_cfg_text.yaml), validate, ship
+    python launchers/demo_base.py                 # pretrain (configs/demo_base_cfg_text_wide_snr.yaml), validate, ship
     python launchers/demo_base.py --no-ship       # train and validate only (runs/demo_base/)
 
 1. writes the pretraining world as WebDataset shards, built the way web data fails composition: mostly one object
    per caption (seed 2001, `SINGLE` samples), few captions of two or three objects (seed 2002, `MULTI` samples),
    and the world's six held-out colour/shape combinations never shown;
 2. trains with the LDM loss alone through the real launcher
-   (`deepspeed --num_gpus 1 launchers/train.py --config configs/demo_base_cfg_text.yaml`, or `--config`'s), a
+   (`deepspeed --num_gpus 1 launchers/train.py --config configs/demo_base_cfg_text_wide_snr.yaml`, or `--config`'s), a
    checkpoint every 500 steps;
 3. evaluates every checkpoint on the **validation split** (`configs/eval/demo_base_val.yaml`: prompts of training
    combinations only, eval seed 7; one- and two-object prompts; a recipe with an EMA: each checkpoint's EMA weights
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-ship", action="store_true", help="train and validate only; leave tcscale/demo_base alone")
     ap.add_argument(
         "--config",
-        default="configs/demo_base_cfg_text.yaml",
+        default="configs/demo_base_cfg_text_wide_snr.yaml",
         help="the pretraining recipe (default: the one that made the shipped weights, tcscale/demo_base/README.md; "
         "configs/demo_base.yaml, demo_base_cosine_ema.yaml and demo_base_cfg*.yaml are the recipes tried before it)",
     )
