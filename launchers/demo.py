@@ -39,7 +39,7 @@ MODELS = ("ldm", "tokencompose", "sepen")  # the finetunes of the shipped base
 LABELS = {"base": "base (shipped)", "ldm": "LDM-only", "tokencompose": "TokenCompose", "sepen": "SepEn"}
 GROUNDING_SEED = 11233  # + the seed: the held-out grounding world of each seed's evaluation (never trained on)
 VALIDATION_SEED = 7000  # + the seed (and + GROUNDING_SEED): the validation split's prompts, noise and grounding world
-FULL = {"seeds": [0, 1, 2], "steps": 200, "world": 4000, "grounding_samples": 128, "prompts": 16, "rounds": 2}
+FULL = {"seeds": [0, 1, 2], "steps": 200, "world": 4000, "grounding_samples": 128, "prompts": 12, "rounds": 2}
 FAST = {"seeds": [0], "steps": 40, "world": 1200, "grounding_samples": 64, "prompts": 4, "rounds": 2}
 
 
