@@ -307,9 +307,10 @@ def check_caption_dropout(cfg: TrainConfig) -> None:
     if p == 0.0:
         return
     if not OBJECTIVES[cfg.objective.name].build.caption_dropout:
+        dropping = sorted(name for name, spec in OBJECTIVES.items() if spec.build.caption_dropout)
         raise ConfigError(
-            f"data.caption_dropout={p}: objective {cfg.objective.name!r} does not drop captions (a grounded "
-            "objective would have no phrases to ground in a dropped one); it applies to objective.name=ldm, or set 0"
+            f"data.caption_dropout={p}: objective {cfg.objective.name!r} does not drop captions; it applies to "
+            f"objective.name={' | '.join(dropping)}, or set 0"
         )
     if cfg.model.family != "sd":
         raise ConfigError(

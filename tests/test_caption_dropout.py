@@ -68,12 +68,85 @@ def test_out_of_range_names_the_key_on_one_line(value):
     assert "\n" not in str(info.value)
 
 
-@pytest.mark.parametrize("objective", ["tokencompose", "sepen"])
-def test_objectives_that_do_not_drop_captions_refuse_it(objective):
-    with pytest.raises(ConfigError, match=rf"data\.caption_dropout=0\.1: objective '{objective}'") as info:
-        load_config(TINY, [f"objective.name={objective}", "data.caption_dropout=0.1"])
-    assert "\n" not in str(info.value)
-    assert load_config(TINY, [f"objective.name={objective}"]).data.caption_dropout == 0.0
+def test_an_objective_that_reads_no_captions_refuses_it():
+    """SepEn is data-free (its prompts are the concept list): the key is refused, naming the objectives that apply
+    it."""
+    with pytest.raises(ConfigError, match=r"data\.caption_dropout=0\.1: objective 'sepen'") as info:
+        load_config(TINY, ["objective.name=sepen", "data.caption_dropout=0.1"])
+    assert "\n" not in str(info.value) and "ldm | tokencompose" in str(info.value)
+    assert load_config(TINY, ["objective.name=sepen"]).data.caption_dropout == 0.0
+
+
+def tokencompose_step(tmp_path, p: float, seed: int, batch_size: int = 4):
+    """One real TokenCompose step on a loader batch at `data.caption_dropout=p`, and the inputs again (the same
+    generator seed: the same noise, timesteps and drop) with every grounded layer's attention probabilities."""
+    from tcscale.attention.recorders import ProbsRecorder
+    from tcscale.data import build_train_loader
+    from tcscale.models.architectures import build_tiny_components
+    from tcscale.objectives import OBJECTIVES, BuildContext
+
+    cfg = load_config(
+        TINY,
+        [f"output_dir={tmp_path}", f"deepspeed.train_micro_batch_size_per_gpu={batch_size}",
+         "tracking.enabled=false", "objective.name=tokencompose", f"data.caption_dropout={p}"],
+    )  # fmt: skip
+    comps = build_tiny_components(cfg.model.tiny, cfg.data.resolution)
+    ctx = BuildContext(cfg, comps, torch.float32, torch.device("cpu"), micro_batch_size=batch_size)
+    obj = OBJECTIVES["tokencompose"].build(cfg.objective.tokencompose, ctx)
+    loader = build_train_loader(
+        cfg.data, comps.tokenizer, rank=0, world_size=1, micro_batch_size=batch_size, seed=0, plan=obj.plan
+    )
+    batch = loader.next_batch()
+    with torch.no_grad():
+        out = obj(obj.module, batch, torch.Generator().manual_seed(seed))
+        nb = obj.noised(batch, torch.Generator().manual_seed(seed))
+        with ProbsRecorder(tuple(nb.latents.shape[-2:])) as rec:
+            obj.module(nb.noisy, nb.timesteps, nb.text, cross_attention_kwargs=rec.kwargs)
+    probs = {r.name: r.probs for r in rec.records}
+    return obj, comps, batch, out, nb, probs
+
+
+def test_tokencompose_grounds_only_the_samples_that_keep_their_caption(tmp_path):
+    """A dropped sample trains the unconditional branch with L_LDM alone: the step's token and pixel terms are the
+    grounding losses (tcscale.losses.grounding) of the kept samples only, its text is the empty caption's encoding."""
+    from tcscale.losses import grounding_losses
+
+    p, B = 0.5, 4
+    seed = next(
+        s for s in range(1000, 2000) if 0 < int(caption_dropout_mask(torch.Generator().manual_seed(s), B, p).sum()) < B
+    )
+    obj, comps, batch, out, nb, probs = tokencompose_step(tmp_path, p, seed, B)
+    drop = caption_dropout_mask(torch.Generator().manual_seed(seed), B, p)
+    assert torch.equal(nb.dropped, drop)
+    keep = ~drop
+    with torch.no_grad():
+        empty = comps.text_encoder(empty_caption_ids(comps.tokenizer, 77)[None])[0][0]
+    torch.testing.assert_close(nb.text[drop], empty.expand(int(drop.sum()), -1, -1), rtol=0, atol=0)
+    assert (batch["token_phrase"][drop] >= 0).any(), "the dropped samples had phrases to leave out"
+
+    def summed(samples: torch.Tensor) -> tuple[float, float]:
+        terms = [
+            grounding_losses(
+                probs[n][samples], batch["layer_masks"][(obj.plan.side_of(n),) * 2][samples],
+                batch["token_phrase"][samples],
+            )
+            for n in obj.plan.layers
+        ]  # fmt: skip
+        return sum(t["token"].item() for t in terms), sum(t["pixel"].item() for t in terms)
+
+    token, pixel = summed(keep)
+    assert out.terms["token"].item() == pytest.approx(token, rel=1e-5)
+    assert out.terms["pixel"].item() == pytest.approx(pixel, rel=1e-5)
+    everyone = summed(torch.ones(B, dtype=torch.bool))  # grounding the dropped samples too would give another value
+    assert everyone[0] != pytest.approx(token, rel=1e-3) and everyone[1] != pytest.approx(pixel, rel=1e-3)
+
+
+def test_tokencompose_with_every_caption_dropped_is_the_ldm_loss(tmp_path):
+    """p 0.9, a step whose two samples are both dropped: nothing is grounded, the loss is L_LDM (on empty captions)."""
+    seed = next(s for s in range(1000, 2000) if caption_dropout_mask(torch.Generator().manual_seed(s), 2, 0.9).all())
+    _, _, _, out, _, _ = tokencompose_step(tmp_path, 0.9, seed, batch_size=2)
+    assert out.terms["token"].item() == 0.0 and out.terms["pixel"].item() == 0.0
+    assert out.loss.item() == out.terms["ldm"].item()
 
 
 def test_ldm_run_with_dropout_trains_differently_and_resumes_exactly(tiny_config, tmp_path):

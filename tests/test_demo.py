@@ -188,3 +188,20 @@ def test_demo_evaluates_at_the_guidance_chosen_for_the_shipped_base():
     provenance = json.loads((SHIPPED / "provenance.json").read_text())
     assert provenance["guidance_scale"] in provenance["guidance_scales_validated"]
     assert eval_guidance() == provenance["guidance_scale"]
+
+
+def test_every_method_loads_the_demo_config_and_the_two_that_read_captions_drop_the_same_fraction():
+    """The demo's finetunes: LDM-only and TokenCompose train the unconditional branch alike (the config's
+    data.caption_dropout, what guidance samples against); SepEn, data-free, gets the key set to 0, which it needs."""
+    sys.path.insert(0, str(REPO))
+    from launchers import demo
+    from tcscale.config import ConfigError, load_config
+
+    config = REPO / "configs" / "demo_cpu.yaml"
+    dropout = {}
+    for m in demo.MODELS:
+        cfg = load_config(config, [f"objective.name={m}", *demo.METHOD_SETTINGS.get(m, [])])
+        dropout[m] = cfg.data.caption_dropout
+    assert dropout["ldm"] == dropout["tokencompose"] > 0 and dropout["sepen"] == 0
+    with pytest.raises(ConfigError, match=r"data\.caption_dropout=.*objective 'sepen'"):
+        load_config(config, ["objective.name=sepen"])

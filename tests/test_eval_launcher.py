@@ -85,6 +85,7 @@ def test_eval_on_two_ranks_exactly_once_resumable_and_nested_in_mlflow(tmp_path,
     for k in range(1, 6):
         assert 0 <= results["metrics"][f"multigen/mg/MG{k}"] <= 100
     assert "synthetic/k2/all_objects" in results["metrics"]
+    assert 0 < results["metrics"]["synthetic/k2/pixel_noise"] < 255  # an untrained tiny model: speckle, never flat
     assert "| tiny_cpu |" in proc.stdout  # the table is printed
 
     client, runs = launch.mlflow_runs(run, "tcscale-tiny")

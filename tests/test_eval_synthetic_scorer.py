@@ -19,6 +19,7 @@ from tcscale.eval.synthetic_scorer import (
     all_objects_present,
     all_objects_present_rate,
     detect_shapes,
+    pixel_noise,
     score_synthetic,
 )
 
@@ -135,3 +136,38 @@ def test_score_synthetic_feeds_multigen():
     out = multigen_scores(records, num_objects=3)
     for k in (1, 2, 3):
         assert out[f"MG{k}"]["mean"] == pytest.approx(100 * np.mean(expected_counts >= k))
+
+
+def median3x3_by_hand(x: np.ndarray) -> np.ndarray:
+    """Each channel's 3x3 median with reflected borders (d c b | a b c d | c b a ...: the edge pixel itself is not
+    repeated, scipy's "reflect" repeats it: a b | a b c), written with numpy windows, apart from scipy."""
+    padded = np.pad(x, ((1, 1), (1, 1), (0, 0)), mode="symmetric")  # numpy "symmetric" = scipy "reflect"
+    h, w = x.shape[:2]
+    windows = np.stack([padded[i : i + h, j : j + w] for i in range(3) for j in range(3)])
+    return np.median(windows, axis=0)
+
+
+def test_pixel_noise_is_the_mean_distance_to_the_3x3_median():
+    flat = np.full((32, 32, 3), 120, dtype=np.uint8)
+    assert pixel_noise(flat) == 0.0
+    speck = flat.copy()
+    speck[10, 20, 1] = 200  # one isolated pixel off by 80 in one channel: its window's median is still 120
+    assert pixel_noise(speck) == pytest.approx(80 / (32 * 32 * 3))
+    rng = np.random.default_rng(3)
+    noisy = rng.integers(0, 256, (24, 40, 3)).astype(np.uint8)
+    expected = np.abs(noisy.astype(np.float64) - median3x3_by_hand(noisy.astype(np.float64))).mean()
+    assert pixel_noise(Image.fromarray(noisy)) == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(ValueError, match="pixel_noise needs an"):
+        pixel_noise(noisy[..., 0])
+
+
+def test_pixel_noise_tells_speckle_from_the_worlds_clean_renders():
+    """The world's renders score their edges only; σ = 8 pixel noise (the level the detector still reads) raises
+    the score by several grey levels, as a speckled generation does."""
+    world, rng = _world(40), np.random.default_rng(5)
+    clean = [world.render(i, 32).image for i in range(40)]
+    noisy = [np.clip(im + rng.normal(0, 8, im.shape), 0, 255).astype(np.uint8) for im in clean]
+    clean_mean = np.mean([pixel_noise(im) for im in clean])
+    noisy_mean = np.mean([pixel_noise(im) for im in noisy])
+    assert clean_mean < 1.0  # 0.56 when written
+    assert noisy_mean > clean_mean + 4  # 6.26

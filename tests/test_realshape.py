@@ -178,6 +178,20 @@ def test_sd14_tokencompose_lora_trains_exports_and_reloads(sd14_tokencompose_run
     check_lora_export(run_dir, base_pipeline("sd14"), SD14_ATTENTION_PROJECTIONS)
 
 
+def test_sd14_tokencompose_lora_with_caption_dropout(sd14_tokencompose_run, realshape_root, base_pipeline, shards):
+    """data.caption_dropout with TokenCompose at SD1.4's shapes: the step's one sample loses its caption, so it grounds
+    nothing (token and pixel terms 0) and trains the unconditional branch with L_LDM alone, which the empty caption
+    changes; the adapter exports and reloads as without it."""
+    _, plain = sd14_tokencompose_run
+    run_dir = realshape_root / "runs" / "sd14_tokencompose_caption_dropout"
+    overrides = [f"model.pretrained={base_pipeline('sd14')}", *shards, *LORA, "data.caption_dropout=0.999"]
+    dropped = train("sd14_tokencompose", run_dir, overrides)
+    assert plain["loss/token"] > 0 and plain["loss/pixel"] > 0
+    assert dropped["loss/token"] == 0.0 and dropped["loss/pixel"] == 0.0, dropped
+    assert dropped["loss/ldm"] != plain["loss/ldm"], (dropped["loss/ldm"], plain["loss/ldm"])
+    check_lora_export(run_dir, base_pipeline("sd14"), SD14_ATTENTION_PROJECTIONS)
+
+
 @pytest.fixture(scope="session")
 def sd14_ldm_run(realshape_root, base_pipeline, shards):
     run_dir = realshape_root / "runs" / "sd14_ldm"

@@ -57,7 +57,8 @@ class DataConfig:
     min_phrases: int = 0  # samples with fewer aligned phrases are skipped and counted (0: keep all; LDM loss only)
     # fraction of training captions replaced by the empty caption, so the model learns the unconditional branch that
     # classifier-free guidance (sampling at guidance_scale > 1) subtracts; in [0, 1), drawn per sample from the step's
-    # seed (resumes replay it). Objectives that ground caption tokens refuse it (a dropped caption has no phrases)
+    # seed (resumes replay it). TokenCompose grounds only the kept captions (a dropped one has no phrases: L_LDM
+    # alone); SepEn reads no captions and refuses it
     caption_dropout: float = 0.0
     shuffle_buffer: int = 256  # samples in the shuffle buffer of the streaming loader (per worker)
     resampled: bool = True  # webdataset: draw shards with replacement per worker (False: each pass splits the

@@ -427,8 +427,10 @@ class Evaluation:
             self._sample_grid("visor", items)
 
     def run_synthetic(self) -> None:
+        from PIL import Image
+
         from tcscale.eval.multigen import multigen_scores
-        from tcscale.eval.synthetic_scorer import detect_shapes
+        from tcscale.eval.synthetic_scorer import detect_shapes, pixel_noise
 
         def detector(images, categories):
             out = []
@@ -450,6 +452,8 @@ class Evaluation:
             self.metrics[f"synthetic/k{k}/all_objects_std"] = scores[f"MG{k}"]["std"] / 100.0
             for j in range(1, k + 1):
                 self.metrics[f"synthetic/k{k}/MG{j}"] = scores[f"MG{j}"]["mean"]
+            noise = [pixel_noise(Image.open(self.out / suite / "images" / f"{it.key}.png")) for it in items]
+            self.metrics[f"synthetic/k{k}/pixel_noise"] = sum(noise) / len(noise)
             self.details[suite] = {"scores": scores, "images": len(records)}
             self.record_protocol(f"synthetic/k{k}", "synthetic", len(records))
             self._sample_grid(suite, items)

@@ -83,3 +83,11 @@ def drop_captions(input_ids: torch.Tensor, drop: torch.Tensor, empty: torch.Tens
     out = input_ids.clone()
     out[drop.to(out.device)] = empty.to(out.device, out.dtype)
     return out
+
+
+def drop_phrases(token_phrase: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
+    """`token_phrase` (B, L) with the rows where `drop` (B,) is true set to -1: a sample whose caption was dropped
+    has no phrase, so the grounding losses leave it out of their batch mean (tcscale.losses.grounding)."""
+    out = token_phrase.clone()
+    out[drop.to(out.device)] = -1
+    return out

@@ -41,6 +41,8 @@ class NoisedBatch:
     text: torch.Tensor  # (B, 77, D) compute dtype: what attn2 reads (tcscale.models.conditioning)
     added_cond_kwargs: dict | None = None  # SDXL: text_embeds + micro-conditioning time_ids; SD3: pooled_projections
     weights: torch.Tensor | None = None  # (B,) per-sample loss weights (flow matching's scheme), None: plain / min-SNR
+    # (B,) bool: the samples whose caption `data.caption_dropout` replaced by the empty one; None: none was
+    dropped: torch.Tensor | None = None
 
     @property
     def cond(self) -> Conditioning:
@@ -127,23 +129,23 @@ class LDMObjective(Objective):
             latents = self.family.scale_latents(vae, sample_latents(mean, logvar, generator))
         else:
             latents = self.family.latents(vae, batch["pixel_values"].to(device, vae.dtype), generator)
-        cond = batch_conditioning(self.comps, self.dropped(batch, generator), dtype=self.dtype, device=device)
+        drop = self.drop_mask(batch, generator)
+        if drop is not None:
+            if self._empty_ids is None or self._empty_ids.shape[0] != batch["input_ids"].shape[1]:
+                self._empty_ids = empty_caption_ids(self.comps.tokenizer, batch["input_ids"].shape[1])
+            batch = {**batch, "input_ids": drop_captions(batch["input_ids"], drop, self._empty_ids)}
+        cond = batch_conditioning(self.comps, batch, dtype=self.dtype, device=device)
         noise = sample_noise(latents, generator, self.ldm.noise_offset)
         timesteps, noisy, target, weights = self.family.noise_latents(scheduler, latents, noise, generator, self.ldm)
         return NoisedBatch(
-            latents, timesteps, noisy.to(self.dtype), target, cond.text, cond.added_cond_kwargs, weights
+            latents, timesteps, noisy.to(self.dtype), target, cond.text, cond.added_cond_kwargs, weights, drop
         )  # fmt: skip
 
-    def dropped(self, batch: dict, generator: torch.Generator) -> dict:
-        """The batch with `data.caption_dropout` of its captions replaced by the empty caption (drawn from the
-        micro-step's generator: resumes replay it); the batch itself when nothing is dropped."""
-        ids = batch["input_ids"]
-        drop = caption_dropout_mask(generator, ids.shape[0], self.dropout_p)
-        if not bool(drop.any()):
-            return batch
-        if self._empty_ids is None or self._empty_ids.shape[0] != ids.shape[1]:
-            self._empty_ids = empty_caption_ids(self.comps.tokenizer, ids.shape[1])
-        return {**batch, "input_ids": drop_captions(ids, drop, self._empty_ids)}
+    def drop_mask(self, batch: dict, generator: torch.Generator) -> torch.Tensor | None:
+        """(B,) bool: which captions `data.caption_dropout` replaces by the empty caption (drawn from the micro-step's
+        generator: resumes replay it); None when it drops none."""
+        drop = caption_dropout_mask(generator, batch["input_ids"].shape[0], self.dropout_p)
+        return drop if bool(drop.any()) else None
 
     def ldm_loss(self, pred: torch.Tensor, nb: NoisedBatch) -> torch.Tensor:
         if nb.weights is not None:

@@ -20,6 +20,7 @@ from tcscale.attention.masks import MaskFullRes
 from tcscale.attention.plan import GroundingPlan, vae_scale_factor
 from tcscale.attention.recorders import GroupedLossRecorder, LossRecorder
 from tcscale.losses.grounding import PixelLossReduction, TokenLossHeads
+from tcscale.models.conditioning import drop_phrases
 from tcscale.objectives.base import BuildContext, StepOutput, register_objective
 from tcscale.objectives.fidelity import Fidelity, apply_preset, resolved
 from tcscale.objectives.ldm import LDMObjective, check_ldm_options
@@ -53,7 +54,9 @@ def resolve_tokencompose(cfg: TokenComposeConfig) -> TokenComposeConfig:
 class TokenComposeObjective(LDMObjective):
     """L_LDM plus the token and pixel losses of every grounded layer (or group of layers), summed."""
 
-    caption_dropout = False  # a dropped caption has no phrases to ground: data.caption_dropout is refused
+    # data.caption_dropout: a sample whose caption is dropped trains the unconditional branch with L_LDM alone; its
+    # phrases leave the grounding losses (its token_phrase row is -1: no phrase, so it is out of their batch mean)
+    caption_dropout = True
 
     def __init__(self, cfg: TokenComposeConfig, ctx: BuildContext):
         self.tc = resolve_tokencompose(cfg)
@@ -78,8 +81,9 @@ class TokenComposeObjective(LDMObjective):
         planner), where they stay on the host because the losses read their values."""
         return torch.device("cpu") if self.device.type == "meta" else self.device
 
-    def recorder(self, latent_size: tuple[int, int], batch: dict) -> LossRecorder:
-        """The recorder of one micro-step: per layer (paper) or per (place, resolution) group (official pixel loss)."""
+    def recorder(self, latent_size: tuple[int, int], batch: dict, dropped: torch.Tensor | None = None) -> LossRecorder:
+        """The recorder of one micro-step: per layer (paper) or per (place, resolution) group (official pixel loss).
+        `dropped` (B,) bool: samples whose caption was dropped, which ground no phrase."""
         device = self.phrase_device
         layer_masks = {k: v.to(device) for k, v in (batch.get("layer_masks") or {}).items()}
         phrase_masks = batch.get("phrase_masks")
@@ -93,6 +97,8 @@ class TokenComposeObjective(LDMObjective):
         token_phrase = self.family.key_token_phrase(
             self.comps, batch["input_ids"], batch["token_phrase"], self.attention
         ).to(device)
+        if dropped is not None:
+            token_phrase = drop_phrases(token_phrase, dropped)
         if self.tc.pixel_loss_reduction == "per_resolution":
             return GroupedLossRecorder(
                 latent_size, token_phrase, groups=self.plan.groups(), pixel_loss_reduction="per_resolution", **kwargs
@@ -101,7 +107,7 @@ class TokenComposeObjective(LDMObjective):
 
     def __call__(self, model, batch: dict, generator: torch.Generator) -> StepOutput:
         nb = self.noised(batch, generator)
-        with self.recorder(tuple(nb.latents.shape[-2:]), batch) as rec:
+        with self.recorder(tuple(nb.latents.shape[-2:]), batch, nb.dropped) as rec:
             pred = self.family.denoise(model, nb.noisy, nb.timesteps, nb.cond, rec.kwargs)
         ldm = self.ldm_loss(pred, nb)
         token, pixel = rec.total("token"), rec.total("pixel")
