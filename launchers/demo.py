@@ -74,20 +74,40 @@ def build_deepspeed_op() -> None:
     subprocess.run([sys.executable, "-c", code], env=child_env(), check=True, capture_output=True, cwd=REPO)
 
 
-def run_jobs(jobs: dict[str, tuple[list[str], Path]], total: int | None, slots: int = 2) -> None:
-    """Run the commands `slots` at a time (one core each), a progress bar per job from the 'step N/M' lines of its
-    log; a failed job stops the demo with its log's tail."""
+def run_jobs(
+    jobs: dict[str, tuple[list[str], Path]],
+    total: int | None,
+    slots: int = 2,
+    after: dict[str, str] | None = None,
+    bars_for: list[str] | None = None,
+) -> None:
+    """Run the commands `slots` at a time (one core each), a progress bar per job of `bars_for` (default: every job,
+    when `total` is given) from the 'step N/M' lines of its log; a failed job stops the demo with its log's tail.
+    `after` maps a job to the one it needs finished first; the first ready job in `jobs`' order starts when a slot
+    frees, so no core idles while work it could do waits behind a long job."""
     from tqdm import tqdm
 
-    pending, running, bars = list(jobs), {}, {}
+    after = after or {}
+    unknown = sorted(set(after.values()) - set(jobs))
+    if unknown:
+        raise ValueError(f"run_jobs: after names jobs that are not given: {unknown}")
+    pending, running, bars, done, rest = list(jobs), {}, {}, set(), None
     if total:
+        named = list(jobs) if bars_for is None else bars_for
         bars = {name: tqdm(total=total, desc=f"{name:16s}", position=i, leave=True, file=sys.stdout)
-                for i, name in enumerate(jobs)}  # fmt: skip
+                for i, name in enumerate(named)}  # fmt: skip
+        others = [n for n in jobs if n not in bars]
+        if others:  # jobs without step lines (the evaluations): one bar counting those finished
+            rest = tqdm(total=len(others), desc=f"{'evaluations':16s}", position=len(bars), leave=True, file=sys.stdout)
     step_re = re.compile(r"^step (\d+)/")
     failed = None
     while (pending or running) and failed is None:
-        while pending and len(running) < slots:
-            name = pending.pop(0)
+        while len(running) < slots:
+            ready = [n for n in pending if after.get(n) is None or after[n] in done]
+            if not ready:
+                break
+            name = ready[0]
+            pending.remove(name)
             cmd, log = jobs[name]
             log.parent.mkdir(parents=True, exist_ok=True)
             f = open(log, "w")  # noqa: SIM115 - closed when the job ends
@@ -105,11 +125,15 @@ def run_jobs(jobs: dict[str, tuple[list[str], Path]], total: int | None, slots: 
                 del running[name]
                 if proc.returncode != 0:
                     failed = (name, proc.returncode)
+                else:
+                    done.add(name)
+                    if rest is not None and name not in bars:
+                        rest.update(1)
     for proc, f in running.values():  # only after a failure: stop the others
         proc.terminate()
         proc.wait()
         f.close()
-    for bar in bars.values():
+    for bar in [*bars.values(), *([rest] if rest is not None else [])]:
         bar.close()
     if failed is not None:
         name, rc = failed
@@ -373,8 +397,6 @@ def main(argv: list[str] | None = None) -> int:
                           run / "train.log")
         for (m, s), run in runs.items()
     }  # fmt: skip
-    say(f"finetuning: {len(train)} runs of {plan['steps']} steps ...")
-    run_jobs(train, plan["steps"])
 
     def eval_cmd(name: str, seed: int, model: list[str], out: Path) -> tuple[list[str], Path]:
         config = "configs/eval/demo_cpu.yaml"
@@ -392,15 +414,15 @@ def main(argv: list[str] | None = None) -> int:
 
     base_model = [f"model.pretrained={base}", "model.run_dir=null"]  # the eval config names a run
     evals = {
-        f"base seed {s}": eval_cmd(f"base_s{s}", s, base_model, out_dir / f"base_eval_s{s}") for s in plan["seeds"]
+        f"eval base seed {s}": eval_cmd(f"base_s{s}", s, base_model, out_dir / f"base_eval_s{s}") for s in plan["seeds"]
     }
-    evals.update({f"{m} seed {s}": eval_cmd(f"{m}_s{s}", s, [f"model.run_dir={run}"], run / "eval")
+    evals.update({f"eval {m} seed {s}": eval_cmd(f"{m}_s{s}", s, [f"model.run_dir={run}"], run / "eval")
                   for (m, s), run in runs.items()})  # fmt: skip
-    say(
-        f"evaluating the base and every finetune on {'validation' if args.validation else 'held-out'} prompts "
-        f"({len(evals)} evaluations) ..."
-    )
-    run_jobs(evals, None)
+    where = "validation" if args.validation else "held-out"
+    say(f"finetuning: {len(train)} runs of {plan['steps']} steps; the base and each finetune evaluated on {where} "
+        f"prompts as soon as it can be ({len(evals)} evaluations), two jobs at a time ...")  # fmt: skip
+    run_jobs(train | evals, plan["steps"], after={f"eval {m} seed {s}": f"{m} seed {s}" for m, s in runs},
+             bars_for=list(train))  # fmt: skip
     results = {m: {k: [] for k in ("grounding_miou", "all_objects", "mg2", "mg3", "pixel_noise")} for m in rows}
     for s in plan["seeds"]:
         outs = {"base": out_dir / f"base_eval_s{s}"} | {m: runs[(m, s)] / "eval" for m in models}
@@ -434,7 +456,6 @@ def main(argv: list[str] | None = None) -> int:
         return f"{statistics.mean(values):.3f}{spread}"
 
     print()
-    where = "validation" if args.validation else "held-out"
     print(f"| model (seeds {plan['seeds']}) | MG2 (2 objects, {where}) | MG3 (3 objects, {where}) "
           f"| {where} grounding mIoU | pixel noise |")  # fmt: skip
     print("|---|---|---|---|---|")

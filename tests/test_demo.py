@@ -113,6 +113,27 @@ def test_run_jobs_stops_at_a_failed_job_with_its_log(tmp_path, monkeypatch):
         demo.run_jobs({"broken": (bad, tmp_path / "b.log"), "fine": (ok, tmp_path / "c.log")}, total=2, slots=1)
 
 
+def test_run_jobs_starts_a_job_only_after_the_one_it_needs_and_fills_the_other_slot(tmp_path):
+    """The demo's pool: an evaluation waits for its finetune while an independent job takes the free core."""
+    sys.path.insert(0, str(REPO))
+    from launchers import demo
+
+    flag, order = tmp_path / "trained", tmp_path / "order"
+
+    def job(code: str) -> list[str]:
+        return [sys.executable, "-c", f"import os, time; flag, order = {str(flag)!r}, {str(order)!r}; {code}"]
+
+    jobs = {
+        "train": (job("time.sleep(2); open(flag, 'w').close(); open(order, 'a').write('train ')"), tmp_path / "t.log"),
+        "eval": (job("assert os.path.exists(flag); open(order, 'a').write('eval ')"), tmp_path / "e.log"),
+        "base": (job("open(order, 'a').write('base ')"), tmp_path / "b.log"),
+    }
+    demo.run_jobs(jobs, None, slots=2, after={"eval": "train"})
+    assert order.read_text().split() == ["base", "train", "eval"]  # base ran beside train, not after eval
+    with pytest.raises(ValueError, match=r"after names jobs that are not given: \['trian'\]"):
+        demo.run_jobs(jobs, None, after={"eval": "trian"})
+
+
 def test_tuning_overrides_reach_only_their_method_and_bad_ones_are_refused(capsys, tmp_path):
     sys.path.insert(0, str(REPO))
     from launchers import demo
