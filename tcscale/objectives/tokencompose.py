@@ -81,6 +81,14 @@ class TokenComposeObjective(LDMObjective):
         planner), where they stay on the host because the losses read their values."""
         return torch.device("cpu") if self.device.type == "meta" else self.device
 
+    def grounded_token_phrase(self, batch: dict, dropped: torch.Tensor | None) -> torch.Tensor:
+        """(B, keys) phrase index of every text key the grounded layers read (an MMDiT's: CLIP then T5 positions;
+        tcscale.families), -1 elsewhere and on every key of a sample whose caption was dropped (`dropped`)."""
+        token_phrase = self.family.key_token_phrase(
+            self.comps, batch["input_ids"], batch["token_phrase"], self.attention
+        ).to(self.phrase_device)
+        return token_phrase if dropped is None else drop_phrases(token_phrase, dropped)
+
     def recorder(self, latent_size: tuple[int, int], batch: dict, dropped: torch.Tensor | None = None) -> LossRecorder:
         """The recorder of one micro-step: per layer (paper) or per (place, resolution) group (official pixel loss).
         `dropped` (B,) bool: samples whose caption was dropped, which ground no phrase."""
@@ -93,12 +101,7 @@ class TokenComposeObjective(LDMObjective):
             mask_rule=self.plan.mask_rule,
             token_loss_heads=self.tc.token_loss_heads,
         )
-        # over the text keys the grounded layers read (an MMDiT's: CLIP then T5 positions; tcscale.families)
-        token_phrase = self.family.key_token_phrase(
-            self.comps, batch["input_ids"], batch["token_phrase"], self.attention
-        ).to(device)
-        if dropped is not None:
-            token_phrase = drop_phrases(token_phrase, dropped)
+        token_phrase = self.grounded_token_phrase(batch, dropped)
         if self.tc.pixel_loss_reduction == "per_resolution":
             return GroupedLossRecorder(
                 latent_size, token_phrase, groups=self.plan.groups(), pixel_loss_reduction="per_resolution", **kwargs
