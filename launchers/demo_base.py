@@ -142,7 +142,9 @@ def validation_figure(
     canvas.save(path)
 
 
-def pretrain(out: Path, run: Path, env: dict[str, str], steps: int | None, config: str, cosine: bool) -> None:
+def pretrain(
+    out: Path, run: Path, env: dict[str, str], steps: int | None, config: str, cosine: bool, resume: bool = False
+) -> None:
     from launchers.demo import free_port
 
     say("writing the pretraining world (mostly single objects) ...")
@@ -154,9 +156,11 @@ def pretrain(out: Path, run: Path, env: dict[str, str], steps: int | None, confi
         cmd += [f"max_steps={steps}"]
         if cosine:  # the cosine schedule decays over exactly the steps trained
             cmd += [f"deepspeed.scheduler.params.total_num_steps={steps}"]
-    say(f"pretraining with the LDM loss (log: {run / 'train.log'}) ...")
+    if resume:  # the run's latest checkpoint: model, optimizer, scheduler, EMA and the loader's position
+        cmd += ["resume=latest"]
+    say(f"{'resuming' if resume else 'pretraining'} with the LDM loss (log: {run / 'train.log'}) ...")
     run.mkdir(parents=True, exist_ok=True)
-    with open(run / "train.log", "w") as log:
+    with open(run / "train.log", "a" if resume else "w") as log:
         rc = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
     if rc != 0:
         tail = "\n".join((run / "train.log").read_text().splitlines()[-25:])
@@ -177,6 +181,12 @@ def main(argv: list[str] | None = None) -> int:
         "--validate-only",
         action="store_true",
         help="skip pretraining: validate (and ship) the checkpoints runs/demo_base/run already holds",
+    )
+    ap.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its latest checkpoint (after a preemption or a kill; pass the same "
+        "--config and --steps as the first time), then validate and ship as usual",
     )
     ap.add_argument("--threads", type=int, default=1, help="CPU threads of the pretraining process (default 1)")
     ap.add_argument(
@@ -210,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out).resolve()
     run = out / "run"
     if not args.validate_only:
-        pretrain(out, run, env, args.steps, args.config, cosine)
+        pretrain(out, run, env, args.steps, args.config, cosine, resume=args.resume)
     tags = [p.name for p in (run / "checkpoints").glob("step*") if p.name[4:].isdigit()]
     tags.sort(key=lambda t: int(t[4:]))
     if not tags:

@@ -77,10 +77,8 @@ def test_an_objective_that_reads_no_captions_refuses_it():
     assert load_config(TINY, ["objective.name=sepen"]).data.caption_dropout == 0.0
 
 
-def tokencompose_step(tmp_path, p: float, seed: int, batch_size: int = 4):
-    """One real TokenCompose step on a loader batch at `data.caption_dropout=p`, and the inputs again (the same
-    generator seed: the same noise, timesteps and drop) with every grounded layer's attention probabilities."""
-    from tcscale.attention.recorders import ProbsRecorder
+def tokencompose_parts(tmp_path, p: float, batch_size: int = 4, overrides: tuple[str, ...] = ()):
+    """A TokenCompose objective on the tiny model at `data.caption_dropout=p`, its components and one loader batch."""
     from tcscale.data import build_train_loader
     from tcscale.models.architectures import build_tiny_components
     from tcscale.objectives import OBJECTIVES, BuildContext
@@ -88,7 +86,7 @@ def tokencompose_step(tmp_path, p: float, seed: int, batch_size: int = 4):
     cfg = load_config(
         TINY,
         [f"output_dir={tmp_path}", f"deepspeed.train_micro_batch_size_per_gpu={batch_size}",
-         "tracking.enabled=false", "objective.name=tokencompose", f"data.caption_dropout={p}"],
+         "tracking.enabled=false", "objective.name=tokencompose", f"data.caption_dropout={p}", *overrides],
     )  # fmt: skip
     comps = build_tiny_components(cfg.model.tiny, cfg.data.resolution)
     ctx = BuildContext(cfg, comps, torch.float32, torch.device("cpu"), micro_batch_size=batch_size)
@@ -96,21 +94,47 @@ def tokencompose_step(tmp_path, p: float, seed: int, batch_size: int = 4):
     loader = build_train_loader(
         cfg.data, comps.tokenizer, rank=0, world_size=1, micro_batch_size=batch_size, seed=0, plan=obj.plan
     )
-    batch = loader.next_batch()
+    return obj, comps, loader.next_batch()
+
+
+def run_step(obj, batch, seed: int):
+    """One real step of `obj` with the generator seed `seed`, and its inputs again (the same seed: the same noise,
+    timesteps and drop) with every grounded layer's attention probabilities."""
+    from tcscale.attention.recorders import ProbsRecorder
+
     with torch.no_grad():
         out = obj(obj.module, batch, torch.Generator().manual_seed(seed))
         nb = obj.noised(batch, torch.Generator().manual_seed(seed))
         with ProbsRecorder(tuple(nb.latents.shape[-2:])) as rec:
             obj.module(nb.noisy, nb.timesteps, nb.text, cross_attention_kwargs=rec.kwargs)
-    probs = {r.name: r.probs for r in rec.records}
+    return out, nb, {r.name: r.probs for r in rec.records}
+
+
+def reference_terms(obj, batch, probs, samples: torch.Tensor) -> tuple[float, float]:
+    """The token and pixel terms summed over the grounded layers, computed by tcscale.losses.grounding on the
+    recorded probabilities of `samples` (B,) bool only."""
+    from tcscale.losses import grounding_losses
+
+    terms = [
+        grounding_losses(
+            probs[n][samples], batch["layer_masks"][(obj.plan.side_of(n),) * 2][samples],
+            batch["token_phrase"][samples],
+        )
+        for n in obj.plan.layers
+    ]  # fmt: skip
+    return sum(t["token"].item() for t in terms), sum(t["pixel"].item() for t in terms)
+
+
+def tokencompose_step(tmp_path, p: float, seed: int, batch_size: int = 4):
+    """`run_step` of `tokencompose_parts`."""
+    obj, comps, batch = tokencompose_parts(tmp_path, p, batch_size)
+    out, nb, probs = run_step(obj, batch, seed)
     return obj, comps, batch, out, nb, probs
 
 
 def test_tokencompose_grounds_only_the_samples_that_keep_their_caption(tmp_path):
     """A dropped sample trains the unconditional branch with L_LDM alone: the step's token and pixel terms are the
     grounding losses (tcscale.losses.grounding) of the kept samples only, its text is the empty caption's encoding."""
-    from tcscale.losses import grounding_losses
-
     p, B = 0.5, 4
     seed = next(
         s for s in range(1000, 2000) if 0 < int(caption_dropout_mask(torch.Generator().manual_seed(s), B, p).sum()) < B
@@ -125,14 +149,7 @@ def test_tokencompose_grounds_only_the_samples_that_keep_their_caption(tmp_path)
     assert (batch["token_phrase"][drop] >= 0).any(), "the dropped samples had phrases to leave out"
 
     def summed(samples: torch.Tensor) -> tuple[float, float]:
-        terms = [
-            grounding_losses(
-                probs[n][samples], batch["layer_masks"][(obj.plan.side_of(n),) * 2][samples],
-                batch["token_phrase"][samples],
-            )
-            for n in obj.plan.layers
-        ]  # fmt: skip
-        return sum(t["token"].item() for t in terms), sum(t["pixel"].item() for t in terms)
+        return reference_terms(obj, batch, probs, samples)
 
     token, pixel = summed(keep)
     assert out.terms["token"].item() == pytest.approx(token, rel=1e-5)

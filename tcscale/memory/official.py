@@ -111,11 +111,11 @@ class OfficialTokenComposeObjective(TokenComposeObjective):
         install_official_processors(self.module, self.plan)
 
     def recorder(
-        self, latent_size: tuple[int, int], batch: dict, dropped: torch.Tensor | None = None
+        self, latent_size: tuple[int, int], batch: dict, ungrounded: torch.Tensor | None = None
     ) -> KeptMapsRecorder:
         layer_masks = {k: v.to(self.phrase_device) for k, v in (batch.get("layer_masks") or {}).items()}
         return KeptMapsRecorder(
-            latent_size, self.grounded_token_phrase(batch, dropped), groups=self.plan.groups(),
+            latent_size, self.grounded_token_phrase(batch, ungrounded), groups=self.plan.groups(),
             pixel_loss_reduction="per_resolution", layer_masks=layer_masks, mask_rule=self.plan.mask_rule,
             token_loss_heads=self.tc.token_loss_heads,
         )  # fmt: skip

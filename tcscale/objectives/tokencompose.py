@@ -23,7 +23,7 @@ from tcscale.losses.grounding import PixelLossReduction, TokenLossHeads
 from tcscale.models.conditioning import drop_phrases
 from tcscale.objectives.base import BuildContext, StepOutput, register_objective
 from tcscale.objectives.fidelity import Fidelity, apply_preset, resolved
-from tcscale.objectives.ldm import LDMObjective, check_ldm_options
+from tcscale.objectives.ldm import LDMObjective, NoisedBatch, check_ldm_options
 
 FIDELITY_PRESETS: dict[str, dict[str, str]] = {
     "paper": {"token_loss_heads": "mean_map", "pixel_loss_reduction": "per_layer", "mask_full_res": "binary"},
@@ -44,6 +44,9 @@ class TokenComposeConfig:
     pixel_loss_reduction: PixelLossReduction | None = None
     # 512-px mask before the layer resize: binary (at 0.5) | soft (normalised to max 1, official); null -> preset
     mask_full_res: MaskFullRes | None = None
+    # ground only the samples whose timestep t >= this (t in the noise schedule's 0..T-1; flow matching: sigma*T); the
+    # others train with L_LDM alone. 0 (the paper's and the official code's): every sample (docs/FIDELITY.md)
+    grounding_min_timestep: float = 0.0
 
 
 def resolve_tokencompose(cfg: TokenComposeConfig) -> TokenComposeConfig:
@@ -81,17 +84,29 @@ class TokenComposeObjective(LDMObjective):
         planner), where they stay on the host because the losses read their values."""
         return torch.device("cpu") if self.device.type == "meta" else self.device
 
-    def grounded_token_phrase(self, batch: dict, dropped: torch.Tensor | None) -> torch.Tensor:
+    def grounded_token_phrase(self, batch: dict, ungrounded: torch.Tensor | None) -> torch.Tensor:
         """(B, keys) phrase index of every text key the grounded layers read (an MMDiT's: CLIP then T5 positions;
-        tcscale.families), -1 elsewhere and on every key of a sample whose caption was dropped (`dropped`)."""
+        tcscale.families), -1 elsewhere and on every key of an `ungrounded` sample."""
         token_phrase = self.family.key_token_phrase(
             self.comps, batch["input_ids"], batch["token_phrase"], self.attention
         ).to(self.phrase_device)
-        return token_phrase if dropped is None else drop_phrases(token_phrase, dropped)
+        return token_phrase if ungrounded is None else drop_phrases(token_phrase, ungrounded)
 
-    def recorder(self, latent_size: tuple[int, int], batch: dict, dropped: torch.Tensor | None = None) -> LossRecorder:
+    def ungrounded(self, nb: NoisedBatch) -> torch.Tensor | None:
+        """(B,) bool: the samples that ground no phrase (their caption was dropped, or their timestep is below
+        `grounding_min_timestep`); None when every sample grounds its phrases."""
+        out = nb.dropped
+        # on the meta device (the memory planner) timesteps have no values; which rows ground changes no buffer size
+        if self.tc.grounding_min_timestep > 0 and nb.timesteps.device.type != "meta":
+            early = (nb.timesteps < self.tc.grounding_min_timestep).cpu()
+            out = early if out is None else out.cpu() | early
+        return out
+
+    def recorder(
+        self, latent_size: tuple[int, int], batch: dict, ungrounded: torch.Tensor | None = None
+    ) -> LossRecorder:
         """The recorder of one micro-step: per layer (paper) or per (place, resolution) group (official pixel loss).
-        `dropped` (B,) bool: samples whose caption was dropped, which ground no phrase."""
+        `ungrounded` (B,) bool: the samples that ground no phrase (from the method `ungrounded`)."""
         device = self.phrase_device
         layer_masks = {k: v.to(device) for k, v in (batch.get("layer_masks") or {}).items()}
         phrase_masks = batch.get("phrase_masks")
@@ -101,7 +116,7 @@ class TokenComposeObjective(LDMObjective):
             mask_rule=self.plan.mask_rule,
             token_loss_heads=self.tc.token_loss_heads,
         )
-        token_phrase = self.grounded_token_phrase(batch, dropped)
+        token_phrase = self.grounded_token_phrase(batch, ungrounded)
         if self.tc.pixel_loss_reduction == "per_resolution":
             return GroupedLossRecorder(
                 latent_size, token_phrase, groups=self.plan.groups(), pixel_loss_reduction="per_resolution", **kwargs
@@ -110,7 +125,7 @@ class TokenComposeObjective(LDMObjective):
 
     def __call__(self, model, batch: dict, generator: torch.Generator) -> StepOutput:
         nb = self.noised(batch, generator)
-        with self.recorder(tuple(nb.latents.shape[-2:]), batch, nb.dropped) as rec:
+        with self.recorder(tuple(nb.latents.shape[-2:]), batch, self.ungrounded(nb)) as rec:
             pred = self.family.denoise(model, nb.noisy, nb.timesteps, nb.cond, rec.kwargs)
         ldm = self.ldm_loss(pred, nb)
         token, pixel = rec.total("token"), rec.total("pixel")
@@ -123,6 +138,8 @@ def check_tokencompose_options(cfg) -> None:
     check_ldm_options(cfg)
     tc = cfg.objective.tokencompose
     filled = apply_preset(tc, FIDELITY_PRESETS, SECTION)
+    if tc.grounding_min_timestep < 0:
+        raise ValueError(f"{SECTION}.grounding_min_timestep must be >= 0, got {tc.grounding_min_timestep}")
     if tc.pixel_loss_reduction == "per_resolution" and cfg.attention.backend == "fused":
         source = f" (from objective.tokencompose.fidelity={tc.fidelity})" if "pixel_loss_reduction" in filled else ""
         raise ValueError(
