@@ -148,13 +148,11 @@ def test_tokencompose_grounds_only_the_samples_that_keep_their_caption(tmp_path)
     torch.testing.assert_close(nb.text[drop], empty.expand(int(drop.sum()), -1, -1), rtol=0, atol=0)
     assert (batch["token_phrase"][drop] >= 0).any(), "the dropped samples had phrases to leave out"
 
-    def summed(samples: torch.Tensor) -> tuple[float, float]:
-        return reference_terms(obj, batch, probs, samples)
-
-    token, pixel = summed(keep)
+    token, pixel = reference_terms(obj, batch, probs, keep)
     assert out.terms["token"].item() == pytest.approx(token, rel=1e-5)
     assert out.terms["pixel"].item() == pytest.approx(pixel, rel=1e-5)
-    everyone = summed(torch.ones(B, dtype=torch.bool))  # grounding the dropped samples too would give another value
+    # grounding the dropped samples too would give another value
+    everyone = reference_terms(obj, batch, probs, torch.ones(B, dtype=torch.bool))
     assert everyone[0] != pytest.approx(token, rel=1e-3) and everyone[1] != pytest.approx(pixel, rel=1e-3)
 
 

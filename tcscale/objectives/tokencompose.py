@@ -98,8 +98,8 @@ class TokenComposeObjective(LDMObjective):
         out = nb.dropped
         # on the meta device (the memory planner) timesteps have no values; which rows ground changes no buffer size
         if self.tc.grounding_min_timestep > 0 and nb.timesteps.device.type != "meta":
-            early = (nb.timesteps < self.tc.grounding_min_timestep).cpu()
-            out = early if out is None else out.cpu() | early
+            early = nb.timesteps < self.tc.grounding_min_timestep  # stays on the device: drop_phrases moves it, no sync
+            out = early if out is None else out.to(early.device) | early
         return out
 
     def recorder(
