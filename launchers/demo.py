@@ -296,6 +296,9 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--out", type=Path, default=OUT, help=f"output directory (default {OUT.relative_to(REPO)})")
     parser.add_argument("--methods", default=",".join(MODELS), help="comma-separated subset of " + ",".join(MODELS))
     parser.add_argument("--steps", type=int, default=None, help="finetuning steps (default: the plan's)")
+    parser.add_argument("--prompts", type=int, default=None,
+                        help="held-out (or validation) prompts per object count in each evaluation, 2 images each "
+                             "(default: the plan's 12; more tells methods apart better and costs time)")  # fmt: skip
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -312,6 +315,10 @@ def parse_args(argv: list[str] | None = None):
     if not methods or any(m not in MODELS for m in methods):
         parser.error(f"--methods {args.methods!r}: each must be one of {', '.join(MODELS)}")
     args.methods = methods
+    if args.steps is not None and args.steps < 1:
+        parser.error(f"--steps {args.steps}: must be at least 1")
+    if args.prompts is not None and args.prompts < 1:
+        parser.error(f"--prompts {args.prompts}: must be at least 1")
     out = args.out.resolve()
     earlier_demo = (out / "base_model").exists() or (out / "results.json").exists()  # this demo's or the old one's
     if out.exists() and any(out.iterdir()) and not earlier_demo:  # the demo empties --out first
@@ -361,6 +368,8 @@ def main(argv: list[str] | None = None) -> int:
         plan["seeds"] = [int(s) for s in os.environ["DEMO_SEEDS"].split(",")]
     if args.steps is not None:
         plan["steps"] = args.steps
+    if args.prompts is not None:
+        plan["prompts"] = args.prompts
     models, rows, out_dir = args.methods, ("base", *args.methods), args.out.resolve()
     t0 = time.perf_counter()
     shutil.rmtree(out_dir, ignore_errors=True)
@@ -446,7 +455,8 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.perf_counter() - t0
     split = "validation" if args.validation else "held_out"
     out = {"seeds": plan["seeds"], "models": results, "wall_s": round(wall, 1), "fast": fast,
-           "steps": plan["steps"], "split": split, "overrides": args.overrides}  # fmt: skip
+           "steps": plan["steps"], "prompts": plan["prompts"], "rounds": plan["rounds"], "split": split,
+           "overrides": args.overrides}  # fmt: skip
     tmp = out_dir / "results.json.tmp"
     tmp.write_text(json.dumps(out, indent=1))
     tmp.replace(out_dir / "results.json")

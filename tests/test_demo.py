@@ -149,8 +149,10 @@ def test_tuning_overrides_reach_only_their_method_and_bad_ones_are_refused(capsy
     bad_methods = "--methods 'ldm,dalle': each must be one of ldm, tokencompose, sepen"
     bad_set = "--set 'sdxl:max_steps=3': expected [METHOD:]KEY=VALUE"
     not_demo = f"--out {REPO / 'configs'}: exists and is not an earlier demo's output (no base_model/ or results.json)"
+    assert demo.parse_args([*out, "--prompts", "48"]).prompts == 48
     for argv, line in (([*out, "--methods", "ldm,dalle"], bad_methods), ([*out, "--set", "sdxl:max_steps=3"], bad_set),
-                       (["--out", str(REPO / "configs")], not_demo)):  # fmt: skip
+                       (["--out", str(REPO / "configs")], not_demo), ([*out, "--prompts", "0"], "--prompts 0: must be"),
+                       ([*out, "--steps", "-1"], "--steps -1: must be at least 1")):  # fmt: skip
         with pytest.raises(SystemExit) as exc:
             demo.parse_args(argv)
         assert exc.value.code == 2 and line in capsys.readouterr().err
