@@ -2,6 +2,7 @@
 
     python launchers/demo_base.py                 # pretrain (configs/demo_base_cfg_text_wide_snr.yaml), validate, ship
     python launchers/demo_base.py --no-ship       # train and validate only (runs/demo_base/)
+    python launchers/demo_base.py --shapes-figure docs/demo_base_shapes.png   # the shipped base, every shape
 
 1. writes the pretraining world as WebDataset shards, built the way web data fails composition: mostly one object
    per caption (seed 2001, `SINGLE` samples), few captions of two or three objects (seed 2002, `MULTI` samples),
@@ -142,6 +143,41 @@ def validation_figure(
     canvas.save(path)
 
 
+def shapes_figure(
+    pipeline: Path, path: Path, colours_per_shape: int = 2, columns: int = 4, steps: int = 20
+) -> tuple[int, int]:
+    """One-object images of every shape: `colours_per_shape` training colours each (held-out combinations never
+    drawn), `columns` initial noises per prompt, the demo's guidance scale; a green frame where the scorer finds the
+    object with its colour and shape, red where it does not. Returns (objects the scorer found, images drawn)."""
+    import torch
+    from PIL import Image, ImageDraw
+
+    from launchers.demo import eval_guidance, figure_pipeline
+    from tcscale.data.synthetic import SHAPES, compose_caption, synthetic_combos
+    from tcscale.eval.synthetic_scorer import all_objects_present
+
+    train, _ = synthetic_combos()
+    rows = [(c, s) for s in SHAPES for c in [c for c, t in train if t == s][:colours_per_shape]]
+    pipe, guidance = figure_pipeline(str(pipeline)), eval_guidance()
+    tile, pad, left = 96, 6, 110
+    canvas = Image.new("RGB", (left + columns * (tile + pad), len(rows) * (tile + pad) + pad), "white")
+    draw, found = ImageDraw.Draw(canvas), 0
+    for i, (colour, shape) in enumerate(rows):
+        y = pad + i * (tile + pad)
+        draw.text((6, y + tile // 2 - 6), f"{colour} {shape}", fill="black")
+        for j in range(columns):
+            noise = torch.Generator().manual_seed(2000 + 10 * i + j)
+            image = pipe(compose_caption([(colour, shape)]), height=32, width=32, num_inference_steps=steps,
+                         guidance_scale=guidance, generator=noise).images[0]  # fmt: skip
+            ok = all_objects_present(image, [(colour, shape)])
+            found += ok
+            x = left + j * (tile + pad)
+            draw.rectangle([x - 3, y - 3, x + tile + 2, y + tile + 2], fill=(40, 170, 60) if ok else (220, 40, 40))
+            canvas.paste(image.resize((tile, tile), Image.NEAREST), (x, y))
+    canvas.save(path)
+    return found, len(rows) * columns
+
+
 def pretrain(
     out: Path, run: Path, env: dict[str, str], steps: int | None, config: str, cosine: bool, resume: bool = False
 ) -> None:
@@ -190,6 +226,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--threads", type=int, default=1, help="CPU threads of the pretraining process (default 1)")
     ap.add_argument(
+        "--shapes-figure",
+        type=Path,
+        default=None,
+        metavar="PNG",
+        help="only draw the shipped base's one-object images of every shape (training colours) into PNG, then exit",
+    )
+    ap.add_argument(
         "--last-only",
         action="store_true",
         help="validate only the last checkpoint (what is shipped; every checkpoint is validated by default)",
@@ -204,6 +247,18 @@ def main(argv: list[str] | None = None) -> int:
         "with data.caption_dropout > 0); the first one is also the figure's",
     )
     args = ap.parse_args(argv)
+    if args.shapes_figure is not None:
+        import tempfile
+
+        import torch
+
+        from tcscale.models.demo_base import materialise_demo_base
+
+        torch.set_num_threads(args.threads)
+        with tempfile.TemporaryDirectory() as tmp:
+            found, drawn = shapes_figure(materialise_demo_base(Path(tmp) / "base"), args.shapes_figure)
+        say(f"{args.shapes_figure}: the scorer found {found} of {drawn} objects (colour and shape)")
+        return 0
     from launchers.demo import build_deepspeed_op, child_env
 
     t0 = time.perf_counter()

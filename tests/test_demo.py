@@ -228,3 +228,37 @@ def test_every_method_loads_the_demo_config_and_the_two_that_read_captions_drop_
     assert dropout["ldm"] == dropout["tokencompose"] > 0 and dropout["sepen"] == 0
     with pytest.raises(ConfigError, match=r"data\.caption_dropout=.*objective 'sepen'"):
         load_config(config, ["objective.name=sepen"])
+
+
+def test_shapes_figure_draws_every_shape_in_training_colours_only(tmp_path, monkeypatch):
+    """The model card's shapes figure: one row per (training colour, shape), every shape, no held-out combination,
+    each image scored; the count it returns is the scorer's."""
+    from PIL import Image
+
+    sys.path.insert(0, str(REPO))
+    from launchers import demo, demo_base
+    from tcscale.data.synthetic import HELD_OUT, SHAPES
+    from tcscale.models.demo_base import materialise_demo_base
+
+    prompts, real = [], demo.figure_pipeline
+
+    def recording(export):
+        pipe = real(export)
+
+        def call(prompt, **kw):
+            prompts.append(prompt)
+            return pipe(prompt, **kw)
+
+        return call
+
+    monkeypatch.setattr(demo, "figure_pipeline", recording)
+    scored = []
+    monkeypatch.setattr("tcscale.eval.synthetic_scorer.all_objects_present", lambda im, objs: scored.append(objs) or 1)
+    base = materialise_demo_base(tmp_path / "base")
+    found, drawn = demo_base.shapes_figure(base, tmp_path / "shapes.png", colours_per_shape=1, columns=2, steps=2)
+    assert (found, drawn) == (12, 12) and len(prompts) == 12 and len(scored) == 12
+    objs = [o[0] for o in scored[::2]]
+    assert [s for _, s in objs] == list(SHAPES) and not set(objs) & HELD_OUT
+    assert prompts[0] == f"a photo of a {objs[0][0]} {objs[0][1]}"
+    with Image.open(tmp_path / "shapes.png") as im:
+        assert im.size == (110 + 2 * 102, 6 * 102 + 6)
