@@ -255,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         from tcscale.models.demo_base import materialise_demo_base
 
         torch.set_num_threads(args.threads)
+        args.shapes_figure.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory() as tmp:
             found, drawn = shapes_figure(materialise_demo_base(Path(tmp) / "base"), args.shapes_figure)
         say(f"{args.shapes_figure}: the scorer found {found} of {drawn} objects (colour and shape)")
