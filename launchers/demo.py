@@ -218,6 +218,16 @@ def _stack(rows):
     return canvas
 
 
+def paste_scored(canvas, image, x: int, y: int, tile: int, ok: bool) -> None:
+    """Paste `image` as a `tile`-pixel square at (x, y) in a frame: green where the scorer found every object the
+    prompt names, red where it did not (the demo's and the demo base's figures)."""
+    from PIL import Image, ImageDraw
+
+    frame = (40, 170, 60) if ok else (220, 40, 40)
+    ImageDraw.Draw(canvas).rectangle([x - 3, y - 3, x + tile + 2, y + tile + 2], fill=frame)
+    canvas.paste(image.resize((tile, tile), Image.NEAREST), (x, y))
+
+
 def eval_guidance() -> float:
     """The classifier-free guidance scale of the demo's evaluation (configs/eval/demo_cpu.yaml, chosen for the shipped
     base on its validation split: tcscale/demo_base/provenance.json); the figures sample with it too."""
@@ -277,8 +287,7 @@ def generated_grid(pipelines: dict[str, Path], path: Path, per_k: int = 4, seed:
                          generator=torch.Generator().manual_seed(1000 + j)).images[0]  # fmt: skip
             ok = all_objects_present(image, p["objects"])
             x = left + j * (tile + pad)
-            draw.rectangle([x - 3, y - 3, x + tile + 2, y + tile + 2], fill=(40, 170, 60) if ok else (220, 40, 40))
-            canvas.paste(image.resize((tile, tile), Image.NEAREST), (x, y))
+            paste_scored(canvas, image, x, y, tile, ok)
     canvas.save(path)
 
 

@@ -120,6 +120,8 @@ def validation_figure(
     with its colour and shape, red where it did not."""
     from PIL import Image, ImageDraw
 
+    from launchers.demo import paste_scored
+
     tile, pad, head, left = 96, 6, 40, 150
     items = [json.loads(line) for line in (run / "val" / names[0] / "synthetic_k1" / "items.jsonl").open()]
     items = [it for it in items if it["round"] == 0][:per_row]
@@ -137,9 +139,7 @@ def validation_figure(
             found = json.loads((folder / "detections" / f"{it['key']}.json").read_text())["labels"]
             x = left + j * (tile + pad)
             ok = all(o in found for o in it["objects"])
-            draw.rectangle([x - 3, y - 3, x + tile + 2, y + tile + 2], fill=(40, 170, 60) if ok else (220, 40, 40))
-            image = Image.open(folder / "images" / f"{it['key']}.png").convert("RGB")
-            canvas.paste(image.resize((tile, tile), Image.NEAREST), (x, y))
+            paste_scored(canvas, Image.open(folder / "images" / f"{it['key']}.png").convert("RGB"), x, y, tile, ok)
     canvas.save(path)
 
 
@@ -152,7 +152,7 @@ def shapes_figure(
     import torch
     from PIL import Image, ImageDraw
 
-    from launchers.demo import eval_guidance, figure_pipeline
+    from launchers.demo import eval_guidance, figure_pipeline, paste_scored
     from tcscale.data.synthetic import SHAPES, compose_caption, synthetic_combos
     from tcscale.eval.synthetic_scorer import all_objects_present
 
@@ -172,8 +172,7 @@ def shapes_figure(
             ok = all_objects_present(image, [(colour, shape)])
             found += ok
             x = left + j * (tile + pad)
-            draw.rectangle([x - 3, y - 3, x + tile + 2, y + tile + 2], fill=(40, 170, 60) if ok else (220, 40, 40))
-            canvas.paste(image.resize((tile, tile), Image.NEAREST), (x, y))
+            paste_scored(canvas, image, x, y, tile, ok)
     canvas.save(path)
     return found, len(rows) * columns
 
